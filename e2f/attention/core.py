@@ -1,0 +1,124 @@
+"""The attention core: the one function every aggregation backend computes.
+
+The attention layer (``layer.py``) reduces the equivariant message of METHOD.md
+sections 2-4 to a per-head, scalar-weighted sum over neighbours. Everything with an
+edge dimension lives here, so this is the only place where a backend may choose to
+materialise, stream or fuse.
+
+For every target atom ``i``, head ``h`` and neighbour slot ``j = nbr[i, s]``::
+
+    d_ij   = |pos_dst[i] - pos_src[j]|                       (valid: nbr >= 0 and d_ij < cutoff)
+    x      = d_ij / cutoff
+    env_ij = 1 - 6 x^5 + 15 x^4 - 10 x^3                     (C2-smooth to zero at the cutoff)
+    rbf_ij = exp(-rbf_gamma * (d_ij - rbf_centers)^2)        [R]
+    hid_ij = silu(rbf_ij @ w_radial + gate_dst[i] + gate_src[j])   [G]
+    g, u   = split(hid_ij @ w_out + b_out, [H, H])           [H] each
+    logit  = g * (q[i, h] . k[j, h]) / sqrt(dk)
+    m_ih   = max(0, max_j logit_ijh)                         (0: the eps "sink", see below)
+    s_ih   = eps * exp(-m_ih) + sum_j env_ij exp(logit_ijh - m_ih)
+    w_ijh  = u_ijh * env_ij * exp(logit_ijh - m_ih) / s_ih / d_ij
+    out[i, h, :] = sum_j w_ijh * v[j, h, :]
+
+So the softmax denominator is ``sum_j env exp(logit) + eps`` with an *absolute* eps: it
+is an extra "sink" logit of value 0 and weight eps, carried through the max-shift
+exactly. (The public reference adds eps *after* the max shift, which makes the energy
+jump when a neighbour with the largest logit crosses the cutoff; ours is continuous.)
+
+``pos_src``/``k``/``v``/``gate_src`` describe *source slots*: for molecules the atoms
+themselves (M == N); for periodic systems the atoms followed by the periodic images the
+neighbour list uses (see ``e2f.neighbors``). Backends differentiate with respect to
+every tensor here, the gate weights included.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CoreInputs:
+    """Inputs of one attention-core call.
+
+    Shapes: N targets, M source slots, K neighbour slots, H heads, ``dk`` query/key
+    width, ``dv`` value numbers per head (29 * C / H for L = 2), R radial basis
+    functions, G gate hidden width.
+    """
+
+    pos_dst: Tensor  # [N, 3]
+    pos_src: Tensor  # [M, 3]
+    nbr: Tensor  # [N, K] integer, -1 marks an empty slot
+    q: Tensor  # [N, H, dk]
+    k: Tensor  # [M, H, dk]
+    v: Tensor  # [M, H, dv]
+    gate_dst: Tensor  # [N, G] per-target part of the first gate layer (bias included)
+    gate_src: Tensor  # [M, G] per-source part of the first gate layer
+    rbf_centers: Tensor  # [R]
+    w_radial: Tensor  # [R, G]
+    w_out: Tensor  # [G, 2H]
+    b_out: Tensor  # [2H]
+    rbf_gamma: float
+    cutoff: float
+    eps: float
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+
+    def replace(self, **changes) -> "CoreInputs":
+        return replace(self, **changes)
+
+
+def envelope(x: Tensor) -> Tensor:
+    """Polynomial cutoff 1 - 6x^5 + 15x^4 - 10x^3, zero (with two zero derivatives) at x = 1."""
+    x3 = x * x * x
+    return 1.0 - x3 * (10.0 - x * (15.0 - 6.0 * x))
+
+
+def edge_terms(inp: CoreInputs, dst: Tensor, src: Tensor, valid: Tensor):
+    """Per-edge quantities for the edges (dst[e], src[e]).
+
+    Returns ``(env, inv_d, g, u, qk)``: envelope and 1/d with invalid edges set to 0,
+    and the gate outputs and scaled q.k per head, ``[E, H]``. Shared by the
+    materialised oracle and the chunked backend so both compute the same function.
+    """
+    vec = inp.pos_dst[dst] - inp.pos_src[src]
+    d = vec.square().sum(-1).clamp_min(1e-30).sqrt()
+    inside = valid & (d < inp.cutoff)
+    d_safe = torch.where(inside, d, torch.ones_like(d))
+    env = torch.where(inside, envelope(d_safe / inp.cutoff), torch.zeros_like(d))
+    inv_d = torch.where(inside, 1.0 / d_safe, torch.zeros_like(d))
+    rbf = torch.exp(-inp.rbf_gamma * (d_safe[:, None] - inp.rbf_centers) ** 2)
+    hid = torch.nn.functional.silu(rbf @ inp.w_radial + inp.gate_dst[dst] + inp.gate_src[src])
+    gu = hid @ inp.w_out + inp.b_out
+    h = inp.num_heads
+    g, u = gu[:, :h], gu[:, h:]
+    qk = (inp.q[dst] * inp.k[src]).sum(-1) / math.sqrt(inp.q.shape[-1])
+    return env, inv_d, g, u, qk
+
+
+def attention_core_reference(inp: CoreInputs) -> Tensor:
+    """The obviously-right twin: materialises every per-edge tensor ([E, H, dv] too).
+
+    Returns ``out`` of shape [N, H, dv]. Differentiable by plain autograd (any order).
+    """
+    n, kslots = inp.nbr.shape
+    dst = torch.arange(n, device=inp.nbr.device).repeat_interleave(kslots)
+    flat = inp.nbr.reshape(-1).long()
+    valid = flat >= 0
+    src = flat.clamp_min(0)
+    env, inv_d, g, u, qk = edge_terms(inp, dst, src, valid)
+    logit = torch.where(valid[:, None] & (env > 0), g * qk, torch.full_like(qk, -math.inf))
+    # [N, H]; 0 is the sink logit. The function does not depend on m (it cancels), so no
+    # gradient flows through it.
+    m = logit.reshape(n, kslots, -1).amax(1).clamp_min(0.0).detach()
+    p = env[:, None] * torch.exp(logit - m[dst])  # exp(-inf) = 0 on invalid slots
+    s = inp.eps * torch.exp(-m) + p.reshape(n, kslots, -1).sum(1)
+    w = u * p * inv_d[:, None] / s[dst]
+    msg = w[:, :, None] * inp.v[src]
+    return msg.reshape(n, kslots, *msg.shape[1:]).sum(1)
