@@ -113,7 +113,7 @@ def attention_core_reference(inp: CoreInputs) -> Tensor:
     valid = flat >= 0
     src = flat.clamp_min(0)
     env, inv_d, g, u, qk = edge_terms(inp, dst, src, valid)
-    logit = torch.where(valid[:, None] & (env > 0), g * qk, torch.full_like(qk, -math.inf))
+    logit = torch.where((valid & (env > 0))[:, None], g * qk, torch.full_like(qk, -math.inf))
     # [N, H]; 0 is the sink logit. The function does not depend on m (it cancels), so no
     # gradient flows through it.
     m = logit.reshape(n, kslots, -1).amax(1).clamp_min(0.0).detach()

@@ -1,0 +1,252 @@
+"""The ``chunked`` backend: the attention core streamed over target and neighbour blocks.
+
+Forward walks blocks of target rows and, within each, blocks of neighbour slots with an
+online softmax (running max ``m`` starting at the sink logit 0, running sum ``s`` starting
+at ``eps``), so ``m`` and ``s`` end exactly as in ``core.attention_core_reference``. Only
+the inputs, the output and the per-(target, head) statistics ``m`` and ``s`` are saved.
+
+Backward recomputes every block. With ``m``, ``s``, ``out`` fixed from the forward, the
+gradient of ``L(out)`` equals the gradient of the block-local surrogate::
+
+    sum_{i,j,h} p_ijh * ( c_ijh * (dout_ih . v_jh) - (dout_ih . out_ih) ) / s_ih
+
+with ``p = env exp(logit - m)`` and ``c = u / d`` (``s`` and ``m`` cancel in the
+function, so holding them constant is exact). It therefore streams over neighbour blocks
+too. The backward is itself an autograd Function whose backward (second order, needed for
+force training) recomputes each target block through the reference formula. No tensor
+with an edge dimension outlives a block in any pass: activation memory is O(N).
+
+Per-edge source rows are gathered per block and their gradients scattered back with
+``index_add``; on CUDA that is a float atomic (not bitwise deterministic; the ``triton``
+backend is).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from e2f.attention.core import CoreInputs, attention_core_reference, edge_terms
+
+_DST_FIELDS = ("pos_dst", "q", "gate_dst")
+_SRC_FIELDS = ("pos_src", "k", "v", "gate_src")
+_SHARED_FIELDS = ("rbf_centers", "w_radial", "w_out", "b_out")
+_FIELDS = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src") + _SHARED_FIELDS
+_DIFF_FIELDS = tuple(f for f in _FIELDS if f != "nbr")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Block sizes and the non-tensor constants of one call."""
+
+    target_block: int
+    neighbor_block: int
+    rbf_gamma: float
+    cutoff: float
+    eps: float
+
+
+def _plan(inp: CoreInputs, target_block: int | None, neighbor_block: int | None, max_elements: int) -> _Plan:
+    n, kslots = inp.nbr.shape
+    h = inp.num_heads
+    kb = neighbor_block or min(kslots, 64)
+    # Numbers held per edge inside a block: gathered k, v, the gate hidden layer and its
+    # outputs, the radial basis and the [H]-wide softmax terms.
+    per_edge = h * (inp.k.shape[-1] + 2 * inp.v.shape[-1] + 8) + 3 * inp.w_radial.shape[1] + inp.rbf_centers.shape[0]
+    tb = target_block or max(1, max_elements // (per_edge * max(kslots, 1)))
+    return _Plan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps)
+
+
+def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
+    """Block-local CoreInputs whose source slots are the block's edges, one per slot."""
+    nb = t["nbr"][rows, cols]
+    valid = (nb >= 0).reshape(-1)
+    src = nb.clamp_min(0).reshape(-1)
+    block = {f: t[f][rows] for f in _DST_FIELDS}
+    block.update({f: t[f][src] for f in _SRC_FIELDS})
+    block.update({f: t[f] for f in _SHARED_FIELDS})
+    return block, src, valid
+
+
+def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: _Plan):
+    """``p``-ready terms of a block: ``logit [E, H]`` (-inf off-edge), ``env``, ``u / d``."""
+    inp = CoreInputs(nbr=None, rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **block)
+    num_edges = valid.shape[0]
+    dst = torch.arange(rows, device=valid.device).repeat_interleave(num_edges // max(rows, 1))
+    env, inv_d, g, u, qk = edge_terms(inp, dst, torch.arange(num_edges, device=valid.device), valid)
+    logit = torch.where((valid & (env > 0))[:, None], g * qk, torch.full_like(qk, -math.inf))
+    return logit, env, u * inv_d[:, None]
+
+
+def _forward(t: dict[str, Tensor], plan: _Plan):
+    n, kslots = t["nbr"].shape
+    h, dv = t["v"].shape[1], t["v"].shape[2]
+    like = t["v"]
+    out = like.new_empty(n, h, dv)
+    m_all = like.new_empty(n, h)
+    s_all = like.new_empty(n, h)
+    for a in range(0, n, plan.target_block):
+        rows = slice(a, min(a + plan.target_block, n))
+        nr = rows.stop - a
+        m = like.new_zeros(nr, h)
+        s = like.new_full((nr, h), plan.eps)
+        acc = like.new_zeros(nr, h, dv)
+        for c in range(0, kslots, plan.neighbor_block):
+            cols = slice(c, min(c + plan.neighbor_block, kslots))
+            kb = cols.stop - c
+            block, _, valid = _gather_block(t, rows, cols)
+            logit, env, coef = _edge_weights(block, valid, nr, plan)
+            logit = logit.reshape(nr, kb, h)
+            m_new = torch.maximum(m, logit.amax(1))
+            scale = torch.exp(m - m_new)
+            p = env.reshape(nr, kb, 1) * torch.exp(logit - m_new[:, None])
+            s = s * scale + p.sum(1)
+            w = p * coef.reshape(nr, kb, h)
+            acc = acc * scale[..., None] + torch.einsum("rkh,rkhd->rhd", w, block["v"].reshape(nr, kb, h, dv))
+            m = m_new
+        out[rows] = acc / s[..., None]
+        m_all[rows] = m
+        s_all[rows] = s
+    return out, m_all, s_all
+
+
+def _scatter_grads(grads: dict[str, Tensor], leaves: dict[str, Tensor], parts, rows: slice, src: Tensor):
+    for name, g in zip(leaves, parts):
+        if g is None:
+            continue
+        if name in _DST_FIELDS:
+            grads[name] = grads[name].index_add(0, torch.arange(rows.start, rows.stop, device=src.device), g)
+        elif name in _SRC_FIELDS:
+            grads[name] = grads[name].index_add(0, src, g)
+        else:
+            grads[name] = grads[name] + g
+
+
+def _first_order_grads(t, dout, out, m_all, s_all, plan: _Plan) -> dict[str, Tensor]:
+    """Gradients of ``<dout, out>`` by the streamed surrogate (see the module docstring)."""
+    n, kslots = t["nbr"].shape
+    h, dv = t["v"].shape[1], t["v"].shape[2]
+    grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
+    delta = (dout * out).sum(-1)
+    for a in range(0, n, plan.target_block):
+        rows = slice(a, min(a + plan.target_block, n))
+        nr = rows.stop - a
+        inv_s = 1.0 / s_all[rows]
+        for c in range(0, kslots, plan.neighbor_block):
+            cols = slice(c, min(c + plan.neighbor_block, kslots))
+            kb = cols.stop - c
+            block, src, valid = _gather_block(t, rows, cols)
+            leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
+            with torch.enable_grad():
+                logit, env, coef = _edge_weights(leaves, valid, nr, plan)
+                p = env.reshape(nr, kb, 1) * torch.exp(logit.reshape(nr, kb, h) - m_all[rows, None])
+                dv_dot = torch.einsum("rhd,rkhd->rkh", dout[rows], leaves["v"].reshape(nr, kb, h, dv))
+                surrogate = (p * (coef.reshape(nr, kb, h) * dv_dot - delta[rows, None]) * inv_s[:, None]).sum()
+                parts = torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True)
+            _scatter_grads(grads, leaves, parts, rows, src)
+    return grads
+
+
+class _CoreGrad(torch.autograd.Function):
+    """``(dout, inputs) -> d<dout, out>/d inputs``, differentiable once more by recomputation."""
+
+    @staticmethod
+    def forward(ctx, plan, out, m_all, s_all, dout, *tensors):
+        t = dict(zip(_FIELDS, tensors))
+        grads = _first_order_grads(t, dout, out, m_all, s_all, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(dout, *tensors)
+        return tuple(grads[f] for f in _DIFF_FIELDS)
+
+    @staticmethod
+    def backward(ctx, *gg):
+        plan = ctx.plan
+        dout, *tensors = ctx.saved_tensors
+        t = dict(zip(_FIELDS, tensors))
+        gg = dict(zip(_DIFF_FIELDS, gg))
+        n, kslots = t["nbr"].shape
+        grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
+        d_dout = torch.zeros_like(dout)
+        create = torch.is_grad_enabled()
+        for a in range(0, n, plan.target_block):
+            rows = slice(a, min(a + plan.target_block, n))
+            block, src, valid = _gather_block(t, rows, slice(0, kslots))
+            with torch.enable_grad():
+                leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
+                dout_blk = dout[rows].detach().requires_grad_(True)
+                local_nbr = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
+                inp = CoreInputs(
+                    nbr=local_nbr.reshape(rows.stop - a, kslots),
+                    rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **leaves,
+                )
+                out_blk = attention_core_reference(inp)
+                g = torch.autograd.grad(out_blk, list(leaves.values()), dout_blk, create_graph=True, allow_unused=True)
+                pairing = []
+                for name, gi in zip(leaves, g):
+                    w = gg[name]
+                    if gi is None or w is None:
+                        continue
+                    if name in _DST_FIELDS:
+                        w = w[rows]
+                    elif name in _SRC_FIELDS:
+                        w = w[src]
+                    pairing.append((gi * w).sum())
+                if not pairing:
+                    continue
+                targets = list(leaves.values()) + [dout_blk]
+                parts = torch.autograd.grad(sum(pairing), targets, create_graph=create, allow_unused=True)
+            _scatter_grads(grads, leaves, parts[:-1], rows, src)
+            if parts[-1] is not None:
+                d_dout = d_dout.index_add(0, torch.arange(a, rows.stop, device=dout.device), parts[-1])
+        return (None, None, None, None, d_dout, *(grads.get(f) for f in _FIELDS))
+
+
+class _Core(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, *tensors):
+        t = dict(zip(_FIELDS, tensors))
+        out, m_all, s_all = _forward(t, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(out, m_all, s_all, *tensors)
+        ctx.mark_non_differentiable(m_all, s_all)
+        return out, m_all, s_all
+
+    @staticmethod
+    def backward(ctx, dout, _dm, _ds):
+        out, m_all, s_all, *tensors = ctx.saved_tensors
+        grads = _CoreGrad.apply(ctx.plan, out.detach(), m_all, s_all, dout, *tensors)
+        by_name = dict(zip(_DIFF_FIELDS, grads))
+        return (None, *(by_name.get(f) if ctx.needs_input_grad[i + 1] else None for i, f in enumerate(_FIELDS)))
+
+
+def chunked_attention_core(
+    inp: CoreInputs,
+    *,
+    target_block: int | None = None,
+    neighbor_block: int | None = None,
+    max_block_elements: int = 1 << 24,
+) -> Tensor:
+    """The attention core, streamed and recomputed; same function as the reference.
+
+    Parameters
+    ----------
+    inp : CoreInputs
+        See ``e2f.attention.core``.
+    target_block, neighbor_block : int, optional
+        Rows and neighbour slots per block. By default neighbour blocks of up to 64 slots
+        and as many target rows as fit ``max_block_elements`` numbers of per-edge
+        temporaries.
+    max_block_elements : int
+        Bound on the per-block temporaries (bounded memory independent of N and K).
+
+    Returns
+    -------
+    Tensor
+        ``[N, H, dv]``; differentiable (any order) w.r.t. every floating tensor of ``inp``.
+    """
+    plan = _plan(inp, target_block, neighbor_block, max_block_elements)
+    tensors = [getattr(inp, f) for f in _FIELDS]
+    out, _, _ = _Core.apply(plan, *tensors)
+    return out

@@ -1,0 +1,202 @@
+"""The E2Former-V2 attention layer (METHOD.md sections 2-4).
+
+Per node: invariant queries and keys, the per-node parts of the first gate layer, the value
+``v = SO3Linear(x)`` and its source-side product ``b = S_{r_j}(v)``. The attention core
+(any backend) aggregates ``V = [b; v]`` per head with ``w_ij = alpha_ij / d_ij``; the target
+side forms ``m_i = S_{r_i}(A_v) - A_b = sum_j w_ij v_j (x) R^1(r_i - r_j)``, mixes the paths
+of each l3 back to C channels and projects.
+
+``node_product`` selects how the node products are computed: ``"eaas"`` (V2) or
+``"dense-cg"`` (the dense e3nn CG twin, E2Former v1); with the same weights both compute
+the same function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from e2f.attention.backends import get_backend
+from e2f.attention.core import CoreInputs
+from e2f.eaas import dense_cg_product, eaas_product, eaas_table
+from e2f.nn import ScalarMLP, SO3Linear, rbf_centers_and_gamma
+from e2f.so3 import PolarFrames
+
+NODE_PRODUCTS = ("eaas", "dense-cg")
+
+
+@dataclass
+class Graph:
+    """What a layer needs to know about the structure (built once per forward by the model).
+
+    Attributes
+    ----------
+    pos : Tensor
+        ``[N, 3]`` positions, centred per system.
+    z : Tensor
+        ``[N]`` atomic numbers.
+    nbr : Tensor
+        ``[N, K]`` source slots (see ``e2f.neighbors``).
+    src_atom : Tensor
+        ``[M]`` atom of each source slot.
+    pos_src : Tensor
+        ``[M, 3]`` source positions ``pos[src_atom] + shift``.
+    """
+
+    pos: Tensor
+    z: Tensor
+    nbr: Tensor
+    src_atom: Tensor
+    pos_src: Tensor
+    _frames: dict | None = None
+
+    def frames(self, lmax: int) -> tuple[PolarFrames, PolarFrames]:
+        """Polar frames of the targets and of the source slots, computed once per ``lmax``."""
+        if self._frames is None:
+            self._frames = {}
+        if lmax not in self._frames:
+            dst = PolarFrames.from_vectors(self.pos, lmax)
+            src = PolarFrames.from_vectors(self.pos_src, lmax)
+            self._frames[lmax] = (dst, src)
+        return self._frames[lmax]
+
+
+def rows_to_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[n, rows, C] -> [n, H, rows * C/H]``: head h owns the channels ``c % H == h``."""
+    n, rows, c = x.shape
+    return x.reshape(n, rows, c // num_heads, num_heads).permute(0, 3, 1, 2).reshape(n, num_heads, rows * (c // num_heads))
+
+
+def heads_to_rows(x: Tensor, rows: int) -> Tensor:
+    """Inverse of :func:`rows_to_heads`: ``[n, H, rows * C/H] -> [n, rows, C]``."""
+    n, h, dv = x.shape
+    return x.reshape(n, h, rows, dv // rows).permute(0, 2, 3, 1).reshape(n, rows, h * (dv // rows))
+
+
+class InvariantProjection(torch.nn.Module):
+    """Invariant per-head vectors from x: per-degree m-wise products of two SO3-linears, then an MLP."""
+
+    def __init__(self, lmax: int, channels: int, inner: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.lmax, self.num_heads, self.head_dim = lmax, num_heads, head_dim
+        self.left = SO3Linear(lmax, channels, inner, bias=False)
+        self.right = SO3Linear(lmax, channels, inner, bias=False)
+        self.mlp = ScalarMLP((lmax + 1) * inner, num_heads * head_dim, num_heads * head_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.left(x), self.right(x)
+        invariants = torch.cat([(a[:, l * l : (l + 1) ** 2] * b[:, l * l : (l + 1) ** 2]).sum(1) for l in range(self.lmax + 1)], dim=1)
+        return self.mlp(invariants).reshape(-1, self.num_heads, self.head_dim)
+
+
+class E2Attention(torch.nn.Module):
+    """One E2Former-V2 attention layer: ``x [N, (L+1)^2, C] -> [N, (L+1)^2, C]``.
+
+    Parameters
+    ----------
+    lmax, channels, num_heads, head_dim : int
+        L, C, H (``C % H == 0``) and the query/key width d.
+    num_rbf, gate_hidden : int
+        Radial Gaussians R and the gate MLP hidden width G.
+    cutoff, eps : float
+        Neighbour radius (Å) and the softmax sink weight.
+    qk_channels : int
+        Channels of the two SO3-linears whose m-wise products make the q/k invariants.
+    num_elements : int
+        Size of the per-layer element embeddings of the gate's per-node parts.
+    backend : str
+        Attention-core backend (``e2f.attention.backends``).
+    node_product : str
+        ``"eaas"`` or ``"dense-cg"``.
+    """
+
+    def __init__(
+        self,
+        lmax: int,
+        channels: int,
+        num_heads: int,
+        head_dim: int,
+        num_rbf: int,
+        gate_hidden: int,
+        cutoff: float,
+        eps: float,
+        qk_channels: int,
+        num_elements: int,
+        backend: str = "chunked",
+        node_product: str = "eaas",
+    ):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        if node_product not in NODE_PRODUCTS:
+            raise ValueError(f"node_product must be one of {NODE_PRODUCTS}, got {node_product!r}")
+        get_backend(backend)
+        self.lmax, self.channels, self.num_heads = lmax, channels, num_heads
+        self.cutoff, self.eps = cutoff, eps
+        self.backend, self.node_product = backend, node_product
+        self.table = eaas_table(lmax)
+        self.query = InvariantProjection(lmax, channels, qk_channels, num_heads, head_dim)
+        self.key = InvariantProjection(lmax, channels, qk_channels, num_heads, head_dim)
+        self.value = SO3Linear(lmax, channels, channels, bias=True)
+        centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
+        self.register_buffer("rbf_centers", centers.to(torch.get_default_dtype()))
+        self.rbf_gamma = gamma
+        self.gate_dst = torch.nn.Embedding(num_elements, gate_hidden)
+        self.gate_src = torch.nn.Embedding(num_elements, gate_hidden)
+        self.w_radial = torch.nn.Parameter(torch.randn(num_rbf, gate_hidden) * (2.0 / num_rbf) ** 0.5)
+        self.w_out = torch.nn.Parameter(torch.randn(gate_hidden, 2 * num_heads) / gate_hidden**0.5)
+        # g starts near 1 (logits of order q.k) and u near 1 (weights near the softmax's).
+        self.b_out = torch.nn.Parameter(torch.ones(2 * num_heads))
+        with torch.no_grad():
+            self.gate_dst.weight.mul_(0.1)
+            self.gate_src.weight.mul_(0.1)
+        self.mix = torch.nn.ModuleList(
+            torch.nn.Linear(len(self.table.path_slices(l3)) * channels, channels, bias=False) for l3 in range(lmax + 1)
+        )
+        self.output = SO3Linear(lmax, channels, channels, bias=True)
+
+    def _product(self, v: Tensor, r: Tensor, frames: PolarFrames) -> Tensor:
+        if self.node_product == "eaas":
+            return eaas_product(v, r, self.lmax, frames)
+        return dense_cg_product(v, r, self.lmax)
+
+    def core_inputs(self, x: Tensor, graph: Graph) -> CoreInputs:
+        """The attention-core inputs of this layer for features ``x`` (also used by benchmarks)."""
+        frames_dst, frames_src = graph.frames(self.lmax)
+        v = self.value(x)
+        v_src = v[graph.src_atom]
+        b_src = self._product(v_src, graph.pos_src, frames_src)
+        values = rows_to_heads(torch.cat([b_src, v_src], dim=1), self.num_heads)
+        # Contiguous rows: the fused kernel's precondition (a no-op for the other backends).
+        return CoreInputs(
+            pos_dst=graph.pos.contiguous(),
+            pos_src=graph.pos_src.contiguous(),
+            nbr=graph.nbr,
+            q=self.query(x).contiguous(),
+            k=self.key(x)[graph.src_atom].contiguous(),
+            v=values.contiguous(),
+            gate_dst=self.gate_dst(graph.z).contiguous(),
+            gate_src=self.gate_src(graph.z)[graph.src_atom].contiguous(),
+            rbf_centers=self.rbf_centers,
+            w_radial=self.w_radial,
+            w_out=self.w_out,
+            b_out=self.b_out,
+            rbf_gamma=self.rbf_gamma,
+            cutoff=self.cutoff,
+            eps=self.eps,
+        )
+
+    def forward(self, x: Tensor, graph: Graph) -> Tensor:
+        inp = self.core_inputs(x, graph)
+        backend = get_backend(self.backend)
+        backend.check(inp)
+        agg = heads_to_rows(backend(inp), self.table.rows_out + self.table.rows_in)
+        agg_b, agg_v = agg[:, : self.table.rows_out], agg[:, self.table.rows_out :]
+        frames_dst, _ = graph.frames(self.lmax)
+        message = self._product(agg_v, graph.pos, frames_dst) - agg_b
+        mixed = []
+        for l3, mix in enumerate(self.mix):
+            paths = [message[:, s] for s in self.table.path_slices(l3)]
+            mixed.append(mix(torch.cat(paths, dim=2)))
+        return self.output(torch.cat(mixed, dim=1))

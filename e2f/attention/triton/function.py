@@ -1,0 +1,302 @@
+"""Autograd wrapper of the fused Triton attention core.
+
+Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton``):
+
+``fused_attention_core(inp) -> Tensor``
+    ``out [N, H, dv]`` (float32), differentiable with respect to every tensor of ``inp``.
+``check(inp) -> None``
+    Raises ``ValueError`` naming the first unmet precondition.
+``last_config() -> dict``
+    The configurations the autotuner chose for the three kernels (the last shapes run),
+    and the gate-MLP matmul precision used; the suites record it.
+
+Precision: the gate MLP's products run on tensor cores in TF32 unless
+``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
+they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 or float16
+(all three the same) and are accumulated in fp32. Everything else is float32.
+
+Backward is deterministic (no float atomics; fixed-order reductions). With
+``create_graph=True`` (force training) the backward routes through the differentiable
+chunked twin (``e2f.attention.chunked``), so double backward works.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from e2f.attention.core import CoreInputs
+
+TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
+                "rbf_centers", "w_radial", "w_out", "b_out")
+MAX_NEIGHBORS = 128
+_QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_kernels = None
+_last: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _gate_precision() -> str:
+    if _interpreting() or torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def check(inp: CoreInputs) -> None:
+    """Raise ``ValueError`` if the fused kernels cannot run on ``inp``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton is a test dependency
+        raise ValueError("backend 'triton' needs the triton package") from exc
+    t = inp.tensors()
+    device = inp.q.device
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+    for name in TENSOR_NAMES:
+        x = t[name]
+        if x.device != device:
+            raise ValueError(f"backend 'triton': {name} is on {x.device}, q on {device}")
+        if not x.is_contiguous():
+            raise ValueError(f"backend 'triton': {name} must be contiguous")
+    if inp.q.dtype not in _QKV_DTYPES or inp.k.dtype != inp.q.dtype or inp.v.dtype != inp.q.dtype:
+        raise ValueError("backend 'triton': q, k, v must share one dtype among float32, bfloat16, float16; got "
+                         f"{inp.q.dtype}, {inp.k.dtype}, {inp.v.dtype}")
+    for name in ("pos_dst", "pos_src", "gate_dst", "gate_src", "rbf_centers", "w_radial", "w_out", "b_out"):
+        if t[name].dtype != torch.float32:
+            raise ValueError(f"backend 'triton': {name} must be float32, got {t[name].dtype}")
+    if inp.nbr.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"backend 'triton': nbr must be int32 or int64, got {inp.nbr.dtype}")
+    n, kslots = inp.nbr.shape if inp.nbr.dim() == 2 else (None, None)
+    if n is None:
+        raise ValueError("backend 'triton': nbr must be [N, K]")
+    if kslots > MAX_NEIGHBORS:
+        raise ValueError(f"backend 'triton': at most {MAX_NEIGHBORS} neighbour slots, got K = {kslots}")
+    if inp.q.dim() != 3:
+        raise ValueError("backend 'triton': q must be [N, H, dk]")
+    h, dk = inp.q.shape[1:]
+    m = inp.pos_src.shape[0]
+    g = inp.gate_dst.shape[-1]
+    r = inp.rbf_centers.shape[0]
+    expect = {
+        "pos_dst": (n, 3), "pos_src": (m, 3), "q": (n, h, dk), "k": (m, h, dk),
+        "v": (m, h, inp.v.shape[-1]), "gate_dst": (n, g), "gate_src": (m, g), "rbf_centers": (r,),
+        "w_radial": (r, g), "w_out": (g, 2 * h), "b_out": (2 * h,),
+    }
+    for name, shape in expect.items():
+        if tuple(t[name].shape) != shape:
+            raise ValueError(f"backend 'triton': {name} has shape {tuple(t[name].shape)}, expected {shape}")
+    if dk > 64 or inp.v.shape[-1] > 512 or g > 256:
+        raise ValueError(f"backend 'triton': needs dk <= 64, dv <= 512, gate hidden <= 256; got {dk}, "
+                         f"{inp.v.shape[-1]}, {g}")
+    if not (inp.cutoff > 0 and inp.eps >= 0 and inp.rbf_gamma >= 0):
+        raise ValueError("backend 'triton': needs cutoff > 0, eps >= 0, rbf_gamma >= 0")
+
+
+def _configs():
+    """Autotuned kernels (built once: the interpreter gets a single configuration)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    import triton
+
+    from e2f.attention.triton import kernels as K
+
+    key = ["K", "H", "DK", "DV", "G", "R", "PREC"]  # + the tensor dtypes (added by the autotuner)
+
+    def cfg(hc, rc, warps, stages=1, **extra):
+        return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages)
+
+    if _interpreting():
+        fwd_cfgs = [cfg(16, 16, 4, GROUPS=4)]
+        tgt_cfgs = [cfg(16, 16, 4)]
+        src_cfgs = [cfg(16, 16, 4, BKS=16)]
+    else:
+        fwd_cfgs = [cfg(16, 32, 4, GROUPS=4), cfg(16, 32, 4, GROUPS=8), cfg(16, 16, 4, GROUPS=8)]
+        tgt_cfgs = [cfg(16, 32, 4)]
+        src_cfgs = [cfg(16, 32, 4, BKS=16), cfg(16, 32, 4, BKS=32)]
+    if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
+        fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
+    fwd = triton.autotune(fwd_cfgs, key=key)(K.fwd_kernel)
+    tgt = triton.autotune(tgt_cfgs, key=key, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+        K.bwd_target_kernel)
+    src = triton.autotune(src_cfgs, key=key)(K.bwd_source_kernel)
+    _kernels = (fwd, tgt, src)
+    return _kernels
+
+
+def last_config() -> dict:
+    """The configurations chosen for the last shapes run (empty before the first call)."""
+    return dict(_last)
+
+
+def _record(name: str, kernel) -> None:
+    best = getattr(kernel, "best_config", None)
+    if best is not None:
+        _last[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        timings = getattr(kernel, "configs_timings", None)  # set by the autotuner when it benchmarked
+        if timings:
+            _last[name]["tuning_ms"] = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+
+
+def _dims(t: dict) -> dict:
+    n, kslots = t["nbr"].shape
+    h, dk = t["q"].shape[1:]
+    dv = t["v"].shape[-1]
+    g = t["gate_dst"].shape[-1]
+    r = t["rbf_centers"].shape[0]
+    return dict(N=n, K=kslots, H=h, DK=dk, DV=dv, G=g, R=r, BK=_pow2(kslots, 16), DKP=_pow2(dk, 2),
+                DVP=_pow2(dv, 16), GP=_pow2(g, 16), M=t["pos_src"].shape[0])
+
+
+def _forward(t: dict, gamma: float, cutoff: float, eps: float):
+    d = _dims(t)
+    dev = t["q"].device
+    out = torch.zeros(d["N"], d["H"], d["DV"], device=dev, dtype=torch.float32)
+    m = torch.zeros(d["N"], d["H"], device=dev, dtype=torch.float32)
+    s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
+    if d["N"] == 0 or d["M"] == 0:
+        return out, m, s
+    fwd, _, _ = _configs()
+    prec = _gate_precision()
+    fwd[(d["N"],)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
+                   d["N"], d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps),
+                   1.0 / math.sqrt(d["DK"]),
+                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+    _record("fwd", fwd)
+    _last["precision"] = prec
+    return out, m, s
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _transposed(nbr: Tensor, m: int):
+    """In-edges of every source slot: CSR row pointers and flat edge ids i * K + slot,
+    grouped by source and in increasing edge id within a source (deterministic)."""
+    flat = nbr.reshape(-1)
+    eids = torch.nonzero(flat >= 0).reshape(-1)
+    srcs = flat[eids]
+    order = torch.argsort(srcs, stable=True)
+    edge_ids = eids[order].contiguous()
+    rowptr = torch.searchsorted(srcs[order].contiguous(), torch.arange(m + 1, device=nbr.device, dtype=srcs.dtype))
+    return rowptr.to(torch.int64).contiguous(), edge_ids.to(torch.int64)
+
+
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the persistent target pass: two per SM (its occupancy), but at most one
+    per 64 targets, so the per-program weight-gradient partials (R G + 2 H G + 2 H + R
+    floats each, 257 KB at the paper sizes) stay under ~4 KB per atom at small N."""
+    if _interpreting():
+        return max(1, min(3, n_rows))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(2 * sms, n_rows // 64))
+
+
+def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
+    d = _dims(t)
+    dev = t["q"].device
+    f32 = dict(device=dev, dtype=torch.float32)
+    n, mm, h = d["N"], d["M"], d["H"]
+    grads = {
+        "q": torch.zeros(n, h, d["DK"], **f32), "k": torch.zeros(mm, h, d["DK"], **f32),
+        "v": torch.zeros(mm, h, d["DV"], **f32), "gate_dst": torch.zeros(n, d["G"], **f32),
+        "gate_src": torch.zeros(mm, d["G"], **f32), "pos_dst": torch.zeros(n, 3, **f32),
+        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(d["R"], d["G"], **f32),
+        "w_out": torch.zeros(d["G"], 2 * h, **f32), "b_out": torch.zeros(2 * h, **f32),
+        "rbf_centers": torch.zeros(d["R"], **f32),
+    }
+    if n == 0 or mm == 0:
+        return grads
+    _, tgt, src = _configs()
+    prec = _gate_precision()
+    nprog = _num_programs(dev, n)
+    dwr_part = torch.zeros(nprog, d["R"], d["G"], **f32)
+    dwo_part = torch.zeros(nprog, d["G"], 2 * h, **f32)
+    db_part = torch.zeros(nprog, 2 * h, **f32)
+    dc_part = torch.zeros(nprog, d["R"], **f32)
+    b_dot = torch.empty(n, h, **f32)
+    dd_edge = torch.empty(n * d["K"], **f32)
+    scal = (float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]))
+    tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+                  t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+                  grads["q"], grads["gate_dst"], grads["pos_dst"], b_dot, dd_edge,
+                  dwr_part, dwo_part, db_part, dc_part,
+                  n, d["K"], h, d["G"], d["R"], *scal, nprog,
+                  DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+    _record("bwd_target", tgt)
+    rowptr, edge_ids = _transposed(t["nbr"], mm)
+    src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+              t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s, b_dot, dd_edge, rowptr, edge_ids,
+              grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
+              mm, d["K"], h, d["G"], d["R"], *scal,
+              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+    _record("bwd_source", src)
+    grads["w_radial"] = dwr_part.sum(0)
+    grads["w_out"] = dwo_part.sum(0)
+    grads["b_out"] = db_part.sum(0)
+    grads["rbf_centers"] = dc_part.sum(0)
+    return grads
+
+
+def _differentiable_twin(inp: CoreInputs) -> Tensor:
+    """The same function through PyTorch ops (any order of differentiation)."""
+    try:
+        from e2f.attention.chunked import chunked_attention_core
+    except ImportError:
+        from e2f.attention.core import attention_core_reference
+        return attention_core_reference(inp)
+    return chunked_attention_core(inp)
+
+
+class _FusedCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gamma, cutoff, eps, *tensors):
+        t = dict(zip(TENSOR_NAMES, tensors))
+        out, m, s = _forward(t, gamma, cutoff, eps)
+        ctx.scalars = (gamma, cutoff, eps)
+        ctx.save_for_backward(*tensors, m, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        tensors, (m, s) = saved[:-2], saved[-2:]
+        gamma, cutoff, eps = ctx.scalars
+        needs = ctx.needs_input_grad[3:]
+        if torch.is_grad_enabled():
+            # create_graph: differentiate the PyTorch twin so the gradient is itself differentiable
+            inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps)
+            wanted = [x for x, need in zip(tensors, needs) if need]
+            out = _differentiable_twin(inp)
+            got = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
+            res = [next(got) if need else None for need in needs]
+            res = [torch.zeros_like(x) if (r is None and need) else r for x, r, need in zip(tensors, res, needs)]
+            return (None, None, None, *res)
+        t = dict(zip(TENSOR_NAMES, tensors))
+        grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
+        res = []
+        for name, x, need in zip(TENSOR_NAMES, tensors, needs):
+            res.append(grads[name].to(x.dtype) if need and name != "nbr" else None)
+        return (None, None, None, *res)
+
+
+def fused_attention_core(inp: CoreInputs) -> Tensor:
+    """The attention core (``e2f.attention.core``) through the fused Triton kernels.
+
+    Call ``check(inp)`` first (the backend registry does); returns ``out [N, H, dv]`` in
+    float32, differentiable with respect to every tensor of ``inp``.
+    """
+    t = inp.tensors()
+    tensors = [t[name].contiguous() for name in TENSOR_NAMES]
+    return _FusedCore.apply(float(inp.rbf_gamma), float(inp.cutoff), float(inp.eps), *tensors)

@@ -1,0 +1,418 @@
+"""Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
+
+Three kernels; a program owns one row (a target, or a source) and its edges, so every
+output row is written by exactly one program (bitwise reproducible, no atomics):
+
+* ``fwd_kernel``: one target, all its ``K <= BK`` neighbour slots in one edge tile, so the
+  softmax max is exact (no rescaling needed). Geometry, envelope and 1/d per edge; the gate
+  MLP as tensor-core ``tl.dot`` tiles (``[BK, RC] @ [RC, G]`` radial part, plus the per-node
+  parts, SiLU, then ``[BK, G] @ [G, HC]`` per head chunk), computed once per edge and kept
+  in registers while a loop walks the heads in chunks of ``HC``. Writes ``out [N, H, DV]``
+  and the per-target, per-head statistics ``m`` (max logit, sink 0 included) and ``s``
+  (denominator, sink included).
+* ``bwd_target_kernel``: persistent over targets; recomputes the edges of a target and
+  writes ``dq``, ``dgate_dst``, ``dpos_dst``, ``B = dout . out`` per target and head, the
+  per-edge scalar ``dd = dL/dd_ij`` (4 bytes an edge, read back by the source pass for
+  ``dpos_src``), and per-program partial sums of the gate-weight gradients (reduced
+  afterwards in a fixed order).
+* ``bwd_source_kernel``: one source, looping over its in-edges (the transposed neighbour
+  list, CSR by source) in chunks of ``BKS``; recomputes each edge and writes ``dk``, ``dv``,
+  ``dgate_src``, ``dpos_src``.
+
+Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
+numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
+four (forward: ``GROUPS`` = 4 or 8) groups of heads ``h0 + r + 4 i``, and each group moves a
+``[BK, HC / 4, DVP]`` tile whose reduction over the edges stays inside each thread.
+Performance notes and measurements: ``docs/perf-notes.md``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _geometry(pos_dst, pos_src, tgt, src, ok, cutoff):
+    """Per-edge vector, distance terms and masks ([E] each)."""
+    dx = tl.load(pos_dst + tgt * 3 + 0, mask=ok, other=0.0) - tl.load(pos_src + src * 3 + 0, mask=ok, other=0.0)
+    dy = tl.load(pos_dst + tgt * 3 + 1, mask=ok, other=0.0) - tl.load(pos_src + src * 3 + 1, mask=ok, other=0.0)
+    dz = tl.load(pos_dst + tgt * 3 + 2, mask=ok, other=0.0) - tl.load(pos_src + src * 3 + 2, mask=ok, other=0.0)
+    d = tl.sqrt(tl.maximum(dx * dx + dy * dy + dz * dz, 1e-30))
+    inside = ok & (d < cutoff)
+    d_safe = tl.where(inside, d, 1.0)
+    x = d_safe / cutoff
+    env = 1.0 - x * x * x * (10.0 - x * (15.0 - 6.0 * x))
+    env = tl.where(inside, env, 0.0)
+    inv_d = tl.where(inside, 1.0 / d_safe, 0.0)
+    # the reference masks logits with env > 0 (env can round to 0 just inside the cutoff)
+    live = inside & (env > 0.0)
+    return dx, dy, dz, d_safe, x, env, inv_d, inside, live
+
+
+@triton.jit
+def _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G,
+              E: tl.constexpr, RC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
+    """Pre-activation of the gate hidden layer: rbf(d) @ w_radial + gate_dst[i] + gate_src[j]."""
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    acc = tl.zeros([E, GP], dtype=tl.float32)
+    for r0 in range(0, R, RC):
+        offs_r = r0 + tl.arange(0, RC)
+        rmask = offs_r < R
+        c = tl.load(centers + offs_r, mask=rmask, other=0.0)
+        diff = d_safe[:, None] - c[None, :]
+        rbf = tl.where(rmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
+        w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
+        acc += tl.dot(rbf, w, input_precision=PREC)
+    m2 = ok[:, None] & gmask[None, :]
+    acc += tl.load(gate_dst + tgt[:, None] * G + offs_g[None, :], mask=m2, other=0.0)
+    acc += tl.load(gate_src + src[:, None] * G + offs_g[None, :], mask=m2, other=0.0)
+    return acc
+
+
+@triton.jit
+def _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP: tl.constexpr, PREC: tl.constexpr):
+    """g and u ([E, HC]) for the heads offs_h, with the w_out column tiles used."""
+    offs_g = tl.arange(0, GP)
+    wmask = (offs_g < G)[:, None] & hmask[None, :]
+    wg = tl.load(w_out + offs_g[:, None] * (2 * H) + offs_h[None, :], mask=wmask, other=0.0)
+    wu = tl.load(w_out + offs_g[:, None] * (2 * H) + H + offs_h[None, :], mask=wmask, other=0.0)
+    g = tl.dot(hid, wg, input_precision=PREC) + tl.load(b_out + offs_h, mask=hmask, other=0.0)[None, :]
+    u = tl.dot(hid, wu, input_precision=PREC) + tl.load(b_out + H + offs_h, mask=hmask, other=0.0)[None, :]
+    return g, u, wg, wu
+
+
+@triton.jit
+def _split4(x):
+    """[E, HC] -> four [E, HC/4]: the columns 0 (mod 4), 2 (mod 4), 1 (mod 4), 3 (mod 4)."""
+    E: tl.constexpr = x.shape[0]
+    HC: tl.constexpr = x.shape[1]
+    a, b = tl.split(tl.reshape(x, (E, HC // 2, 2)))
+    a0, a1 = tl.split(tl.reshape(a, (E, HC // 4, 2)))
+    b0, b1 = tl.split(tl.reshape(b, (E, HC // 4, 2)))
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _split2(x):
+    """[E, C] -> the even and the odd columns."""
+    E: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.reshape(x, (E, C // 2, 2)))
+
+
+@triton.jit
+def _join4(a0, a1, b0, b1):
+    """Inverse of ``_split4``."""
+    E: tl.constexpr = a0.shape[0]
+    HA: tl.constexpr = a0.shape[1]
+    a = tl.reshape(tl.join(a0, a1), (E, 2 * HA))
+    b = tl.reshape(tl.join(b0, b1), (E, 2 * HA))
+    return tl.reshape(tl.join(a, b), (E, 4 * HA))
+
+
+@triton.jit
+def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
+    """[E, HA, DVP] float32 tile of a [*, H, DV] tensor: rows x heads hh x all DV numbers."""
+    offs_d = tl.arange(0, DVP)
+    ptr = base + rows[:, None, None] * (H * DV) + hh[None, :, None] * DV + offs_d[None, None, :]
+    mask = rmask[:, None, None] & hm[None, :, None] & (offs_d < DV)[None, None, :]
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
+    """[HA, DVP] float32 tile of one row of a [*, H, DV] tensor, and its pointers and mask."""
+    offs_d = tl.arange(0, DVP)
+    ptr = base + row * (H * DV) + hh[:, None] * DV + offs_d[None, :]
+    mask = hm[:, None] & (offs_d < DV)[None, :]
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32), ptr, mask
+
+
+@triton.jit
+def _fwd_group(v, out, w, src, ok, i, hbase, H, DV: tl.constexpr, DVP: tl.constexpr, AGG: tl.constexpr,
+               STEP: tl.constexpr):
+    HA: tl.constexpr = w.shape[1]
+    hh = hbase + STEP * tl.arange(0, HA)
+    hm = hh < H
+    if AGG:
+        vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
+    else:
+        vt = tl.zeros([w.shape[0], HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
+    o = tl.sum(w[:, :, None] * vt, axis=0)
+    offs_d = tl.arange(0, DVP)
+    tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], o, mask=hm[:, None] & (offs_d < DV)[None, :])
+
+
+@triton.jit
+def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+               out, m_out, s_out,
+               N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+               DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
+               DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
+               PREC: tl.constexpr, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
+               AGG: tl.constexpr = True):
+    # GROUPS (4 or 8): head groups a chunk's values move in (smaller tiles, fewer registers).
+    # GATE / AGG: profiling switches (False skips the gate MLP products / the value
+    # gathers); the library always runs with both on.
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, BK)
+    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    ok = j >= 0
+    src = tl.where(ok, j, 0).to(tl.int64)
+    tgt = tl.zeros([BK], dtype=tl.int64) + i
+    _, _, _, d_safe, _, env, inv_d, _, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    if GATE:
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
+    else:
+        pre = tl.zeros([BK, GP], dtype=tl.float32) + d_safe[:, None]
+    hid = pre * tl.sigmoid(pre)
+    offs_k = tl.arange(0, DKP)
+    kmask = offs_k < DK
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        g, u, _, _ = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        hk = offs_h[:, None] * DK + offs_k[None, :]
+        qm = hmask[:, None] & kmask[None, :]
+        qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
+        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                     other=0.0).to(tl.float32)
+        qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
+        lv = live[:, None] & hmask[None, :]
+        logit = tl.where(lv, g * qk, float("-inf"))
+        mx = tl.maximum(tl.max(logit, axis=0), 0.0)  # [HC]; 0 is the sink logit
+        p = env[:, None] * tl.exp(logit - mx[None, :])
+        s = eps * tl.exp(-mx) + tl.sum(p, axis=0)
+        w = u * p * inv_d[:, None] / s[None, :]
+        tl.store(m_out + i * H + offs_h, mx, mask=hmask)
+        tl.store(s_out + i * H + offs_h, s, mask=hmask)
+        w0, w2, w1, w3 = _split4(w)
+        if GROUPS == 4:
+            _fwd_group(v, out, w0, src, ok, i, h0 + 0, H, DV, DVP, AGG, 4)
+            _fwd_group(v, out, w1, src, ok, i, h0 + 1, H, DV, DVP, AGG, 4)
+            _fwd_group(v, out, w2, src, ok, i, h0 + 2, H, DV, DVP, AGG, 4)
+            _fwd_group(v, out, w3, src, ok, i, h0 + 3, H, DV, DVP, AGG, 4)
+        else:
+            # heads h0 + r + 8 a: w0 -> r = 0, 4; w2 -> 2, 6; w1 -> 1, 5; w3 -> 3, 7
+            wa, wb = _split2(w0)
+            _fwd_group(v, out, wa, src, ok, i, h0 + 0, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, wb, src, ok, i, h0 + 4, H, DV, DVP, AGG, 8)
+            wa, wb = _split2(w2)
+            _fwd_group(v, out, wa, src, ok, i, h0 + 2, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, wb, src, ok, i, h0 + 6, H, DV, DVP, AGG, 8)
+            wa, wb = _split2(w1)
+            _fwd_group(v, out, wa, src, ok, i, h0 + 1, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, wb, src, ok, i, h0 + 5, H, DV, DVP, AGG, 8)
+            wa, wb = _split2(w3)
+            _fwd_group(v, out, wa, src, ok, i, h0 + 3, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, wb, src, ok, i, h0 + 7, H, DV, DVP, AGG, 8)
+
+
+@triton.jit
+def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
+    hh = hbase + 4 * tl.arange(0, HA)
+    hm = hh < H
+    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
+    gi, _, _ = _row_tile(dout, i, hh, hm, H, DV, DVP)
+    return tl.sum(vt * gi[None, :, :], axis=2)
+
+
+@triton.jit
+def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+                      dout, m_in, s_in,
+                      dq, dgate_dst, dpos_dst, b_out_dot, dd_edge,
+                      dwr_part, dwo_part, db_part, dc_part,
+                      N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
+                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
+                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
+                      PREC: tl.constexpr):
+    HA: tl.constexpr = HC // 4
+    pid = tl.program_id(0)
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    offs_k = tl.arange(0, DKP)
+    kmask = offs_k < DK
+    part = pid.to(tl.int64)
+    slot = tl.arange(0, BK)
+    for it in range(0, (N - pid + NPROG - 1) // NPROG):
+        i = part + it * NPROG
+        j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+        ok = j >= 0
+        src = tl.where(ok, j, 0).to(tl.int64)
+        tgt = tl.zeros([BK], dtype=tl.int64) + i
+        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
+        hid = pre * tl.sigmoid(pre)
+        dhid = tl.zeros([BK, GP], dtype=tl.float32)
+        denv = tl.zeros([BK], dtype=tl.float32)
+        dinvd = tl.zeros([BK], dtype=tl.float32)
+        for h0 in range(0, H, HC):
+            offs_h = h0 + tl.arange(0, HC)
+            hmask = offs_h < H
+            g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+            hk = offs_h[:, None] * DK + offs_k[None, :]
+            qm = hmask[:, None] & kmask[None, :]
+            qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
+            kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                         other=0.0).to(tl.float32)
+            qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
+            lv = live[:, None] & hmask[None, :]
+            logit = tl.where(lv, g * qk, float("-inf"))
+            mx = tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)
+            s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
+            e = tl.exp(logit - mx[None, :])
+            p = env[:, None] * e
+            w = u * p * inv_d[:, None] / s[None, :]
+            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP))
+            bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
+            tl.store(b_out_dot + i * H + offs_h, bsum, mask=hmask)
+            dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
+            dlogit = dp * p
+            t = dw * p / s[None, :]
+            du = tl.where(lv, t * inv_d[:, None], 0.0)
+            dinvd += tl.sum(t * u, axis=1)
+            denv += tl.sum(dp * e, axis=1)
+            dg = tl.where(lv, dlogit * qk, 0.0)
+            dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+            dqi = tl.sum(dqk[:, :, None] * kj, axis=0)
+            tl.store(dq + i * (H * DK) + hk, dqi, mask=qm)
+            dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
+            dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
+            # gate output layer: partial sums owned by this program
+            wm = gmask[:, None] & hmask[None, :]
+            pg = dwo_part + part * (G * 2 * H) + offs_g[:, None] * (2 * H) + offs_h[None, :]
+            tl.store(pg, tl.load(pg, mask=wm, other=0.0) + tl.dot(tl.trans(hid), dg, input_precision=PREC), mask=wm)
+            tl.store(pg + H, tl.load(pg + H, mask=wm, other=0.0) + tl.dot(tl.trans(hid), du, input_precision=PREC),
+                     mask=wm)
+            pb = db_part + part * (2 * H) + offs_h
+            tl.store(pb, tl.load(pb, mask=hmask, other=0.0) + tl.sum(dg, axis=0), mask=hmask)
+            tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + tl.sum(du, axis=0), mask=hmask)
+
+        sig = tl.sigmoid(pre)
+        dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
+        dpre = tl.where(ok[:, None], dpre, 0.0)
+        tl.store(dgate_dst + i * G + offs_g, tl.sum(dpre, axis=0), mask=gmask)
+        # radial layer: weight partials and d(loss)/d(distance)
+        ddist = tl.zeros([BK], dtype=tl.float32)
+        for r0 in range(0, R, RC):
+            offs_r = r0 + tl.arange(0, RC)
+            rm = offs_r < R
+            c = tl.load(centers + offs_r, mask=rm, other=0.0)
+            diff = d_safe[:, None] - c[None, :]
+            rbf = tl.where(rm[None, :], tl.exp(-gamma * diff * diff), 0.0)
+            wrm = rm[:, None] & gmask[None, :]
+            wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=wrm, other=0.0)
+            pr = dwr_part + part * (R * G) + offs_r[:, None] * G + offs_g[None, :]
+            tl.store(pr, tl.load(pr, mask=wrm, other=0.0) + tl.dot(tl.trans(rbf), dpre, input_precision=PREC), mask=wrm)
+            drbf = tl.dot(dpre, tl.trans(wr), input_precision=PREC) * rbf * (-2.0 * gamma) * diff
+            drbf = tl.where(inside[:, None], drbf, 0.0)
+            ddist += tl.sum(drbf, axis=1)
+            pc = dc_part + part * R + offs_r
+            tl.store(pc, tl.load(pc, mask=rm, other=0.0) - tl.sum(drbf, axis=0), mask=rm)
+        denv_dx = -30.0 * x * x * (1.0 - x) * (1.0 - x)
+        ddist += denv * denv_dx / cutoff - dinvd * inv_d * inv_d
+        ddist = tl.where(inside, ddist, 0.0)
+        tl.store(dd_edge + i * K + slot, ddist, mask=slot < K)
+        f = ddist * inv_d
+        tl.store(dpos_dst + i * 3 + 0, tl.sum(f * dx, axis=0))
+        tl.store(dpos_dst + i * 3 + 1, tl.sum(f * dy, axis=0))
+        tl.store(dpos_dst + i * 3 + 2, tl.sum(f * dz, axis=0))
+
+
+@triton.jit
+def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr):
+    """For the heads hbase + 4 a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
+    HA: tl.constexpr = w.shape[1]
+    hh = hbase + 4 * tl.arange(0, HA)
+    hm = hh < H
+    gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
+    vj, _, _ = _row_tile(v, j, hh, hm, H, DV, DVP)
+    acc, ptr, _ = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
+    acc += tl.sum(w[:, :, None] * gt, axis=0)
+    tl.store(ptr, acc, mask=hm[:, None] & (tl.arange(0, DVP) < DV)[None, :])
+    return tl.sum(gt * vj[None, :, :], axis=2)
+
+
+@triton.jit
+def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+                      dout, m_in, s_in, b_in, dd_edge, rowptr, edge_ids,
+                      dk, dv, dgate_src, dpos_src,
+                      M, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+                      DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
+                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
+                      PREC: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    offs_k = tl.arange(0, DKP)
+    kmask = offs_k < DK
+    start = tl.load(rowptr + j)
+    count = tl.load(rowptr + j + 1) - start
+    slot = tl.arange(0, BKS)
+    src = tl.zeros([BKS], dtype=tl.int64) + j
+    dgs = tl.zeros([GP], dtype=tl.float32)
+    fx = tl.sum(tl.zeros([BKS], dtype=tl.float32), axis=0)
+    fy = fx
+    fz = fx
+    for c0 in range(0, count, BKS):
+        ok = (c0 + slot) < count
+        eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0).to(tl.int64)
+        tgt = eid // K
+        dx, dy, dz, d_safe, _, env, inv_d, _, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BKS, RC, GP, PREC)
+        hid = pre * tl.sigmoid(pre)
+        dhid = tl.zeros([BKS, GP], dtype=tl.float32)
+        for h0 in range(0, H, HC):
+            offs_h = h0 + tl.arange(0, HC)
+            hmask = offs_h < H
+            g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+            hk = offs_h[:, None] * DK + offs_k[None, :]
+            qm = hmask[:, None] & kmask[None, :]
+            kj_ptr = dk + j * (H * DK) + hk
+            kj = tl.load(k + j * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
+            qi = tl.load(q + tgt[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                         other=0.0).to(tl.float32)
+            qk = tl.sum(qi * kj[None, :, :], axis=2) * inv_sqrt_dk
+            lv = live[:, None] & hmask[None, :]
+            logit = tl.where(lv, g * qk, float("-inf"))
+            em = ok[:, None] & hmask[None, :]
+            th = tgt[:, None] * H + offs_h[None, :]
+            mx = tl.load(m_in + th, mask=em, other=0.0)
+            s = tl.load(s_in + th, mask=em, other=1.0)
+            bsum = tl.load(b_in + th, mask=em, other=0.0)
+            e = tl.exp(logit - mx)
+            p = env[:, None] * e
+            w = u * p * inv_d[:, None] / s
+            w0, w2, w1, w3 = _split4(w)
+            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP),
+                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP),
+                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP),
+                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP))
+            dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum) / s, 0.0)
+            dlogit = dp * p
+            du = tl.where(lv, dw * p / s * inv_d[:, None], 0.0)
+            dg = tl.where(lv, dlogit * qk, 0.0)
+            dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+            dkj = tl.sum(dqk[:, :, None] * qi, axis=0)
+            dkj += tl.load(kj_ptr, mask=qm & (c0 > 0), other=0.0)
+            tl.store(kj_ptr, dkj, mask=qm)
+            dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
+            dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
+        sig = tl.sigmoid(pre)
+        dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
+        dpre = tl.where(ok[:, None], dpre, 0.0)
+        dgs += tl.sum(dpre, axis=0)
+        ddist = tl.load(dd_edge + eid, mask=ok, other=0.0)
+        f = ddist * inv_d
+        fx -= tl.sum(f * dx, axis=0)
+        fy -= tl.sum(f * dy, axis=0)
+        fz -= tl.sum(f * dz, axis=0)
+    tl.store(dgate_src + j * G + offs_g, dgs, mask=gmask)
+    tl.store(dpos_src + j * 3 + 0, fx)
+    tl.store(dpos_src + j * 3 + 1, fy)
+    tl.store(dpos_src + j * 3 + 2, fz)

@@ -1,0 +1,129 @@
+"""SO(3) conventions: e3nn real spherical harmonics, Wigner-D and per-node polar frames.
+
+Everything follows e3nn: degrees stacked l = 0..L, m = -l..l inside a degree, y is the
+polar axis and the l = 1 basis is (x, y, z), so ``D^1(R) = R``. Spherical harmonics use
+e3nn's ``component`` normalisation (``|Y^l|^2 = 2l + 1``); the first-order solid harmonic
+is ``R^1(r) = sqrt(3) r``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from e3nn import o3
+from torch import Tensor
+
+
+def num_rows(lmax: int) -> int:
+    """``(lmax + 1)^2``: rows of a feature with all degrees 0..lmax."""
+    return (lmax + 1) ** 2
+
+
+def degree_slice(l: int) -> slice:
+    """Rows of degree ``l`` in the stacked layout."""
+    return slice(l * l, (l + 1) * (l + 1))
+
+
+def degree_of_rows(lmax: int) -> Tensor:
+    """``[(lmax+1)^2]`` int64: the degree of each row."""
+    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
+
+
+def spherical_harmonics(lmax: int, vec: Tensor, normalize: bool = True) -> Tensor:
+    """e3nn spherical harmonics of degrees 0..lmax (component normalisation), ``[..., (L+1)^2]``."""
+    return o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=normalize, normalization="component")
+
+
+def solid_harmonic_1(r: Tensor) -> Tensor:
+    """``R^1(r) = |r| Y^1(r/|r|) = sqrt(3) r``: linear in r, hence defined at r = 0."""
+    return math.sqrt(3.0) * r
+
+
+def polar_angles(r: Tensor) -> tuple[Tensor, Tensor]:
+    """e3nn angles ``(alpha, beta)`` with ``R_y(alpha) R_x(beta) y_hat = r / |r|``.
+
+    ``beta = atan2(sqrt(x^2 + z^2), y)`` keeps full precision near the poles (``acos(y)``
+    loses half the digits there). On the polar axis and at r = 0, ``alpha = atan2(0, 0) = 0``:
+    a deterministic roll. At r = 0 the frame is the identity (``beta = 0``).
+    """
+    x, y, z = r.unbind(-1)
+    alpha = torch.atan2(x, z)
+    beta = torch.atan2(torch.sqrt(x * x + z * z), y)
+    return alpha, beta
+
+
+@functools.lru_cache(maxsize=None)
+def _so3_generators(l: int) -> Tensor:
+    """e3nn's real so(3) generators in float64.
+
+    ``o3.so3_generators`` builds them in the default dtype, and float32 generators limit
+    every Wigner-D (and so EAAS) to ~1e-7; they are built once here in float64.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return o3.so3_generators(l).to(torch.float64)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def wigner_d(l: int, alpha: Tensor, beta: Tensor, gamma: Tensor | None = None) -> Tensor:
+    """e3nn Wigner-D of ``R_y(alpha) R_x(beta) R_y(gamma)`` for degree ``l``, ``[..., 2l+1, 2l+1]``.
+
+    Same definition as ``o3.wigner_D``, evaluated in float64 whatever the angles' dtype.
+    """
+    if gamma is None:
+        gamma = torch.zeros_like(alpha)
+    gens = _so3_generators(l).to(alpha.device)
+    alpha, beta, gamma = (a.double()[..., None, None] for a in torch.broadcast_tensors(alpha, beta, gamma))
+    return torch.matrix_exp(alpha * gens[1]) @ torch.matrix_exp(beta * gens[0]) @ torch.matrix_exp(gamma * gens[1])
+
+
+def wigner_d_from_matrix(lmax: int, rot: Tensor) -> Tensor:
+    """Block-diagonal Wigner-D ``[..., (L+1)^2, (L+1)^2]`` of rotation matrices ``[..., 3, 3]``.
+
+    Evaluated in float64 (e3nn's ``Irreps.D_from_matrix`` uses default-dtype generators).
+    """
+    alpha, beta, gamma = o3.matrix_to_angles(rot.double())
+    rows = num_rows(lmax)
+    out = rot.new_zeros(*rot.shape[:-2], rows, rows, dtype=torch.float64)
+    for l in range(lmax + 1):
+        out[..., degree_slice(l), degree_slice(l)] = wigner_d(l, alpha, beta, gamma)
+    return out
+
+
+@dataclass
+class PolarFrames:
+    """Per-node rotations taking ``r`` to the polar axis: ``D(R) r_hat = y_hat``.
+
+    Attributes
+    ----------
+    blocks : list of Tensor
+        ``blocks[l]`` is ``[n, 2l+1, 2l+1]``, the Wigner-D of R for degree l.
+    norm : Tensor
+        ``[n]`` ``|r|``.
+    """
+
+    blocks: list[Tensor]
+    norm: Tensor
+
+    @classmethod
+    def from_vectors(cls, r: Tensor, lmax: int) -> "PolarFrames":
+        """Frames of the rows of ``r`` ``[n, 3]``; no gradient flows through them."""
+        with torch.no_grad():
+            alpha, beta = polar_angles(r.double())
+            # D(R_y(alpha) R_x(beta)) takes y_hat to r_hat; its transpose is R.
+            blocks = [wigner_d(l, alpha, beta).transpose(-1, -2).contiguous() for l in range(lmax + 1)]
+            return cls(blocks=blocks, norm=r.norm(dim=-1))
+
+    def rotate(self, x: Tensor, degrees: list[int], transpose: bool = False) -> Tensor:
+        """Apply the per-node D (or D^T) to ``x [n, rows, C]`` whose row blocks have ``degrees``."""
+        out, row = [], 0
+        for l in degrees:
+            d = self.blocks[l].to(x.dtype)
+            block = x[:, row : row + 2 * l + 1]
+            out.append(torch.einsum("nji,njc->nic" if transpose else "nij,njc->nic", d, block))
+            row += 2 * l + 1
+        return torch.cat(out, dim=1)

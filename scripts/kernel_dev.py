@@ -1,0 +1,351 @@
+"""One-call GPU check and timing of the fused Triton attention core (kernel development).
+
+Run on the lent GPU from the repository root::
+
+    PYTHONPATH=. python scripts/kernel_dev.py --out $OUT [--sizes 16384 65536] [--big-check]
+
+Stages (each prints as it goes; a short table is printed last):
+
+1. correctness, fp32 with IEEE matmuls, N = 2,048 (full sizes: H = 128, d = 8, dv = 58,
+   G = 128, R = 256, K = 32): out and every gradient against the materialised reference;
+   bf16 q/k/v against the fp32 reference; two backward runs bitwise equal; the TF32 error.
+2. (``--big-check``) N = 65,536 against the chunked backend, forward and every gradient.
+3. timing with ``triton.testing.do_bench`` (median, L2 flushed; autotuning in the warm-up
+   call, outside the timed region): fwd and fwd+bwd, fp32 (TF32 gate products) and bf16,
+   plus the materialised backend at N = 16,384 for the core-TFLOPS ratio; peak bytes above
+   the inputs per atom (``torch.cuda.max_memory_allocated`` after a reset).
+
+Every number is written as one JSON line to ``<out>/kernel-dev.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from e2f.attention.core import attention_core_reference
+from e2f.attention.triton.function import check, fused_attention_core, last_config
+from e2f.attention.workload import random_core_inputs
+
+FLOATS = ("pos_dst", "pos_src", "q", "k", "v", "gate_dst", "gate_src", "rbf_centers", "w_radial", "w_out", "b_out")
+ROWS: list[dict] = []
+# --tiny: small dims on any device (a CPU dry run of this script under TRITON_INTERPRET=1)
+DIMS: dict = {}
+DEV = "cuda"
+
+
+def env() -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    p = torch.cuda.get_device_properties(0) if DEV == "cuda" else None
+    return {"gpu_name": p.name if p else "cpu", "sms": p.multi_processor_count if p else 0, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
+            "command": " ".join(sys.argv)}
+
+
+ENV: dict = {}
+
+
+def emit(out_dir, kind, params, metrics):
+    rec = {"schema": 1, "suite": "kernel-dev", "kind": kind, "params": params, "metrics": metrics,
+           "env": ENV, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    with open(os.path.join(out_dir, "kernel-dev.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+    ROWS.append(rec)
+    print(kind, json.dumps(params), json.dumps({k: v for k, v in metrics.items() if k != "samples_ms"}), flush=True)
+
+
+_CACHE: dict = {}
+
+
+def inputs(n, dtype=torch.float32, seed=0, k=32):
+    key = (n, seed, k)
+    if key not in _CACHE:
+        _CACHE.clear()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        _CACHE[key] = random_core_inputs(n, max_neighbors=k, dtype=torch.float32, device=DEV, seed=seed,
+                                         requires_grad=True, **DIMS)
+    inp = _CACHE[key]
+    return inp if dtype == torch.float32 else to_qkv(inp, dtype)
+
+
+def to_qkv(inp, dtype):
+    return inp.replace(**{n: getattr(inp, n).detach().to(dtype).requires_grad_(True) for n in ("q", "k", "v")})
+
+
+def leaves(inp):
+    return [getattr(inp, n) for n in FLOATS]
+
+
+def detached(inp, dtype=None):
+    return inp.replace(**{n: (getattr(inp, n).detach().to(dtype) if dtype else getattr(inp, n).detach().clone())
+                          .requires_grad_(True) for n in FLOATS})
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def grads_of(fn, inp, dout):
+    out = fn(inp)
+    g = torch.autograd.grad(out, leaves(inp), dout)
+    return out, dict(zip(FLOATS, g))
+
+
+def correctness(out_dir, n=2048):
+    torch.set_float32_matmul_precision("highest")
+    inp = inputs(n, seed=1)
+    check(inp)
+    dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    out, g = grads_of(fused_attention_core, inp, dout)
+    ref, rg = grads_of(attention_core_reference, detached(inp), dout)
+    errs = {"out": rel(out, ref), **{k: rel(g[k], rg[k]) for k in FLOATS}}
+    emit(out_dir, "check-fp32-ieee-vs-materialized", {"n_atoms": n}, {"max_rel": max(errs.values()), **errs,
+                                                                       "pass": max(errs.values()) < 1e-5})
+    _, g2 = grads_of(fused_attention_core, inp, dout)
+    same = all(torch.equal(g[k], g2[k]) for k in FLOATS)
+    emit(out_dir, "check-determinism", {"n_atoms": n}, {"bitwise_equal": same})
+    torch.set_float32_matmul_precision("high")
+    out_t, g_t = grads_of(fused_attention_core, inp, dout)
+    errs = {"out": rel(out_t, ref), **{k: rel(g_t[k], rg[k]) for k in FLOATS}}
+    emit(out_dir, "check-fp32-tf32-vs-materialized", {"n_atoms": n}, {"max_rel": max(errs.values()), **errs})
+    for dt in (torch.bfloat16,):
+        b = to_qkv(inp, dt)
+        out_b, g_b = grads_of(fused_attention_core, b, dout)
+        errs = {"out": rel(out_b, ref), **{k: rel(g_b[k], rg[k]) for k in FLOATS}}
+        emit(out_dir, f"check-{str(dt)[6:]}-tf32-vs-fp32-materialized", {"n_atoms": n},
+             {"max_rel": max(errs.values()), **errs, "pass": max(errs.values()) < 2e-2})
+    del inp, out, g, ref, rg, g2, out_t, g_t
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def big_check(out_dir, n=65536):
+    from e2f.attention.chunked import chunked_attention_core
+    torch.set_float32_matmul_precision("highest")
+    inp = inputs(n, seed=2)
+    dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    out, g = grads_of(fused_attention_core, inp, dout)
+    t0 = time.time()
+    ref, rg = grads_of(chunked_attention_core, detached(inp), dout)
+    errs = {"out": rel(out, ref), **{k: rel(g[k], rg[k]) for k in FLOATS}}
+    emit(out_dir, "check-fp32-ieee-vs-chunked", {"n_atoms": n}, {"max_rel": max(errs.values()), **errs,
+                                                                   "pass": max(errs.values()) < 1e-5,
+                                                                   "chunked_s": time.time() - t0})
+    del inp, out, g, ref, rg
+    torch.cuda.empty_cache()
+
+
+def flops_core(n, k, h, dk, dv):
+    return n * (2 * k * h * dk + 2 * k * h * dv + 8 * k * h)
+
+
+def flops_gate(n, k, h, g, r):
+    return n * k * (2 * r * g + 2 * g * 2 * h)
+
+
+def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True):
+    import triton.testing
+    torch.set_float32_matmul_precision("high")
+    fn = {"triton": fused_attention_core, "materialized": attention_core_reference}[impl]
+    torch.cuda.empty_cache()
+    inp = inputs(n, dtype, seed=3, k=k)
+    h, dk, dv = inp.q.shape[1], inp.q.shape[2], inp.v.shape[-1]
+    g, r = inp.w_radial.shape[1], inp.w_radial.shape[0]
+    dout = torch.randn(n, h, dv, device="cuda")
+    params = {"impl": impl, "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "gate_matmul": "tf32"}
+    fc, ft = flops_core(n, k, h, dk, dv), flops_core(n, k, h, dk, dv) + flops_gate(n, k, h, g, r)
+    lv = leaves(inp)
+    try:
+        with torch.no_grad():
+            fn(inp)  # autotune / warm-up
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(lambda: fn(inp), warmup=25, rep=100, return_mode="median") if timing else None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        o = fn(inp)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del o
+        emit(out_dir, "time" if timing else "memory", {**params, "mode": "fwd"},
+             {"latency_ms": ms, "tflops_core": fc / ms / 1e9 if ms else None, "tflops_total": ft / ms / 1e9 if ms else None,
+              "peak_bytes": peak, "bytes_per_atom": peak / n, "config": last_config() if impl == "triton" else None})
+    except torch.OutOfMemoryError as exc:
+        emit(out_dir, "time", {**params, "mode": "fwd"}, {"status": "oom", "error": str(exc)[:200]})
+        return
+    if not do_bwd:
+        return
+    try:
+        def step():
+            torch.autograd.grad(fn(inp), lv, dout)
+        step()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median") if timing else None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        emit(out_dir, "time" if timing else "memory", {**params, "mode": "fwd+bwd"},
+             {"latency_ms": ms, "tflops_core": 3 * fc / ms / 1e9 if ms else None, "peak_bytes": peak, "bytes_per_atom": peak / n,
+              "config": last_config() if impl == "triton" else None})
+    except torch.OutOfMemoryError as exc:
+        emit(out_dir, "time", {**params, "mode": "fwd+bwd"}, {"status": "oom", "error": str(exc)[:200]})
+
+
+FWD_VARIANTS = [
+    dict(HC=16, RC=32, num_warps=4),
+    dict(HC=16, RC=32, num_warps=4, AGG=False),
+    dict(HC=16, RC=32, num_warps=8),
+    dict(HC=32, RC=32, num_warps=8),
+]
+
+
+def probe(out_dir, n=16384, variants=None):
+    """Raw forward-kernel variants (explicit meta-parameters, no autotuning), compiler
+    resource report, and a torch.profiler breakdown of one fwd+bwd step."""
+    import triton
+    import triton.testing
+
+    from e2f.attention.triton import function as F
+    from e2f.attention.triton import kernels as K
+    torch.set_float32_matmul_precision("high")
+    inp = inputs(n)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    d = F._dims(t)
+    out = torch.empty(n, d["H"], d["DV"], device=DEV)
+    m = torch.empty(n, d["H"], device=DEV)
+    s = torch.empty_like(m)
+    for var in variants or FWD_VARIANTS:
+        grid = (n,)
+
+        def run():
+            return K.fwd_kernel[grid](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"],
+                                      t["gate_src"], t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
+                                      n, d["K"], d["H"], d["G"], d["R"], float(inp.rbf_gamma),
+                                      float(inp.cutoff), float(inp.eps), 1.0 / d["DK"] ** 0.5, DK=d["DK"], DV=d["DV"],
+                                      BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC="tf32", **var)
+        try:
+            ck = run()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+            emit(out_dir, "probe-fwd", {"n_atoms": n, **var},
+                 {"latency_ms": ms, "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
+                  "shared": getattr(getattr(ck, "metadata", None), "shared", None)})
+        except Exception as exc:  # a variant that does not compile is data
+            emit(out_dir, "probe-fwd", {"n_atoms": n, **var}, {"status": "error", "error": str(exc)[:300]})
+    # profiler breakdown of one fwd+bwd (current autotune setting)
+    lv = leaves(inp)
+    dout = torch.randn(n, d["H"], d["DV"], device=DEV)
+    torch.autograd.grad(fused_attention_core(inp), lv, dout)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(fused_attention_core(inp), lv, dout)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    print(table, flush=True)
+    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+        f.write(table)
+    for name, kern in zip(("fwd", "bwd_target", "bwd_source"), F._configs()):
+        try:
+            for ck in kern.fn.device_caches[0][0].values():
+                print(name, "regs", ck.n_regs, "spills", ck.n_spills, "shared", ck.metadata.shared, flush=True)
+        except Exception as exc:
+            print(name, "no resource report:", exc)
+
+
+def guarded(fn, *a, **kw):
+    import traceback
+    try:
+        fn(*a, **kw)
+    except Exception:  # a failing stage is printed and the next one runs
+        traceback.print_exc()
+        sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sizes", type=int, nargs="*", default=[16384, 65536])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--big-check", action="store_true")
+    ap.add_argument("--no-materialized", action="store_true")
+    ap.add_argument("--materialized-bwd", action="store_true")
+    ap.add_argument("--fwd-only-sizes", type=int, nargs="*", default=[])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--mem-sizes", type=int, nargs="*", default=[], help="peak memory only (fp32)")
+    ap.add_argument("--k-sweep", type=int, nargs="*", default=[], help="neighbour caps timed at N = 16,384 (fp32)")
+    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
+    args = ap.parse_args()
+    if args.tiny:
+        global DEV
+        DEV = "cuda" if torch.cuda.is_available() else "cpu"
+        DIMS.update(num_heads=4, head_dim=4, dv=6, gate_hidden=16, num_rbf=12)
+    ENV.update(env())
+    print(ENV, flush=True)
+    t0 = time.time()
+    if args.ncu_fwd:
+        torch.set_float32_matmul_precision("high")
+        inp = inputs(args.ncu_fwd)
+        with torch.no_grad():
+            fused_attention_core(inp)
+        torch.cuda.synchronize()
+        return
+    if args.probe:
+        guarded(probe, args.out)
+        print(f"[probe done {time.time() - t0:.0f}s]", flush=True)
+    if not args.skip_check:
+        guarded(correctness, args.out, n=40 if args.tiny else 2048)
+        print(f"[check done {time.time() - t0:.0f}s]", flush=True)
+    for n in args.sizes:
+        for dt in args.dtypes:
+            guarded(time_point, args.out, "triton", n, getattr(torch, dt))
+            print(f"[{dt} {n} done {time.time() - t0:.0f}s]", flush=True)
+        if n == 16384 and not args.no_materialized:
+            guarded(time_point, args.out, "materialized", 16384, torch.float32, do_bwd=args.materialized_bwd)
+            print(f"[materialized done {time.time() - t0:.0f}s]", flush=True)
+    for kk in args.k_sweep:
+        guarded(time_point, args.out, "triton", 16384, torch.float32, k=kk)
+        print(f"[K={kk} done {time.time() - t0:.0f}s]", flush=True)
+    for n in args.mem_sizes:
+        guarded(time_point, args.out, "triton", n, torch.float32, timing=False)
+        print(f"[memory N={n} done {time.time() - t0:.0f}s]", flush=True)
+    for n in args.fwd_only_sizes:
+        for dt in args.dtypes:
+            guarded(time_point, args.out, "triton", n, getattr(torch, dt), do_bwd=False)
+    if args.big_check:
+        guarded(big_check, args.out)
+        print(f"[big check done {time.time() - t0:.0f}s]", flush=True)
+    print("\n==== summary ====")
+    for r in ROWS:
+        m = r["metrics"]
+        if r["kind"] in ("time", "memory"):
+            p = r["params"]
+            print(f"{p['impl']:12s} {p['dtype']:8s} N={p['n_atoms']:>8d} K={p['neighbors']:>3d} {p['mode']:8s} "
+                  f"{m.get('latency_ms') or float('nan'):9.3f} ms  core {m.get('tflops_core') or 0:6.2f} TF  "
+                  f"{m.get('bytes_per_atom', 0) / 1024:7.1f} KB/atom {m.get('status', '')}")
+        else:
+            print(r["kind"], {k: (round(v, 8) if isinstance(v, float) else v) for k, v in m.items()})
+    print(last_config())
+
+
+if __name__ == "__main__":
+    main()

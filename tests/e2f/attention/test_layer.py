@@ -1,0 +1,62 @@
+import torch
+
+from e2f.attention.layer import E2Attention, Graph, heads_to_rows, rows_to_heads
+from e2f.neighbors import neighbor_list
+from e2f.so3 import wigner_d_from_matrix
+from e2f.testing import assert_close_rel, random_rotation, saved_tensor_bytes
+
+F64 = torch.float64
+
+
+def _layer(backend="chunked", node_product="eaas", dtype=F64, seed=0):
+    torch.manual_seed(seed)
+    layer = E2Attention(lmax=2, channels=8, num_heads=4, head_dim=4, num_rbf=16, gate_hidden=8, cutoff=5.0, eps=1e-3,
+                        qk_channels=4, num_elements=10, backend=backend, node_product=node_product)
+    return layer.to(dtype)
+
+
+def _graph(n, k=16, seed=0, dtype=F64, density=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.rand(n, 3, generator=gen, dtype=F64) * (n / density) ** (1 / 3)
+    pos = (pos - pos.mean(0)).to(dtype)
+    nl = neighbor_list(pos, 5.0, k)
+    z = torch.randint(1, 10, (n,), generator=gen)
+    return Graph(pos=pos, z=z, nbr=nl.nbr, src_atom=nl.src_atom, pos_src=nl.source_positions(pos))
+
+
+def test_head_layout_round_trip():
+    x = torch.arange(2 * 29 * 8.0).reshape(2, 29, 8)
+    heads = rows_to_heads(x, 4)
+    assert heads.shape == (2, 4, 29 * 2)
+    assert torch.equal(heads[0, 1, :2], x[0, 0, [1, 5]])  # head 1 owns channels 1 and 5
+    assert torch.equal(heads_to_rows(heads, 29), x)
+
+
+def test_layer_equivariant_and_backends_agree():
+    graph = _graph(30, density=0.05)
+    x = torch.randn(30, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    out = _layer()(x, graph)
+    for backend, product in (("materialized", "eaas"), ("chunked", "dense-cg")):
+        assert_close_rel(_layer(backend, product)(x, graph), out, 1e-11, f"{backend}/{product}")
+    rot = random_rotation(3)
+    d = wigner_d_from_matrix(2, rot)
+    rotated = Graph(pos=graph.pos @ rot.T, z=graph.z, nbr=graph.nbr, src_atom=graph.src_atom, pos_src=graph.pos_src @ rot.T)
+    assert_close_rel(_layer()(torch.einsum("ij,njc->nic", d, x), rotated), torch.einsum("ij,njc->nic", d, out), 1e-11,
+                     "layer equivariance")
+
+
+def _saved_per_atom(n, backend, k=16):
+    layer = _layer(backend, dtype=torch.float32)
+    graph = _graph(n, k, seed=n, dtype=torch.float32)
+    x = torch.randn(n, 9, 8, requires_grad=True)
+    exclude = [x, graph.pos, graph.pos_src, graph.nbr, graph.src_atom, graph.z, *layer.parameters(), *layer.buffers()]
+    return saved_tensor_bytes(lambda: layer(x, graph), exclude=exclude) / n
+
+
+def test_layer_saved_bytes_per_atom():
+    small, large = _saved_per_atom(200, "chunked"), _saved_per_atom(2000, "chunked")
+    assert abs(large / small - 1) < 0.1, (small, large)
+    k8, k32 = _saved_per_atom(400, "chunked", 8), _saved_per_atom(400, "chunked", 32)
+    assert abs(k32 / k8 - 1) < 0.1, (k8, k32)
+    m8, m32 = _saved_per_atom(400, "materialized", 8), _saved_per_atom(400, "materialized", 32)
+    assert m32 > 2.5 * m8 and m8 > k8, (m8, m32, k8)

@@ -1,0 +1,75 @@
+"""kernel-tflops: the FLOP/byte formulas, a tiny real sweep, and a raising implementation
+that leaves the other points of the sweep intact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from suites import kernel_tflops, workloads
+from suites.core.runner import SweepConfig, run_suite
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_interpreter(monkeypatch):
+    """Other test modules set TRITON_INTERPRET=1 for the kernels' CPU tests; here triton must be
+    what it is on a CPU machine: unavailable (and recorded as skipped), not interpreted for minutes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI box, OpenMP spin-waiting of two threads
+    makes these small measurements 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flop_formula_matches_the_issue():
+    s = workloads.PAPER_CORE
+    per_atom = kernel_tflops.core_flops(1, s, "fwd")  # one atom, K = 32 slots
+    assert per_atom["core"] == 2 * 32 * 128 * 8 + 2 * 32 * 128 * 58 + 8 * 32 * 128 == 573_440
+    assert per_atom["total"] == per_atom["core"] + 2 * 32 * (256 * 128 + 128 * 2 * 128) == 4_767_744
+    assert kernel_tflops.core_flops(1, s, "fwd+bwd")["core"] == 3 * per_atom["core"]
+    assert kernel_tflops.elementwise_flops(32, s, "fwd") == 32 * (4 * 256 + 6 * 128 + 2 * 128 + 18)
+    assert kernel_tflops.dense_flops(10, s, "fwd") == 2 * 100 * 128 * (8 + 58)
+
+
+def _cfg(tmp_path, impls, **kw):
+    return SweepConfig(device="cpu", quick=True, sizes=(48,), impls=impls, out_dir=tmp_path, progress=False, **kw)
+
+
+def test_raising_implementation_keeps_the_other_points(tmp_path, monkeypatch):
+    real = workloads.core_call
+
+    def broken(backend, inp):
+        if backend == "chunked":
+            raise RuntimeError("chunked exploded on purpose")
+        return real(backend, inp)
+
+    monkeypatch.setattr(workloads, "core_call", broken)
+    res = run_suite("kernel-tflops", _cfg(tmp_path, ("materialized", "chunked", "triton", "sdpa-dense")), log=lambda m: None)
+    by = {}
+    for r in res.records:
+        by.setdefault(r["impl"], set()).add(r["status"])
+    assert by["chunked"] == {"error"}
+    assert by["materialized"] == {"ok"} and by["sdpa-dense"] == {"ok"}
+    assert by["triton"] == {"skipped"}  # no CUDA here: recorded with the reason, never silent
+    err = next(r for r in res.records if r["impl"] == "chunked")
+    assert "exploded on purpose" in err["error"]
+    ok = next(r for r in res.records if r["impl"] == "materialized" and r["params"]["mode"] == "fwd")["metrics"]
+    assert ok["latency_ms"] > 0 and ok["tflops_core"] > 0 and ok["gbps"] > 0 and ok["n_edges"] > 0
+    assert ok["flops_total"] > ok["flops_core"]
+    dense = next(r for r in res.records if r["impl"] == "sdpa-dense")["metrics"]
+    assert dense["sdpa_backend"] and dense["flops_executed"] >= dense["flops_core"]
+    # Stored on disk too, one line per point.
+    assert len(res.path.read_text().splitlines()) == len(res.records)
+
+
+def test_dense_reference_is_capped(tmp_path):
+    cfg = SweepConfig(device="cpu", quick=True, sizes=(8192,), impls=("sdpa-dense",), dtypes=("float32",), out_dir=tmp_path,
+                      progress=False)
+    res = run_suite("kernel-tflops", cfg, log=lambda m: None)
+    assert {r["status"] for r in res.records} == {"skipped"}
+    assert "cap" in res.records[0]["error"]

@@ -1,0 +1,71 @@
+"""run_bench.py: --list, clear errors on unknown names, an end-to-end smoke run and --resume."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_bench
+from suites.core import records as rec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "run_bench.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_list_shows_suites_implementations_and_metrics():
+    out = _cli("--list")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Suites" in text and "smoke" in text
+    assert "Implementations" in text and "matmul" in text and "core-materialized" in text
+    assert "Metrics" in text and "latency_ms" in text and "saved_bytes" in text
+
+
+def test_unknown_suite_exits_nonzero_naming_the_valid_ones():
+    out = _cli("--suite", "no-such-suite", "--out", "/nonexistent/never-written")
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert "no-such-suite" in errors[0] and "valid suites:" in errors[0] and "smoke" in errors[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--suite", "smoke", "--impl", "nope"], "valid: "),
+    (["--suite", "smoke", "--dtype", "int7"], "unknown dtype"),
+    ([], "nothing to do"),
+])
+def test_other_usage_errors(args, needle, capsys):
+    assert run_bench.main(args) == run_bench.EXIT_USAGE
+    assert needle in capsys.readouterr().err
+
+
+def test_int_lists():
+    assert run_bench._int_list("100,1e3, 2000") == (100, 1000, 2000)
+    assert run_bench._int_list("1-4") == (1, 2, 3, 4)
+    assert run_bench._name_list(["a,b", "c"]) == ("a", "b", "c")
+
+
+def test_smoke_end_to_end_then_resume(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    args = ["--suite", "smoke", "--impl", "matmul,core-materialized", "--sizes", "16", "--device", "cpu",
+            "--out", str(out), "--no-progress", "--no-report"]
+    assert run_bench.main(args) == 0
+    records = rec.load_records(out / "smoke.jsonl")
+    assert len(records) == 4  # 2 implementations x 1 size x modes fwd, fwd+bwd
+    assert {r["status"] for r in records} == {"ok"}
+    assert {r["impl"] for r in records} == {"matmul", "core-materialized"}
+    for r in records:
+        assert r["metrics"]["latency_ms"] > 0 and r["metrics"]["saved_bytes"] >= 0
+        assert r["env"]["device"] == "cpu" and r["env"]["command"]
+    core = [r for r in records if r["impl"] == "core-materialized"]
+    assert all(r["metrics"]["bytes_per_atom"] > 0 for r in core)
+    assert (out / "smoke.csv").exists()
+    assert "smoke: 4 ok" in capsys.readouterr().out
+
+    assert run_bench.main([*args, "--resume"]) == 0
+    assert rec.load_records(out / "smoke.jsonl") == records  # nothing measured again
+    assert "4 point(s) already stored" in capsys.readouterr().err
