@@ -11,8 +11,10 @@ train split (:mod:`e2f.data.reference`); predicting those references alone is th
 
 Devices: CPU, one GPU, or several through ``torchrun --nproc_per_node=G -m e2f.train ...``
 (DDP: each rank takes every G-th batch of the same seeded sequence, gradients are averaged by
-DDP, rank 0 evaluates and writes checkpoints). The DDP path has not been run on more than one
-process in CI (no multi-GPU machine there); it is written to torch's documented contract.
+DDP, rank 0 evaluates and writes checkpoints). The DDP path was run with 2 CPU processes
+(gloo backend, ``torchrun --nproc_per_node=2 -m e2f.train --device cpu ...``), not yet on
+several GPUs (NCCL). On a shared CPU set ``OMP_NUM_THREADS=1``: oversubscribed OpenMP threads
+made steps ~8x slower here. Run from the checkout root (the models live in ``baselines/``).
 
 Data: ``--data`` is a SPICE HDF5, MACE-OFF extended-XYZ or OMol25 ``.aselmdb`` path (see
 :mod:`e2f.data.readers`); by default the shipped GFN2-xTB set. Splits come from the file (the

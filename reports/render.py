@@ -362,15 +362,18 @@ def fig_lmax(df: pd.DataFrame, paper: bool) -> Drawn | None:
     d = df[df["suite"] == "lmax-sweep"]
     if d.empty or "params.lmax" not in d:
         return None
-    panels = [(m, lab) for m, lab in (("metrics.latency_ms", "latency (ms)"), ("metrics.flops_total", "FLOPs per call"),
-                                       ("metrics.peak_bytes", "peak memory above inputs (MiB)")) if m in d and d[m].notna().any()]
+    has = lambda m: m in d and d[m].notna().any()  # noqa: E731
+    memory = ("metrics.peak_bytes", "peak memory above inputs (MiB)") if has("metrics.peak_bytes") else \
+        ("metrics.saved_bytes", "bytes saved for backward (MiB)")
+    panels = [(m, lab) for m, lab in (("metrics.latency_ms", "latency (ms)"),
+                                       ("metrics.flops_total", "FLOPs of one energy forward (analytic)"), memory) if has(m)]
     if not panels:
         panels = [("metrics.latency_ms", "latency (ms)")]
     fig, axes = plt.subplots(1, len(panels), figsize=style.panel_size(len(panels), paper=paper), squeeze=False)
     any_oom = False
     for ax, (metric, label) in zip(axes[0], panels):
         sub = d.copy()
-        if metric == "metrics.peak_bytes" and metric in sub:
+        if metric in ("metrics.peak_bytes", "metrics.saved_bytes") and metric in sub:
             sub[metric] = sub[metric].astype(float) / 2**20
         ooms = _plot_series(ax, sub, "params.lmax", metric, linestyle_by="params.mode",
                             exclude=("params.n_atoms",))

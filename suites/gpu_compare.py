@@ -23,7 +23,6 @@ lists the differences.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field

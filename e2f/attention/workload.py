@@ -51,7 +51,9 @@ def random_core_inputs(
     eps : float
         Softmax sink weight.
     dtype, device
-        Of every floating tensor (``nbr`` is int64 on ``device``).
+        Of every floating tensor (``nbr`` is int64 on ``device``); a half dtype (bf16, fp16)
+        applies to q, k and v only, the rest stays float32 (METHOD.md: positions, gates and
+        accumulation stay fp32).
     seed : int
         Everything is drawn from one CPU generator seeded with it.
     requires_grad : bool
@@ -107,6 +109,7 @@ def random_core_inputs(
         if name == "nbr":
             out[name] = t.to(device)
             continue
-        t = t.to(device=device, dtype=dtype)
+        low_precision = dtype in (torch.bfloat16, torch.float16)
+        t = t.to(device=device, dtype=dtype if not low_precision or name in ("q", "k", "v") else torch.float32)
         out[name] = t.detach().requires_grad_(True) if requires_grad else t
     return CoreInputs(**out, rbf_gamma=gamma, cutoff=cutoff, eps=eps)

@@ -161,7 +161,7 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
     ok = j >= 0
     src = tl.where(ok, j, 0).to(tl.int64)
     tgt = tl.zeros([BK], dtype=tl.int64) + i
-    _, _, _, d_safe, _, env, inv_d, _, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     if GATE:
         pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
     else:
@@ -172,7 +172,7 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
-        g, u, _, _ = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
         hk = offs_h[:, None] * DK + offs_k[None, :]
         qm = hmask[:, None] & kmask[None, :]
         qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
@@ -215,7 +215,7 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
     vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
-    gi, _, _ = _row_tile(dout, i, hh, hm, H, DV, DVP)
+    gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
@@ -331,8 +331,8 @@ def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DV
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
     gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
-    vj, _, _ = _row_tile(v, j, hh, hm, H, DV, DVP)
-    acc, ptr, _ = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
+    vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP)
+    acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
     acc += tl.sum(w[:, :, None] * gt, axis=0)
     tl.store(ptr, acc, mask=hm[:, None] & (tl.arange(0, DVP) < DV)[None, :])
     return tl.sum(gt * vj[None, :, :], axis=2)
@@ -363,7 +363,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
         ok = (c0 + slot) < count
         eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0).to(tl.int64)
         tgt = eid // K
-        dx, dy, dz, d_safe, _, env, inv_d, _, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
         pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BKS, RC, GP, PREC)
         hid = pre * tl.sigmoid(pre)
         dhid = tl.zeros([BKS, GP], dtype=tl.float32)
