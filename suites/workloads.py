@@ -130,15 +130,17 @@ def core_inputs(n_atoms: int, *, sizes: CoreSizes = PAPER_CORE, dtype: torch.dty
         periodic=periodic)
 
 
-def core_host_bytes(n_atoms: int, sizes: CoreSizes = PAPER_CORE, periodic: bool = True) -> float:
-    """Host bytes ``random_core_inputs`` needs at its peak (it draws every tensor in float64
-    on the CPU: q, k, v and the gate parts per atom, then k, v, gate_src per source slot;
-    periodic images add about 6 r_c / side of the atoms as extra slots)."""
+def core_host_bytes(n_atoms: int, sizes: CoreSizes = PAPER_CORE, periodic: bool = True,
+                    itemsize: int = 4) -> float:
+    """Host bytes ``random_core_inputs`` needs at its peak (it draws every tensor on the CPU,
+    in float64 for a float64 workload and float32 otherwise: q, k, v and the gate parts per
+    atom, then k, v, gate_src per source slot; periodic images add about 6 r_c / side of the
+    atoms as extra slots; the neighbour list is int64)."""
     side = box_side(n_atoms, sizes.density)
     slots = n_atoms * (1.0 + (min(1.0, 6.0 * sizes.cutoff / side) if periodic else 0.0))
     per_atom = sizes.heads * (2 * sizes.head_dim + sizes.dv) + 2 * sizes.gate_hidden
     per_slot = sizes.heads * (sizes.head_dim + sizes.dv) + sizes.gate_hidden + 3
-    return 8.0 * (n_atoms * per_atom + slots * per_slot) + 8.0 * n_atoms * sizes.neighbors
+    return itemsize * (n_atoms * per_atom + slots * per_slot) + 8.0 * n_atoms * sizes.neighbors
 
 
 def host_available_bytes() -> float | None:
@@ -172,10 +174,11 @@ def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, de
     inp = _CORE_CACHE.get(key)
     if inp is None:
         _CORE_CACHE.clear()
-        need, have = core_host_bytes(n_atoms, sizes, periodic), host_available_bytes()
+        need = core_host_bytes(n_atoms, sizes, periodic, itemsize=8 if dtype == torch.float64 else 4)
+        have = host_available_bytes()
         if have is not None and need > 0.8 * have:
             raise SkipPoint(f"drawing the inputs needs ~{need / 2**30:.0f} GiB of host RAM, "
-                            f"{have / 2**30:.0f} GiB available (e2f.attention.workload draws in float64 on the CPU)")
+                            f"{have / 2**30:.0f} GiB available (e2f.attention.workload draws the inputs on the CPU)")
         inp = core_inputs(n_atoms, sizes=sizes, dtype=dtype, device=device, seed=seed, requires_grad=False, periodic=periodic)
         _CORE_CACHE[key] = inp
     fresh = {k: (t.detach().requires_grad_(requires_grad) if t.is_floating_point() else t) for k, t in inp.tensors().items()}
