@@ -3,8 +3,10 @@
 # a slow step cannot eat the others (a capped step keeps every point it finished: records
 # are appended and fsynced one by one). Results are packed into $OUT/results.tgz.
 #
-# Usage on the lent GPU machine (from the repo root, with .whl carried):
-#   bash scripts/gpu_campaign.sh STEP...      (steps: smoke regression kernel latency memory lmax)
+# Usage on the lent GPU machine (from the repo root, with .whl carried: see docs/gpu-runbook.md):
+#   bash scripts/gpu_campaign.sh STEP...
+# Caps include Triton compilation: every new (shape, dtype, precision) key compiles each
+# autotune candidate of three kernels (~30 s each), so a cold step needs ~2 minutes.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
@@ -22,28 +24,28 @@ step() {  # name seconds command...
     tail -n 6 "$res/$name.log"
 }
 B="python3 run_bench.py --device cuda --no-progress --no-report"
-gate="--suite kernel-regression --impl triton --sizes 16384 --dtype float32"
+gate="--suite kernel-regression --impl triton"
 
 for s in "$@"; do
     case $s in
         smoke) step smoke 45 $B --suite smoke --full --out "$res/smoke" ;;
         regression)  # first kernel configuration only (no autotuning): same config in every run
-            step regression-base 60 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" --save-baseline "$res/baseline.json"
-            step regression-compare1 30 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json"
-            step regression-compare2 30 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun2" --compare "$res/baseline.json" ;;
+            step regression-base 180 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" --save-baseline "$res/baseline.json"
+            step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json"
+            step regression-compare2 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun2" --compare "$res/baseline.json" ;;
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
                     --sizes 16384,65536 --out "$res/kernel-tflops-triton" ;;
-        smoke-triton) step smoke-triton 35 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
-        latency-v2) step latency-v2 35 $B --suite latency --full --impl e2former-v2 --sizes 1000 --out "$res/latency-v2" ;;
-        memory-triton) step memory-triton 50 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
-                    --sizes 1024,16384,65536 --out "$res/memory-triton" ;;
+        smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
+        latency-v2) step latency-v2 150 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
+        memory-triton) step memory-triton 240 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
+                    --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
                     --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
         latency) step latency 90 $B --suite latency --full --sizes 1000,10000 --out "$res/latency" ;;
         memory) step memory 90 $B --suite memory-scaling --full --sizes 1024,16384,65536 \
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
                     --out "$res/memory-scaling" ;;
-        lmax) step lmax 40 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-4 --out "$res/lmax-sweep" ;;
+        lmax) step lmax 240 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
         *) echo "unknown step $s" ;;
     esac
 done
