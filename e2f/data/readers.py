@@ -14,6 +14,7 @@ could not be determined. Nothing is dropped silently: ``print(reader.report)``.
 
 from __future__ import annotations
 
+import abc
 import io
 import re
 import zlib
@@ -122,7 +123,7 @@ def hash_split(group: str, fractions=DEFAULT_SPLIT_FRACTIONS) -> str:
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
-class _Reader:
+class _Reader(abc.ABC):
     """Common iteration: validate, count, fill in the split."""
 
     def __init__(self, path, *, subsets=None, split_fractions=DEFAULT_SPLIT_FRACTIONS):
@@ -133,8 +134,9 @@ class _Reader:
         self.split_fractions = split_fractions
         self.report = ReadReport(path=str(self.path))
 
+    @abc.abstractmethod
     def _records(self) -> Iterator[Structure]:
-        raise NotImplementedError
+        """Raw records of the file, in file order (validated by ``__iter__``)."""
 
     def __iter__(self) -> Iterator[Structure]:
         self.report = ReadReport(path=str(self.path))

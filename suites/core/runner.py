@@ -32,6 +32,7 @@ per point to ``<out>/<suite>.jsonl``:
 """
 from __future__ import annotations
 
+import abc
 import math
 import random
 import sys
@@ -152,7 +153,7 @@ class SkipPoint(Exception):
     """Raise from :meth:`Suite.measure` to record the point as 'skipped' with a reason."""
 
 
-class Suite:
+class Suite(abc.ABC):
     """Base class of a benchmark suite (see the module docstring)."""
 
     name: str = ""
@@ -160,11 +161,13 @@ class Suite:
     impls: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def points(self, cfg: SweepConfig) -> list[Point]:
-        raise NotImplementedError
+        """The sweep's points for ``cfg`` (sizes, dtypes, implementations)."""
 
+    @abc.abstractmethod
     def measure(self, point: Point, cfg: SweepConfig) -> dict:
-        raise NotImplementedError
+        """Measure one point; return its metrics (raise SkipPoint or let OOM propagate)."""
 
     def unavailable(self, impl: str, cfg: SweepConfig) -> str | None:
         """Why ``impl`` cannot run with ``cfg`` (e.g. Triton on a CPU), or None if it can."""
