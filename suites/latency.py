@@ -47,11 +47,7 @@ class Latency(Suite):
 
     def measure(self, point: Point, cfg: SweepConfig) -> dict:
         p = point.params
-        dtype = workloads.torch_dtype(p["dtype"])
-        config = workloads.model_config(cfg.quick, lmax=p["lmax"], max_neighbors=p["neighbors"])
-        batch = workloads.liquid_box(p["n_atoms"], seed=cfg.seed, device=cfg.device, dtype=dtype)
-        forward, module = workloads.model_call(point.impl, config, batch, p["mode"], device=cfg.device, dtype=dtype,
-                                               seed=cfg.seed)
+        forward, module, batch = workloads.model_point(point.impl, p, cfg)
         warmup, repeats = workloads.timing_plan(forward, p["mode"], cfg)
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], dtype=p["dtype"],
                           quick=cfg.quick, warmup=warmup, repeats=repeats, memory_metrics=False)

@@ -226,6 +226,16 @@ def model_config(quick: bool, lmax: int = 2, **overrides):
     return default_config(QUICK_PRESET if quick else FULL_PRESET, lmax=lmax, **overrides)
 
 
+def model_point(impl: str, params: dict, cfg) -> tuple:
+    """``(forward, module, batch)`` of a whole-model sweep point: the sweep's preset at the
+    point's ``lmax`` and ``neighbors``, on a seeded liquid box of ``n_atoms`` in ``dtype``."""
+    dtype = torch_dtype(params["dtype"])
+    config = model_config(cfg.quick, lmax=params.get("lmax", 2), max_neighbors=params["neighbors"])
+    batch = liquid_box(params["n_atoms"], seed=cfg.seed, device=cfg.device, dtype=dtype)
+    forward, module = model_call(impl, config, batch, params["mode"], device=cfg.device, dtype=dtype, seed=cfg.seed)
+    return forward, module, batch
+
+
 def model_call(name: str, config, batch, mode: str, *, device, dtype=torch.float32, seed: int = 0):
     """``(forward, module)`` for one whole-model measurement (energy + forces).
 

@@ -6,6 +6,10 @@ why it is set here, before collection, and not in the kernel tests themselves.
 
 ``fresh_suite_registry``: tests that register throw-away suites get the registry back
 as it was afterwards, so a fake suite never leaks into ``--list`` of another test.
+``one_thread``: one intra-op thread for a module of tiny models or measurements (on a
+shared 2-core box OpenMP spin-waiting of two threads makes them 10-20x slower).
+``no_triton_interpreter``: Triton as it is on a CPU machine (unavailable, recorded as
+skipped) for suite tests, instead of minutes in the interpreter.
 """
 from __future__ import annotations
 
@@ -27,3 +31,16 @@ def fresh_suite_registry():
     yield runner
     runner._SUITES.clear()
     runner._SUITES.update(saved)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def no_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -10,16 +10,7 @@ pytest.importorskip("baselines.registry")
 from e2f.data import load_structures, shipped_path  # noqa: E402
 from e2f.train import TrainConfig, build, evaluate, loss_terms, lr_factor, train  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on an oversubscribed CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(lmax=1, channels=8, num_blocks=1, num_heads=2, head_dim=4, num_rbf=8,
             radial_hidden=8, max_neighbors=8)

@@ -3,27 +3,11 @@ that leaves the other points of the sweep intact."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from suites import kernel_tflops, workloads
 from suites.core.runner import SweepConfig, run_suite
 
-
-@pytest.fixture(autouse=True)
-def _no_triton_interpreter(monkeypatch):
-    """Other test modules set TRITON_INTERPRET=1 for the kernels' CPU tests; here triton must be
-    what it is on a CPU machine: unavailable (and recorded as skipped), not interpreted for minutes."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core CI box, OpenMP spin-waiting of two threads
-    makes these small measurements 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("no_triton_interpreter", "one_thread")
 
 
 def test_flop_formula_matches_the_issue():

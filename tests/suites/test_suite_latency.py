@@ -2,19 +2,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from suites.latency import md_rates
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core CI box, OpenMP spin-waiting of two threads
-    makes these small measurements 10-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_md_rates_at_one_femtosecond():
