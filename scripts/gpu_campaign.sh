@@ -4,7 +4,10 @@
 # are appended and fsynced one by one). Results are packed into $OUT/results.tgz.
 #
 # Usage on the lent GPU machine (from the repo root, with .whl carried: see docs/gpu-runbook.md):
-#   bash scripts/gpu_campaign.sh STEP...
+#   bash scripts/gpu_campaign.sh LANE... [-- LANE...]...      LANE = STEP[,STEP...]
+# Groups separated by `--` run one after the other; inside a group lane i runs its steps in
+# order on GPU i, lanes in parallel when the machine has that many GPUs (waiting otherwise),
+# so timings never share a card. `ddp` uses two GPUs: give it a group of its own.
 # Caps include Triton compilation: every new (shape, dtype, precision) key compiles each
 # autotune candidate of three kernels (~30 s each), so a cold step needs ~2 minutes.
 set -u
@@ -26,8 +29,8 @@ step() {  # name seconds command...
 B="python3 run_bench.py --device cuda --no-progress --no-report"
 gate="--suite kernel-regression --impl triton"
 
-for s in "$@"; do
-    case $s in
+run_step() {
+    case $1 in
         smoke) step smoke 45 $B --suite smoke --full --out "$res/smoke" ;;
         regression)  # first kernel configuration only (no autotuning): same config in every run
             step regression-base 180 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" --save-baseline "$res/baseline.json"
@@ -36,7 +39,8 @@ for s in "$@"; do
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
                     --sizes 16384,65536 --out "$res/kernel-tflops-triton" ;;
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
-        latency-v2) step latency-v2 150 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
+        profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
+        latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton 240 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
@@ -46,7 +50,36 @@ for s in "$@"; do
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
                     --out "$res/memory-scaling" ;;
         lmax) step lmax 240 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
-        *) echo "unknown step $s" ;;
+        accuracy)  # every model in its own process, all on this lane's GPU (wall times share it)
+            for m in element-mean e2former-v2 e2former-v1 escn-md dense-tp e2former-v2-backends; do
+                step "accuracy-$m" "${ACC_SECS:-420}" $B --suite accuracy --full --impl "$m" --steps "${ACC_STEPS:-1500}" \
+                    --out "$res/accuracy-$m" &
+            done
+            wait ;;
+        ddp)  # force training on two GPUs through torchrun (NCCL), the shipped set
+            step ddp 150 env CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 -m e2f.train --model e2former-v2 --preset small \
+                --steps 200 --log-every 25 --eval-every 0 --out "$res/ddp"
+            rm -f "$res/ddp/checkpoint.pt" ;;
+        *) echo "unknown step $1" ;;
     esac
+}
+
+ngpu=$(nvidia-smi -L | wc -l)
+run_group() {  # lanes in parallel, lane i on GPU i (mod the GPU count, waiting when they wrap)
+    local lane=0
+    for arg in "$@"; do
+        (
+            export CUDA_VISIBLE_DEVICES=$((lane % ngpu))
+            for s in ${arg//,/ }; do run_step "$s"; done
+        ) &
+        [ $(((lane + 1) % ngpu)) -eq 0 ] && wait
+        lane=$((lane + 1))
+    done
+    wait
+}
+group=()
+for arg in "$@"; do
+    if [ "$arg" = "--" ]; then run_group "${group[@]}"; group=(); else group+=("$arg"); fi
 done
+[ ${#group[@]} -gt 0 ] && run_group "${group[@]}"
 tar czf "${OUT:-/tmp/out}/results.tgz" -C /tmp/res .

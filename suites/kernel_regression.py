@@ -567,6 +567,7 @@ class KernelRegression(Suite):
         from suites.kernel_tflops import core_flops
 
         p = point.params
+        tf32 = workloads.speed_precision(cfg)  # as in kernel-tflops: the speed users get
         fn = resolve_backend(point.impl)
         inp = timed_inputs(p["n_atoms"], p["dtype"], device=cfg.device, seed=cfg.seed, grad=p["mode"] != "fwd")
         fn(inp)  # precondition check, compilation and autotuning before anything is timed
@@ -584,8 +585,10 @@ class KernelRegression(Suite):
 
             forward.autotune_config = last_config
         flops = core_flops(p["n_atoms"], workloads.PAPER_CORE, p["mode"])  # the kernel-tflops suite's count
-        return measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], flops=flops,
-                       dtype=p["dtype"], warmup=WARMUP, repeats=REPEATS)
+        metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], flops=flops,
+                          dtype=p["dtype"], warmup=WARMUP, repeats=REPEATS)
+        metrics["tf32_matmul"] = tf32
+        return metrics
 
     def _check_invariants(self, backend: str, cfg: SweepConfig) -> dict:
         if cfg.is_cuda:

@@ -154,10 +154,7 @@ class KernelTflops(Suite):
         if point.impl == DENSE:
             return self._measure_dense(p, sizes, cfg)
         dtype = workloads.torch_dtype(p["dtype"])
-        if cfg.is_cuda:
-            # Issue 4's "fp32" allows TF32 tensor-core products (the gate MLP): every backend
-            # here gets the same setting, and it is recorded with the point.
-            torch.set_float32_matmul_precision("high")
+        tf32 = workloads.speed_precision(cfg)
         inp = workloads.cached_core_inputs(p["n_atoms"], sizes=sizes, dtype=dtype, device=cfg.device, seed=cfg.seed,
                                            requires_grad=p["mode"] != "fwd")
         forward = workloads.core_call(point.impl, inp)
@@ -172,7 +169,7 @@ class KernelTflops(Suite):
         ew = elementwise_flops(n_edges, sizes, p["mode"])
         metrics.update(n_edges=n_edges, bytes_moved=nbytes, roof_dtype=roof_dtype, flops_elementwise=ew,
                        tflops_with_elementwise=(metrics["flops_total"] + ew) / (metrics["latency_ms"] * 1e-3) / 1e12,
-                       tf32_matmul=torch.get_float32_matmul_precision() != "highest")
+                       tf32_matmul=tf32)
         if point.impl == "triton":
             from e2f.attention.triton.function import last_config
 

@@ -47,12 +47,13 @@ class Latency(Suite):
 
     def measure(self, point: Point, cfg: SweepConfig) -> dict:
         p = point.params
+        tf32 = workloads.speed_precision(cfg)
         forward, module, batch = workloads.model_point(point.impl, p, cfg)
         warmup, repeats = workloads.timing_plan(forward, p["mode"], cfg)
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], dtype=p["dtype"],
                           quick=cfg.quick, warmup=warmup, repeats=repeats, memory_metrics=False)
         rates = md_rates(p["n_atoms"], metrics["latency_ms"])
-        metrics["atoms_per_s"] = rates["atoms_per_s"]
+        metrics.update(atoms_per_s=rates["atoms_per_s"], tf32_matmul=tf32)
         if p["mode"] == "fwd":
             metrics.update(ns_per_day=rates["ns_per_day"], md_step_fs=rates["md_step_fs"])
         flops = module.flops(batch)

@@ -31,19 +31,22 @@ class LmaxSweep(Suite):
     def points(self, cfg: SweepConfig) -> list[Point]:
         dtype = cfg.pick_dtypes(("float32",))[0]
         n = cfg.pick_sizes((QUICK_N,), (FULL_N,))[0]
+        # Degree-major: a sweep cut short (a capped GPU call) still compares every model at
+        # the degrees it reached.
         return [Point(m, {"n_atoms": int(n), "lmax": int(lmax), "mode": mode, "dtype": dtype, "neighbors": 32})
-                for m in self.impls for mode in MODES for lmax in cfg.pick_lmax(QUICK_LMAX, FULL_LMAX)]
+                for mode in MODES for lmax in cfg.pick_lmax(QUICK_LMAX, FULL_LMAX) for m in self.impls]
 
     def unavailable(self, impl: str, cfg: SweepConfig) -> str | None:
         return workloads.model_unavailable(impl)
 
     def measure(self, point: Point, cfg: SweepConfig) -> dict:
         p = point.params
+        tf32 = workloads.speed_precision(cfg)
         forward, module, batch = workloads.model_point(point.impl, p, cfg)
         warmup, repeats = workloads.timing_plan(forward, p["mode"], cfg)
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], dtype=p["dtype"],
                           quick=cfg.quick, warmup=warmup, repeats=repeats)
         flops = module.flops(batch)
         metrics.update(flops_core=flops.get("core"), flops_total=flops.get("total"), flops_basis="energy forward (analytic)",
-                       parameters=sum(t.numel() for t in module.parameters()))
+                       parameters=sum(t.numel() for t in module.parameters()), tf32_matmul=tf32)
         return metrics

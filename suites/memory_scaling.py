@@ -92,6 +92,7 @@ class MemoryScaling(Suite):
         what, name = kind(point.impl)
         dtype = workloads.torch_dtype(p["dtype"])
         n = p["n_atoms"]
+        tf32 = workloads.speed_precision(cfg)
         if what == "core":
             sizes = workloads.QUICK_CORE if cfg.quick else workloads.PAPER_CORE
             inp = workloads.cached_core_inputs(n, sizes=sizes, dtype=dtype, device=cfg.device, seed=cfg.seed,
@@ -111,7 +112,7 @@ class MemoryScaling(Suite):
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=n, dtype=p["dtype"], quick=cfg.quick,
                           warmup=(QUICK_TIMING if cfg.quick else FULL_TIMING)[0],
                           repeats=(QUICK_TIMING if cfg.quick else FULL_TIMING)[1])
-        metrics.update(extra)
+        metrics.update(extra, tf32_matmul=tf32)
         return metrics
 
 

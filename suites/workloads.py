@@ -226,6 +226,18 @@ def model_config(quick: bool, lmax: int = 2, **overrides):
     return default_config(QUICK_PRESET if quick else FULL_PRESET, lmax=lmax, **overrides)
 
 
+def speed_precision(cfg) -> bool:
+    """Set the fp32 matmul precision of a timed point and return whether TF32 is allowed.
+
+    On CUDA every implementation alike may use TF32 tensor-core products for fp32 inputs
+    (issue 4's definition of "fp32", and what MD codes run with); the CPU keeps full fp32.
+    Suites record the returned flag with each point (``tf32_matmul``).
+    """
+    if cfg.is_cuda:
+        torch.set_float32_matmul_precision("high")
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def model_point(impl: str, params: dict, cfg) -> tuple:
     """``(forward, module, batch)`` of a whole-model sweep point: the sweep's preset at the
     point's ``lmax`` and ``neighbors``, on a seeded liquid box of ``n_atoms`` in ``dtype``."""

@@ -205,6 +205,11 @@ def _samples(record: dict) -> list[float]:
     return [float(x) for x in ((record.get("metrics") or {}).get("samples_ms") or [])]
 
 
+def _precision(record: dict):
+    """``metrics.tf32_matmul`` of a record or baseline point (None where not recorded)."""
+    return (record.get("metrics") or {}).get("tf32_matmul")
+
+
 def _run_env(records: list[dict]) -> dict:
     for r in records:
         if r.get("env"):
@@ -327,6 +332,11 @@ def compare(baseline: dict, candidate_records: Iterable[Any], *, threshold: floa
                                        note=f"status {r.get('status')}: {r.get('error') or ''}".strip()))
         elif not _samples(r):
             results.append(PointResult(bp["key"], label, "no-samples", note="record has no metrics.samples_ms"))
+        elif _precision(bp) != _precision(r):
+            # TF32 vs IEEE gate products differ ~8x in the fused backward: never a verdict
+            results.append(PointResult(bp["key"], label, "failed",
+                                       note=f"matmul precision differs (baseline tf32_matmul={_precision(bp)}, "
+                                            f"this run {_precision(r)}): save a new baseline"))
         else:
             seed = zlib.crc32(bp["key"].encode())  # fixed per point: a rerun reproduces its verdict
             v = decide(bp["samples_ms"], _samples(r), threshold=threshold, alpha=alpha, n_boot=n_boot, seed=seed)

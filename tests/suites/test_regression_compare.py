@@ -24,10 +24,11 @@ def gpu_like_samples(rng, n, median_ms, noise=0.02, outlier_rate=0.05):
     return x.tolist()
 
 
-def record(samples, *, impl="triton", n_atoms=65536, dtype="float32", mode="fwd", env=H100, status="ok"):
+def record(samples, *, impl="triton", n_atoms=65536, dtype="float32", mode="fwd", env=H100, status="ok",
+           tf32=True):
     """A results record as the runner writes it (``suites.core.records.make_record``)."""
-    metrics = ({"latency_ms": float(np.median(samples)), "samples_ms": list(samples), "repeats": len(samples)}
-               if samples else None)
+    metrics = ({"latency_ms": float(np.median(samples)), "samples_ms": list(samples), "repeats": len(samples),
+                "tf32_matmul": tf32} if samples else None)
     return make_record("kernel-regression", impl, {"n_atoms": n_atoms, "dtype": dtype, "mode": mode, "neighbors": 32},
                        status=status, metrics=metrics, error=None if status == "ok" else "CUDA error: boom", env=env)
 
@@ -172,6 +173,17 @@ def test_failed_missing_new_and_disjoint_points(tmp_path):
     # nothing in common: refused rather than a vacuous pass
     code, text = run(path, [record(gpu_like_samples(rng, 30, 2.0), n_atoms=9999)])
     assert code == cmp.EXIT_REFUSED and "no point of this run matches" in text
+
+
+def test_precision_mismatch_fails_instead_of_a_verdict(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "b.json"
+    cmp.save_baseline([record(gpu_like_samples(rng, 30, 2.0), tf32=False)], path)
+    code, text = run(path, [record(gpu_like_samples(rng, 30, 2.0), tf32=False)])
+    assert code == cmp.EXIT_PASS
+    # an 8x "speed-up" from TF32 is not a verdict: nothing comparable is left, so refused
+    code, text = run(path, [record(gpu_like_samples(rng, 30, 0.25), tf32=True)])
+    assert code == cmp.EXIT_REFUSED and "matmul precision differs" in text
 
 
 def test_unusable_baseline_or_results(tmp_path):

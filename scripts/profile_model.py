@@ -1,0 +1,88 @@
+"""Where a whole-model call spends its time: torch.profiler on one warm call.
+
+Run from the repository root (CPU or GPU)::
+
+    PYTHONPATH=. python scripts/profile_model.py --model e2former-v2 --n 1000 --out prof.json
+
+Builds the model at the suites' default (paper) configuration, on a liquid-density box of
+``--n`` atoms, exactly as the ``latency`` suite calls it (``fwd``: energy + forces in eval
+mode; ``fwd+bwd``: a force-training step through the double backward), warms it up (Triton
+autotuning included), then profiles one call per mode. Prints, per mode: wall time, device time (sum of kernel times), the
+number of launched kernels and aten ops, and the top entries by device (or CPU) time; writes
+the same as JSON. Launch-bound calls show wall time far above device time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from baselines.registry import default_config
+from suites.workloads import liquid_box, model_call
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_call(fn, device: torch.device, top: int) -> dict:
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+    kernels = [e for e in events if on_device and e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    ops = [e for e in events if e.key.startswith("aten::")]
+    key = (lambda e: e.device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    rows = sorted(kernels if on_device else ops, key=key, reverse=True)[:top]
+    return {
+        "wall_ms": wall * 1e3,
+        "device_ms": sum(e.device_time_total for e in kernels) / 1e3 if on_device else None,
+        "kernel_launches": sum(e.count for e in kernels) if on_device else None,
+        "aten_ops": sum(e.count for e in ops),
+        "top": [{"name": e.key[:120], "count": e.count, "ms": key(e) / 1e3} for e in rows],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="e2former-v2")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    batch = liquid_box(a.n, device=device)
+    result = {"model": a.model, "n_atoms": a.n, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    for mode in ("fwd", "fwd+bwd"):
+        forward, module = model_call(a.model, default_config(), batch, mode, device=device)
+
+        def call():
+            energy, forces = forward()
+            if mode == "fwd+bwd":
+                (energy.sum() + forces.square().sum()).backward()
+
+        r = profile_call(call, device, a.top)
+        result[mode] = r
+        print(f"== {a.model} N={a.n} {mode}: wall {r['wall_ms']:.1f} ms, device {r['device_ms']} ms, "
+              f"{r['kernel_launches']} kernels, {r['aten_ops']} aten ops")
+        for row in r["top"]:
+            print(f"  {row['ms']:9.2f} ms  x{row['count']:<6} {row['name']}")
+        del forward, module
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
