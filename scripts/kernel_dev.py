@@ -222,7 +222,6 @@ DEFAULT_FWD_VARIANTS = [
     "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4",
     "TB=2,HC=16,RC=32,GROUPS=8,num_warps=4",
     "TB=2,HC=16,RC=32,GROUPS=4,num_warps=8",
-    "TB=4,HC=16,RC=32,GROUPS=8,num_warps=4",
     "TB=4,HC=16,RC=32,GROUPS=4,num_warps=8",
 ]
 

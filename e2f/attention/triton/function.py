@@ -131,11 +131,12 @@ def _fwd_candidates() -> list:
     """Forward configurations, the one-target-per-program default first."""
     if _interpreting():
         return [_cfg(16, 16, 4, TB=1, GROUPS=4)]
-    # TB > 1: gate products of 64 / 128 rows (wgmma) and weights read once per TB targets;
-    # GROUPS = 8 keeps TB = 2 at four warps free of spills
+    # TB > 1: gate products of 64 / 128 rows (wgmma) and weights read once per TB targets.
+    # The [TB * BK, G] hidden tile is 64 registers a thread at TB = 4 and 8 warps, 128 at 4
+    # warps, where TB = 4 spills 2.4 KB a thread (scripts/kernel_regs.py, triton 3.6): TB = 4
+    # runs at 8 warps only
     return [_cfg(16, 32, 4, TB=1, GROUPS=4), _cfg(16, 32, 4, TB=1, GROUPS=8), _cfg(16, 16, 4, TB=1, GROUPS=8),
-            _cfg(16, 32, 4, TB=2, GROUPS=8), _cfg(16, 32, 8, TB=2, GROUPS=4),
-            _cfg(16, 32, 4, TB=4, GROUPS=8), _cfg(16, 32, 8, TB=4, GROUPS=4)]
+            _cfg(16, 32, 4, TB=2, GROUPS=8), _cfg(16, 32, 8, TB=2, GROUPS=4), _cfg(16, 32, 8, TB=4, GROUPS=4)]
 
 
 def parse_fwd_config(text: str):
