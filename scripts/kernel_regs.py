@@ -3,7 +3,7 @@
 Triton lowers to PTX and runs its bundled ``ptxas`` without a device, so the main risk of a
 forward-kernel change, register pressure, can be checked before spending GPU time::
 
-    PYTHONPATH=. python scripts/kernel_regs.py "TB=1" "TB=2,num_warps=8" "TB=4,num_warps=8,qkv=bf16"
+    PYTHONPATH=. python scripts/kernel_regs.py "TB=1" "TB=2,num_warps=8,maxnreg=128" "TB=4,num_warps=8,qkv=bf16"
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep the first autotune configuration's values), optionally with ``qkv=bf16`` or
@@ -58,8 +58,10 @@ def compile_fwd(config, qkv: str = "fp32", arch: int = 90):
             attrs[(index,)] = DIVISIBLE
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resources(ptx: str, arch: int = 90) -> dict:

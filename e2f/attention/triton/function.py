@@ -21,8 +21,9 @@ Environment:
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
     ``RC`` (radial basis functions per product), ``GROUPS`` (head groups the values move
-    in: 4 or 8), ``num_warps``, ``num_stages``; a key left out keeps the value of the first
-    configuration. Unset or empty: autotuned as above.
+    in: 4 or 8), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
+    more programs share an SM; spills beyond it); a key left out keeps the value of the
+    first configuration (no cap). Unset or empty: autotuned as above.
 
 Precision: the gate MLP's products run on tensor cores in TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
@@ -48,7 +49,7 @@ TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_sr
 MAX_NEIGHBORS = 128
 _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FWD_CONFIG_ENV = "E2F_TRITON_FWD_CONFIG"
-_FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages")
+_FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels = None
 _forced_fwd: dict = {}
 _last: dict = {}
@@ -121,10 +122,10 @@ def check(inp: CoreInputs) -> None:
 _KEY = ["K", "H", "DK", "DV", "G", "R", "PREC"]  # + the tensor dtypes (added by the autotuner)
 
 
-def _cfg(hc, rc, warps, stages=1, **extra):
+def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     import triton
 
-    return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages)
+    return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def _fwd_candidates() -> list:
@@ -153,7 +154,7 @@ def parse_fwd_config(text: str):
         The first forward configuration with the named values replaced.
     """
     first = _fwd_candidates()[0]
-    meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+    meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages, "maxnreg": first.maxnreg}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip()
@@ -168,8 +169,10 @@ def parse_fwd_config(text: str):
     for name in ("HC", "RC", "num_warps"):
         if meta[name] < 1 or meta[name] & (meta[name] - 1):
             raise ValueError(f"{FWD_CONFIG_ENV}: {name} must be a power of two, got {meta[name]}")
-    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, **meta)
+    if meta["maxnreg"] is not None and meta["maxnreg"] < 1:
+        raise ValueError(f"{FWD_CONFIG_ENV}: maxnreg must be positive, got {meta['maxnreg']}")
+    warps, stages, maxnreg = meta.pop("num_warps"), meta.pop("num_stages"), meta.pop("maxnreg")
+    return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
 
 
 def _fwd_kernel():
@@ -221,6 +224,8 @@ def _record(name: str, kernel, compiled=None) -> None:
     best = getattr(kernel, "best_config", None)
     if best is not None:
         _last[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        if getattr(best, "maxnreg", None) is not None:
+            _last[name]["maxnreg"] = best.maxnreg
         for stat in ("n_regs", "n_spills"):  # the launch's compiled kernel (None in the interpreter)
             if getattr(compiled, stat, None) is not None:
                 _last[name][stat] = getattr(compiled, stat)

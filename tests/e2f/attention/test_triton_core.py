@@ -306,7 +306,8 @@ def test_forced_forward_configuration_parsing():
     first = parse_fwd_config("")
     assert first.kwargs["TB"] == 1
     cfg = parse_fwd_config(" TB=4, num_warps=8 ,GROUPS=8")
-    assert cfg.kwargs == {**first.kwargs, "TB": 4, "GROUPS": 8} and cfg.num_warps == 8
-    for bad in ("TB=3", "GROUPS=2", "HC=12", "XB=1", "TB", "TB=two"):
+    assert cfg.kwargs == {**first.kwargs, "TB": 4, "GROUPS": 8} and cfg.num_warps == 8 and cfg.maxnreg is None
+    assert parse_fwd_config("TB=2,maxnreg=128").maxnreg == 128
+    for bad in ("TB=3", "GROUPS=2", "HC=12", "XB=1", "TB", "TB=two", "maxnreg=0"):
         with pytest.raises(ValueError, match="E2F_TRITON_FWD_CONFIG"):
             parse_fwd_config(bad)
