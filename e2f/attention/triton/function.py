@@ -8,9 +8,9 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
     The configurations the autotuner chose for the three kernels (the last shapes run:
-    meta-parameters, ``TB`` targets per forward program included, warps, and the
-    compiler's register and spill counts where the GPU reports them), and the gate-MLP
-    matmul precision used; the suites record it.
+    meta-parameters, ``TB`` targets per forward program included, and warps; for the
+    forward also the registers and spills the GPU driver reports), and the gate-MLP matmul
+    precision used; the suites record it.
 
 Environment:
 
