@@ -3,6 +3,7 @@
 Run on the lent GPU from the repository root::
 
     PYTHONPATH=. python scripts/kernel_dev.py --out $OUT [--sizes 16384 65536] [--big-check]
+    PYTHONPATH=. python scripts/kernel_dev.py --out $OUT --skip-check --fwd-variants [CONFIG ...]
 
 Stages (each prints as it goes; a short table is printed last):
 
@@ -14,6 +15,13 @@ Stages (each prints as it goes; a short table is printed last):
    call, outside the timed region): fwd and fwd+bwd, fp32 (TF32 gate products) and bf16,
    plus the materialised backend at N = 16,384 for the core-TFLOPS ratio; peak bytes above
    the inputs per atom (``torch.cuda.max_memory_allocated`` after a reset).
+   With ``--fwd-variants``, instead: the forward alone for each forced configuration
+   (``E2F_TRITON_FWD_CONFIG`` syntax; default ``DEFAULT_FWD_VARIANTS``, one target per
+   program first) at every ``--sizes`` N and ``--dtypes`` q/k/v dtype, each first checked
+   against the first configuration's ``out``, ``m``, ``s`` (max relative difference).
+
+A CPU dry run under ``TRITON_INTERPRET=1``: ``--tiny`` (small dims; timings are then one
+interpreted call's wall time).
 
 Every number is written as one JSON line to ``<out>/kernel-dev.jsonl``.
 """
@@ -208,6 +216,64 @@ def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True):
         emit(out_dir, "time", {**params, "mode": "fwd+bwd"}, {"status": "oom", "error": str(exc)[:200]})
 
 
+# forced forward configurations (E2F_TRITON_FWD_CONFIG syntax): today's default first (the
+# reference the others are checked against), the autotune candidates with TB > 1, and
+# TB = 2 at 8 warps capped to 128 registers (40 B spilled) so two programs share an SM
+DEFAULT_FWD_VARIANTS = [
+    "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4",
+    "TB=2,HC=16,RC=32,GROUPS=8,num_warps=4",
+    "TB=2,HC=16,RC=32,GROUPS=4,num_warps=8",
+    "TB=2,HC=16,RC=32,GROUPS=4,num_warps=8,maxnreg=128",
+    "TB=4,HC=16,RC=32,GROUPS=4,num_warps=8",
+]
+
+
+def max_rel(a, b):
+    """Largest elementwise difference relative to the largest magnitude of ``b``."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def bench_ms(fn):
+    """Median forward time (GPU); on the CPU (a dry run) the wall time of one call."""
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_variants(out_dir, n, dtype, variants, k=32):
+    """Forward latency of each forced configuration at one N and q/k/v dtype (TF32 gate
+    products), after checking its out, m and s against the first configuration's."""
+    from e2f.attention.triton import function as F
+    torch.set_float32_matmul_precision("high")
+    inp = inputs(n, dtype, seed=3, k=k)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    params = {"impl": "triton", "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "mode": "fwd"}
+    reference = reference_name = None
+    try:
+        for text in variants:
+            os.environ[F.FWD_CONFIG_ENV] = text
+            try:
+                with torch.no_grad():
+                    got = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)  # compiles, outside the timing
+                if reference is None:  # the first configuration that ran
+                    reference, reference_name = got, text
+                diffs = {f"max_rel_{name}": max_rel(a, b) for name, a, b in zip(("out", "m", "s"), got, reference)}
+                del got
+                ms = bench_ms(lambda: fused_attention_core(inp))
+                emit(out_dir, "time-fwd-variant",
+                     {**params, "forced": text, "reference": reference_name, "gate_matmul": last_config()["precision"]},
+                     {"latency_ms": ms, "max_rel_vs_reference": max(diffs.values()), **diffs,
+                      "config": last_config()["fwd"]})
+            except Exception as exc:  # a variant that does not compile or run is data
+                emit(out_dir, "time-fwd-variant", {**params, "forced": text}, {"status": "error", "error": str(exc)[:300]})
+    finally:
+        os.environ.pop(F.FWD_CONFIG_ENV, None)
+
+
 FWD_VARIANTS = [
     dict(HC=16, RC=32, num_warps=4),
     dict(HC=16, RC=32, num_warps=4, AGG=False),
@@ -294,6 +360,9 @@ def main():
     ap.add_argument("--k-sweep", type=int, nargs="*", default=[], help="neighbour caps timed at N = 16,384 (fp32)")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
+    ap.add_argument("--fwd-variants", nargs="*", default=None, metavar="CONFIG",
+                    help="instead of the standard timing of --sizes: the forward of each forced configuration "
+                         "(E2F_TRITON_FWD_CONFIG syntax; none given: DEFAULT_FWD_VARIANTS), checked against the first")
     args = ap.parse_args()
     if args.tiny:
         global DEV
@@ -315,7 +384,11 @@ def main():
     if not args.skip_check:
         guarded(correctness, args.out, n=40 if args.tiny else 2048)
         print(f"[check done {time.time() - t0:.0f}s]", flush=True)
-    for n in args.sizes:
+    for n in args.sizes if args.fwd_variants is not None else ():
+        for dt in args.dtypes:
+            guarded(fwd_variants, args.out, n, getattr(torch, dt), args.fwd_variants or DEFAULT_FWD_VARIANTS)
+            print(f"[fwd variants {dt} {n} done {time.time() - t0:.0f}s]", flush=True)
+    for n in args.sizes if args.fwd_variants is None else ():
         for dt in args.dtypes:
             guarded(time_point, args.out, "triton", n, getattr(torch, dt))
             print(f"[{dt} {n} done {time.time() - t0:.0f}s]", flush=True)
@@ -342,6 +415,11 @@ def main():
             print(f"{p['impl']:12s} {p['dtype']:8s} N={p['n_atoms']:>8d} K={p['neighbors']:>3d} {p['mode']:8s} "
                   f"{m.get('latency_ms') or float('nan'):9.3f} ms  core {m.get('tflops_core') or 0:6.2f} TF  "
                   f"{m.get('bytes_per_atom', 0) / 1024:7.1f} KB/atom {m.get('status', '')}")
+        elif r["kind"] == "time-fwd-variant":
+            p, c = r["params"], m.get("config") or {}
+            print(f"fwd {p['dtype']:8s} N={p['n_atoms']:>8d} {p['forced']:40s} {m.get('latency_ms') or float('nan'):9.3f} ms  "
+                  f"max rel {m.get('max_rel_vs_reference', float('nan')):.1e}  regs {c.get('n_regs')} "
+                  f"spills {c.get('n_spills')} {m.get('status', '')}")
         else:
             print(r["kind"], {k: (round(v, 8) if isinstance(v, float) else v) for k, v in m.items()})
     print(last_config())

@@ -7,8 +7,23 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
 ``check(inp) -> None``
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
-    The configurations the autotuner chose for the three kernels (the last shapes run),
-    and the gate-MLP matmul precision used; the suites record it.
+    The configurations the autotuner chose for the three kernels (the last shapes run:
+    meta-parameters, ``TB`` targets per forward program included, and warps; for the
+    forward also the registers and spills the GPU driver reports), and the gate-MLP matmul
+    precision used; the suites record it.
+
+Environment:
+
+``E2F_TRITON_AUTOTUNE=0``
+    Every kernel runs its first configuration only (no tuning; quick runs and the
+    regression gate). The forward's first configuration is one target per program.
+``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
+    Forces one forward configuration (timing experiments), read at every call: comma-separated
+    ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
+    ``RC`` (radial basis functions per product), ``GROUPS`` (head groups the values move
+    in: 4 or 8), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
+    more programs share an SM; spills beyond it); a key left out keeps the value of the
+    first configuration (no cap). Unset or empty: autotuned as above.
 
 Precision: the gate MLP's products run on tensor cores in TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
@@ -33,7 +48,10 @@ TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_sr
                 "rbf_centers", "w_radial", "w_out", "b_out")
 MAX_NEIGHBORS = 128
 _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FWD_CONFIG_ENV = "E2F_TRITON_FWD_CONFIG"
+_FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels = None
+_forced_fwd: dict = {}
 _last: dict = {}
 
 
@@ -101,6 +119,76 @@ def check(inp: CoreInputs) -> None:
         raise ValueError("backend 'triton': needs cutoff > 0, eps >= 0, rbf_gamma >= 0")
 
 
+_KEY = ["K", "H", "DK", "DV", "G", "R", "PREC"]  # + the tensor dtypes (added by the autotuner)
+
+
+def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
+    import triton
+
+    return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
+def _fwd_candidates() -> list:
+    """Forward configurations, the one-target-per-program default first."""
+    if _interpreting():
+        return [_cfg(16, 16, 4, TB=1, GROUPS=4)]
+    # TB > 1: gate products of 64 / 128 rows (wgmma) and weights read once per TB targets.
+    # The [TB * BK, G] hidden tile is 64 registers a thread at TB = 4 and 8 warps, 128 at 4
+    # warps, where TB = 4 spills 2.4 KB a thread (scripts/kernel_regs.py, triton 3.6): TB = 4
+    # runs at 8 warps only
+    return [_cfg(16, 32, 4, TB=1, GROUPS=4), _cfg(16, 32, 4, TB=1, GROUPS=8), _cfg(16, 16, 4, TB=1, GROUPS=8),
+            _cfg(16, 32, 4, TB=2, GROUPS=8), _cfg(16, 32, 8, TB=2, GROUPS=4), _cfg(16, 32, 8, TB=4, GROUPS=4)]
+
+
+def parse_fwd_config(text: str):
+    """The forward configuration ``E2F_TRITON_FWD_CONFIG`` names (see the module docstring).
+
+    Parameters
+    ----------
+    text : str
+        Comma-separated ``KEY=INT`` pairs, e.g. ``"TB=2,num_warps=8"``.
+
+    Returns
+    -------
+    triton.Config
+        The first forward configuration with the named values replaced.
+    """
+    first = _fwd_candidates()[0]
+    meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages, "maxnreg": first.maxnreg}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in _FWD_KEYS:
+            raise ValueError(f"{FWD_CONFIG_ENV}: expected KEY=INT with KEY in {_FWD_KEYS}, got {item!r}")
+        try:
+            meta[name] = int(value)
+        except ValueError:
+            raise ValueError(f"{FWD_CONFIG_ENV}: {name} needs an integer, got {value.strip()!r}") from None
+    if meta["TB"] not in (1, 2, 4) or meta["GROUPS"] not in (4, 8):
+        raise ValueError(f"{FWD_CONFIG_ENV}: needs TB in (1, 2, 4) and GROUPS in (4, 8), got {text!r}")
+    for name in ("HC", "RC", "num_warps"):
+        if meta[name] < 1 or meta[name] & (meta[name] - 1):
+            raise ValueError(f"{FWD_CONFIG_ENV}: {name} must be a power of two, got {meta[name]}")
+    if meta["maxnreg"] is not None and meta["maxnreg"] < 1:
+        raise ValueError(f"{FWD_CONFIG_ENV}: maxnreg must be positive, got {meta['maxnreg']}")
+    warps, stages, maxnreg = meta.pop("num_warps"), meta.pop("num_stages"), meta.pop("maxnreg")
+    return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
+
+
+def _fwd_kernel():
+    """The forward kernel: the forced configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
+    text = os.environ.get(FWD_CONFIG_ENV, "").strip()
+    if not text:
+        return _configs()[0]
+    if text not in _forced_fwd:
+        import triton
+
+        from e2f.attention.triton import kernels as K
+
+        _forced_fwd[text] = triton.autotune([parse_fwd_config(text)], key=_KEY)(K.fwd_kernel)
+    return _forced_fwd[text]
+
+
 def _configs():
     """Autotuned kernels (built once: the interpreter gets a single configuration)."""
     global _kernels
@@ -110,25 +198,19 @@ def _configs():
 
     from e2f.attention.triton import kernels as K
 
-    key = ["K", "H", "DK", "DV", "G", "R", "PREC"]  # + the tensor dtypes (added by the autotuner)
-
-    def cfg(hc, rc, warps, stages=1, **extra):
-        return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages)
-
+    fwd_cfgs = _fwd_candidates()
     if _interpreting():
-        fwd_cfgs = [cfg(16, 16, 4, GROUPS=4)]
-        tgt_cfgs = [cfg(16, 16, 4)]
-        src_cfgs = [cfg(16, 16, 4, BKS=16)]
+        tgt_cfgs = [_cfg(16, 16, 4)]
+        src_cfgs = [_cfg(16, 16, 4, BKS=16)]
     else:
-        fwd_cfgs = [cfg(16, 32, 4, GROUPS=4), cfg(16, 32, 4, GROUPS=8), cfg(16, 16, 4, GROUPS=8)]
-        tgt_cfgs = [cfg(16, 32, 4)]
-        src_cfgs = [cfg(16, 32, 4, BKS=16), cfg(16, 32, 4, BKS=32)]
+        tgt_cfgs = [_cfg(16, 32, 4)]
+        src_cfgs = [_cfg(16, 32, 4, BKS=16), _cfg(16, 32, 4, BKS=32)]
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
         fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
-    fwd = triton.autotune(fwd_cfgs, key=key)(K.fwd_kernel)
-    tgt = triton.autotune(tgt_cfgs, key=key, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+    fwd = triton.autotune(fwd_cfgs, key=_KEY)(K.fwd_kernel)
+    tgt = triton.autotune(tgt_cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
         K.bwd_target_kernel)
-    src = triton.autotune(src_cfgs, key=key)(K.bwd_source_kernel)
+    src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
     _kernels = (fwd, tgt, src)
     return _kernels
 
@@ -138,10 +220,15 @@ def last_config() -> dict:
     return dict(_last)
 
 
-def _record(name: str, kernel) -> None:
+def _record(name: str, kernel, compiled=None) -> None:
     best = getattr(kernel, "best_config", None)
     if best is not None:
         _last[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        if getattr(best, "maxnreg", None) is not None:
+            _last[name]["maxnreg"] = best.maxnreg
+        for stat in ("n_regs", "n_spills"):  # the launch's compiled kernel (None in the interpreter)
+            if getattr(compiled, stat, None) is not None:
+                _last[name][stat] = getattr(compiled, stat)
         timings = getattr(kernel, "configs_timings", None)  # set by the autotuner when it benchmarked
         if timings:
             _last[name]["tuning_ms"] = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
@@ -165,14 +252,15 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
     if d["N"] == 0 or d["M"] == 0:
         return out, m, s
-    fwd, _, _ = _configs()
+    fwd = _fwd_kernel()
     prec = _gate_precision()
-    fwd[(d["N"],)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
-                   d["N"], d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps),
-                   1.0 / math.sqrt(d["DK"]),
-                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
-    _record("fwd", fwd)
+    n = d["N"]
+    compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](
+        t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+        t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
+        n, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]),
+        DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+    _record("fwd", fwd, compiled)
     _last["precision"] = prec
     return out, m, s
 

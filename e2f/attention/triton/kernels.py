@@ -3,13 +3,18 @@
 Three kernels; a program owns one row (a target, or a source) and its edges, so every
 output row is written by exactly one program (bitwise reproducible, no atomics):
 
-* ``fwd_kernel``: one target, all its ``K <= BK`` neighbour slots in one edge tile, so the
-  softmax max is exact (no rescaling needed). Geometry, envelope and 1/d per edge; the gate
-  MLP as tensor-core ``tl.dot`` tiles (``[BK, RC] @ [RC, G]`` radial part, plus the per-node
-  parts, SiLU, then ``[BK, G] @ [G, HC]`` per head chunk), computed once per edge and kept
-  in registers while a loop walks the heads in chunks of ``HC``. Writes ``out [N, H, DV]``
-  and the per-target, per-head statistics ``m`` (max logit, sink 0 included) and ``s``
-  (denominator, sink included).
+* ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
+  neighbour slots, in one edge tile of ``TB * BK`` rows, so every target's softmax max is
+  exact (no rescaling needed). Geometry, envelope and 1/d per edge; the gate MLP as
+  tensor-core ``tl.dot`` tiles (``[TB BK, RC] @ [RC, G]`` radial part, plus the per-node
+  parts, SiLU, then ``[TB BK, G] @ [G, HC]`` per head chunk), computed once per edge and
+  kept in registers while a loop walks the heads in chunks of ``HC``: the gate weights are
+  read once per ``TB`` targets and the products have ``TB * BK`` rows. The keys and values
+  are gathered one target at a time (a target's tiles are as large as with ``TB = 1``), the
+  ``TB`` targets back-to-back per head group: atoms are in Morton order, so consecutive
+  targets share many neighbours and the second gather of a row hits L1. Writes
+  ``out [N, H, DV]`` and the per-target, per-head statistics ``m`` (max logit, sink 0
+  included) and ``s`` (denominator, sink included).
 * ``bwd_target_kernel``: persistent over targets; recomputes the edges of a target and
   writes ``dq``, ``dgate_dst``, ``dpos_dst``, ``B = dout . out`` per target and head, the
   per-edge scalar ``dd = dL/dd_ij`` (4 bytes an edge, read back by the source pass for
@@ -130,18 +135,78 @@ def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_group(v, out, w, src, ok, i, hbase, H, DV: tl.constexpr, DVP: tl.constexpr, AGG: tl.constexpr,
-               STEP: tl.constexpr):
+def _slots(nbr, i, N, K, BK: tl.constexpr):
+    """Neighbour slots of target ``i`` (none for ``i >= N``): source rows (0 where empty) and the valid mask."""
+    # bounds folded into the limit (tl.where(i < N, ...)) rather than `mask & (i < N)`: the
+    # Triton 3.9 interpreter mistypes a tensor mask and-ed with a scalar boolean
+    slot = tl.arange(0, BK)
+    j = tl.load(nbr + i * K + slot, mask=slot < tl.where(i < N, K, 0), other=-1)
+    ok = j >= 0
+    return tl.where(ok, j, 0).to(tl.int64), ok
+
+
+@triton.jit
+def _target_rows(x, t, TB: tl.constexpr):
+    """The ``BK`` rows of target ``t`` of an edge tile ``[TB * BK, C]``, as ``[BK, C]``."""
+    if TB == 1:
+        rows = x
+    else:
+        # a masked sum over the target axis: register tensors cannot be sliced
+        BK: tl.constexpr = x.shape[0] // TB
+        C: tl.constexpr = x.shape[1]
+        x3 = tl.reshape(x, (TB, BK, C))
+        rows = tl.sum(tl.where((tl.arange(0, TB) == t)[:, None, None], x3, 0.0), axis=0)
+    return rows
+
+
+@triton.jit
+def _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr,
+            TB: tl.constexpr, BK: tl.constexpr):
+    """Scaled q.k ``[TB * BK, HC]`` of the targets ``t0 ..`` and their slots for the heads ``offs_h``.
+
+    One target's key tile ``[BK, HC, DKP]`` is live at a time (registers as with ``TB = 1``),
+    and the targets' key gathers run back-to-back (shared neighbour rows hit L1).
+    """
+    HC: tl.constexpr = offs_h.shape[0]
+    offs_k = tl.arange(0, DKP)
+    hk = offs_h[:, None] * DK + offs_k[None, :]
+    qm = hmask[:, None] & (offs_k < DK)[None, :]
+    qk = tl.zeros([TB, BK, HC], dtype=tl.float32)
+    for t in tl.static_range(TB):
+        i = t0 + t
+        src, ok = _slots(nbr, i, N, K, BK)
+        qi = tl.load(q + i * (H * DK) + hk, mask=(offs_h < tl.where(i < N, H, 0))[:, None] & (offs_k < DK)[None, :],
+                     other=0.0).to(tl.float32)
+        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                     other=0.0).to(tl.float32)
+        qk_t = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
+        qk = tl.where((tl.arange(0, TB) == t)[:, None, None], qk_t[None, :, :], qk)
+    return tl.reshape(qk, (TB * BK, HC))
+
+
+@triton.jit
+def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.constexpr, AGG: tl.constexpr,
+               STEP: tl.constexpr, TB: tl.constexpr):
+    """``out`` of the targets ``t0 ..`` for the heads ``hbase + STEP a`` from their weights ``w [TB * BK, HA]``.
+
+    The targets' value gathers run back-to-back, so a neighbour row shared by consecutive
+    targets is read from L2 once and then hit in L1.
+    """
+    BK: tl.constexpr = w.shape[0] // TB
     HA: tl.constexpr = w.shape[1]
     hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
-    if AGG:
-        vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
-    else:
-        vt = tl.zeros([w.shape[0], HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
-    o = tl.sum(w[:, :, None] * vt, axis=0)
     offs_d = tl.arange(0, DVP)
-    tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], o, mask=hm[:, None] & (offs_d < DV)[None, :])
+    for t in tl.static_range(TB):
+        i = t0 + t
+        src, ok = _slots(nbr, i, N, K, BK)
+        if AGG:
+            vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
+        else:
+            vt = tl.zeros([BK, HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
+        o = tl.sum(_target_rows(w, t, TB)[:, :, None] * vt, axis=0)
+        tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], o,
+                 mask=(hh < tl.where(i < N, H, 0))[:, None] & (offs_d < DV)[None, :])
 
 
 @triton.jit
@@ -150,63 +215,66 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
                N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-               PREC: tl.constexpr, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
+               PREC: tl.constexpr, TB: tl.constexpr = 1, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
                AGG: tl.constexpr = True):
+    # TB (1, 2 or 4): consecutive targets per program (grid cdiv(N, TB)); edge row
+    # e = t * BK + slot belongs to target t0 + t.
     # GROUPS (4 or 8): head groups a chunk's values move in (smaller tiles, fewer registers).
     # GATE / AGG: profiling switches (False skips the gate MLP products / the value
     # gathers); the library always runs with both on.
-    i = tl.program_id(0).to(tl.int64)
-    slot = tl.arange(0, BK)
-    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    E: tl.constexpr = TB * BK
+    t0 = tl.program_id(0).to(tl.int64) * TB
+    edge = tl.arange(0, E)
+    tgt = t0 + edge // BK
+    slot = edge % BK
+    j = tl.load(nbr + tgt * K + slot, mask=(slot < K) & (tgt < N), other=-1)
     ok = j >= 0
     src = tl.where(ok, j, 0).to(tl.int64)
-    tgt = tl.zeros([BK], dtype=tl.int64) + i
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     if GATE:
-        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
     else:
-        pre = tl.zeros([BK, GP], dtype=tl.float32) + d_safe[:, None]
+        pre = tl.zeros([E, GP], dtype=tl.float32) + d_safe[:, None]
     hid = pre * tl.sigmoid(pre)
-    offs_k = tl.arange(0, DKP)
-    kmask = offs_k < DK
+    env_t = tl.reshape(env, (TB, BK))
+    inv_d_t = tl.reshape(inv_d, (TB, BK))
+    rows = t0 + tl.arange(0, TB)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
         g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-        hk = offs_h[:, None] * DK + offs_k[None, :]
-        qm = hmask[:, None] & kmask[None, :]
-        qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
-        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
-                     other=0.0).to(tl.float32)
-        qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
+        qk = _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, TB, BK)
         lv = live[:, None] & hmask[None, :]
-        logit = tl.where(lv, g * qk, float("-inf"))
-        mx = tl.maximum(tl.max(logit, axis=0), 0.0)  # [HC]; 0 is the sink logit
-        p = env[:, None] * tl.exp(logit - mx[None, :])
-        s = eps * tl.exp(-mx) + tl.sum(p, axis=0)
-        w = u * p * inv_d[:, None] / s[None, :]
-        tl.store(m_out + i * H + offs_h, mx, mask=hmask)
-        tl.store(s_out + i * H + offs_h, s, mask=hmask)
+        # [TB, BK, HC]: each target's softmax reduces over its own BK slots
+        logit = tl.reshape(tl.where(lv, g * qk, float("-inf")), (TB, BK, HC))
+        mx = tl.maximum(tl.max(logit, axis=1), 0.0)  # [TB, HC]; 0 is the sink logit
+        p = env_t[:, :, None] * tl.exp(logit - mx[:, None, :])
+        s = eps * tl.exp(-mx) + tl.sum(p, axis=1)
+        w = tl.reshape(tl.reshape(u, (TB, BK, HC)) * p * inv_d_t[:, :, None] / s[:, None, :], (E, HC))
+        stat = rows[:, None] * H + offs_h[None, :]
+        stat_mask = (rows < N)[:, None] & hmask[None, :]
+        tl.store(m_out + stat, mx, mask=stat_mask)
+        tl.store(s_out + stat, s, mask=stat_mask)
         w0, w2, w1, w3 = _split4(w)
         if GROUPS == 4:
-            _fwd_group(v, out, w0, src, ok, i, h0 + 0, H, DV, DVP, AGG, 4)
-            _fwd_group(v, out, w1, src, ok, i, h0 + 1, H, DV, DVP, AGG, 4)
-            _fwd_group(v, out, w2, src, ok, i, h0 + 2, H, DV, DVP, AGG, 4)
-            _fwd_group(v, out, w3, src, ok, i, h0 + 3, H, DV, DVP, AGG, 4)
+            _fwd_group(v, out, nbr, w0, t0, N, K, h0 + 0, H, DV, DVP, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w1, t0, N, K, h0 + 1, H, DV, DVP, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w2, t0, N, K, h0 + 2, H, DV, DVP, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w3, t0, N, K, h0 + 3, H, DV, DVP, AGG, 4, TB)
         else:
             # heads h0 + r + 8 a: w0 -> r = 0, 4; w2 -> 2, 6; w1 -> 1, 5; w3 -> 3, 7
             wa, wb = _split2(w0)
-            _fwd_group(v, out, wa, src, ok, i, h0 + 0, H, DV, DVP, AGG, 8)
-            _fwd_group(v, out, wb, src, ok, i, h0 + 4, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 0, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 4, H, DV, DVP, AGG, 8, TB)
             wa, wb = _split2(w2)
-            _fwd_group(v, out, wa, src, ok, i, h0 + 2, H, DV, DVP, AGG, 8)
-            _fwd_group(v, out, wb, src, ok, i, h0 + 6, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 2, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 6, H, DV, DVP, AGG, 8, TB)
             wa, wb = _split2(w1)
-            _fwd_group(v, out, wa, src, ok, i, h0 + 1, H, DV, DVP, AGG, 8)
-            _fwd_group(v, out, wb, src, ok, i, h0 + 5, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 1, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 5, H, DV, DVP, AGG, 8, TB)
             wa, wb = _split2(w3)
-            _fwd_group(v, out, wa, src, ok, i, h0 + 3, H, DV, DVP, AGG, 8)
-            _fwd_group(v, out, wb, src, ok, i, h0 + 7, H, DV, DVP, AGG, 8)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 3, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 7, H, DV, DVP, AGG, 8, TB)
 
 
 @triton.jit

@@ -232,3 +232,82 @@ def test_forward_kernel_with_eight_head_groups():
                                 1 / math.sqrt(d["DK"]), DK=d["DK"], DV=d["DV"], BK=d["BK"], HC=16, DKP=d["DKP"],
                                 DVP=d["DVP"], GP=d["GP"], RC=16, PREC="ieee", GROUPS=groups)
         assert rel(out, ref) < 1e-5, groups
+
+
+# Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
+# the interpreter's only autotune configuration is TB = 1.
+
+def forward_stats(inp: CoreInputs):
+    """``out, m, s`` of the forward kernel alone (the statistics the backward reads)."""
+    from e2f.attention.triton import function as F
+
+    return F._forward({name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}, inp.rbf_gamma, inp.cutoff,
+                      inp.eps)
+
+
+@pytest.mark.parametrize("forced, tb", [("TB=2", 2), ("TB=4,GROUPS=8", 4)])
+def test_forward_tiles_of_several_targets(monkeypatch, forced, tb):
+    from e2f.attention.triton.function import FWD_CONFIG_ENV
+
+    # odd N: the last program's tile reaches past N; K < BK = 16 with padded slots; atoms
+    # without neighbours first, inside and last; H = 17: a full and a partial head chunk
+    cases = (make_inputs(7, 9, 6, h=17, empty_rows=(0, 3, 6), seed=29),
+             make_inputs(33, 37, 5, empty_rows=(14, 32), seed=31))
+    for inp in cases:
+        ref = attention_core_reference(detached_copy(inp))
+        monkeypatch.delenv(FWD_CONFIG_ENV, raising=False)
+        _, m_one, s_one = forward_stats(inp)
+        assert last_config()["fwd"]["TB"] == 1
+        monkeypatch.setenv(FWD_CONFIG_ENV, forced)
+        out, m, s = forward_stats(inp)
+        assert last_config()["fwd"]["TB"] == tb
+        assert rel(out, ref) < 1e-5
+        assert rel(m, m_one) < 1e-6 and rel(s, s_one) < 1e-6
+        empty = (inp.nbr < 0).all(1)
+        assert torch.count_nonzero(out[empty]) == 0 and torch.count_nonzero(m[empty]) == 0
+        assert torch.equal(s[empty], torch.full_like(s[empty], inp.eps))
+
+
+@pytest.mark.parametrize("forced", ["TB=2", "TB=4"])
+def test_several_target_tiles_one_atom(monkeypatch, forced):
+    from e2f.attention.triton.function import FWD_CONFIG_ENV
+
+    monkeypatch.setenv(FWD_CONFIG_ENV, forced)
+    alone = make_inputs(1, 1, 1, seed=7, drop=0.0)
+    out = fused_attention_core(alone.replace(nbr=torch.tensor([[-1, -1]], device=DEVICE)))
+    assert out.shape == (1, 3, 5) and torch.count_nonzero(out) == 0
+    inp = make_inputs(1, 2, 2, seed=7, drop=0.0, box=2.0)
+    inp = inp.replace(nbr=torch.tensor([[1, -1]], device=DEVICE))
+    ref = attention_core_reference(detached_copy(inp, torch.float64))
+    assert rel(fused_attention_core(inp), ref) < 1e-6
+
+
+def test_gradients_after_a_several_target_forward(monkeypatch):
+    # the backward reads only out, m and s of the forward
+    from e2f.attention.triton.function import FWD_CONFIG_ENV
+
+    monkeypatch.setenv(FWD_CONFIG_ENV, "TB=4")
+    compare(make_inputs(13, 17, 6, empty_rows=(2, 11)), 1e-5)
+    assert last_config()["fwd"]["TB"] == 4
+
+
+def test_several_target_tiles_bf16_qkv(monkeypatch):
+    from e2f.attention.triton.function import FWD_CONFIG_ENV
+
+    monkeypatch.setenv(FWD_CONFIG_ENV, "TB=2")
+    inp = make_inputs(11, 14, 5, qkv_dtype=torch.bfloat16, seed=11)
+    ref = attention_core_reference(detached_copy(inp, torch.float32))
+    assert rel(fused_attention_core(inp), ref) < 2e-2
+
+
+def test_forced_forward_configuration_parsing():
+    from e2f.attention.triton.function import parse_fwd_config
+
+    first = parse_fwd_config("")
+    assert first.kwargs["TB"] == 1
+    cfg = parse_fwd_config(" TB=4, num_warps=8 ,GROUPS=8")
+    assert cfg.kwargs == {**first.kwargs, "TB": 4, "GROUPS": 8} and cfg.num_warps == 8 and cfg.maxnreg is None
+    assert parse_fwd_config("TB=2,maxnreg=128").maxnreg == 128
+    for bad in ("TB=3", "GROUPS=2", "HC=12", "XB=1", "TB", "TB=two", "maxnreg=0"):
+        with pytest.raises(ValueError, match="E2F_TRITON_FWD_CONFIG"):
+            parse_fwd_config(bad)
