@@ -39,6 +39,8 @@ run_step() {
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
                     --sizes 16384,65536 --out "$res/kernel-tflops-triton" ;;
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
+        fwd-variants) step fwd-variants 240 python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
+                    --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants ;;
         profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton 240 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
@@ -50,15 +52,16 @@ run_step() {
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
                     --out "$res/memory-scaling" ;;
         lmax) step lmax 240 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
-        accuracy)  # every model in its own process, all on this lane's GPU (wall times share it)
+        accuracy)  # every model in its own process on this lane's GPU, in the background (the
+                   # lane goes on; wall times share the card). First kernel configuration only:
+                   # every batch has a new atom count, autotuning them would dominate.
             for m in element-mean e2former-v2 e2former-v1 escn-md dense-tp e2former-v2-backends; do
-                step "accuracy-$m" "${ACC_SECS:-420}" $B --suite accuracy --full --impl "$m" --steps "${ACC_STEPS:-1500}" \
-                    --out "$res/accuracy-$m" &
-            done
-            wait ;;
+                step "accuracy-$m" "${ACC_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 $B --suite accuracy --full --impl "$m" \
+                    --steps "${ACC_STEPS:-600}" --out "$res/accuracy-$m" &
+            done ;;
         ddp)  # force training on two GPUs through torchrun (NCCL), the shipped set
-            step ddp 150 env CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 -m e2f.train --model e2former-v2 --preset small \
-                --steps 200 --log-every 25 --eval-every 0 --out "$res/ddp"
+            step ddp 100 env CUDA_VISIBLE_DEVICES=0,1 E2F_TRITON_AUTOTUNE=0 torchrun --standalone --nproc_per_node=2 \
+                -m e2f.train --model e2former-v2 --preset small --steps 60 --log-every 10 --eval-every 0 --out "$res/ddp"
             rm -f "$res/ddp/checkpoint.pt" ;;
         *) echo "unknown step $1" ;;
     esac
@@ -71,6 +74,7 @@ run_group() {  # lanes in parallel, lane i on GPU i (mod the GPU count, waiting 
         (
             export CUDA_VISIBLE_DEVICES=$((lane % ngpu))
             for s in ${arg//,/ }; do run_step "$s"; done
+            wait  # steps this lane started in the background
         ) &
         [ $(((lane + 1) % ngpu)) -eq 0 ] && wait
         lane=$((lane + 1))

@@ -67,6 +67,7 @@ ENV: dict = {}
 def emit(out_dir, kind, params, metrics):
     rec = {"schema": 1, "suite": "kernel-dev", "kind": kind, "params": params, "metrics": metrics,
            "env": ENV, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "kernel-dev.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
         f.flush()

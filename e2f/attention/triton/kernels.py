@@ -1,7 +1,9 @@
 """Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
 
 Three kernels; a program owns one row (a target, or a source) and its edges, so every
-output row is written by exactly one program (bitwise reproducible, no atomics):
+output row is written by exactly one program (bitwise reproducible, no atomics). The row
+counts (``N``, ``M``, ``NPROG``) are not specialised on: a training run meets a new count
+with every batch, and divisibility-by-16 variants would recompile every autotune candidate.
 
 * ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
   neighbour slots, in one edge tile of ``TB * BK`` rows, so every target's softmax max is
@@ -209,7 +211,7 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
                  mask=(hh < tl.where(i < N, H, 0))[:, None] & (offs_d < DV)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                out, m_out, s_out,
                N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
@@ -287,7 +289,7 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "NPROG"])
 def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in,
                       dq, dgate_dst, dpos_dst, b_out_dot, dd_edge,
@@ -406,7 +408,7 @@ def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DV
     return tl.sum(gt * vj[None, :, :], axis=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in, b_in, dd_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
