@@ -111,32 +111,95 @@ def eaas_table(lmax: int) -> EAASTable:
 
 def dense_cg_product(v: Tensor, r: Tensor, lmax: int) -> Tensor:
     """The dense-CG twin of :func:`eaas_product`: ``[n, rows_in, C], [n, 3] -> [n, rows_out, C]``."""
-    dense = eaas_table(lmax).dense.to(device=v.device, dtype=v.dtype)
+    dense = _dense_table(lmax, v.device, v.dtype)
     return torch.einsum("oia,nic,na->noc", dense, v, r.to(v.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_table(lmax: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Cast and moved once per (device, dtype), not on every call (one launch each, and a
+    # host-to-device copy on a GPU).
+    return eaas_table(lmax).dense.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_rows(lmax: int, device: torch.device) -> Tensor:
+    return eaas_table(lmax).source_row.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _out_groups(lmax: int, device: torch.device) -> tuple[tuple[int, int, slice, Tensor], ...]:
+    """Per l3: ``(l3, paths into l3, output rows, their source rows on device)``.
+
+    The paths into one l3 are adjacent in the output, so each l3 is one batched matmul.
+    """
+    table = eaas_table(lmax)
+    groups, row = [], 0
+    for l3 in range(lmax + 1):
+        count = sum(1 for d in table.out_degrees if d == l3)
+        rows = slice(row, row + count * (2 * l3 + 1))
+        groups.append((l3, count, rows, table.source_row[rows].to(device)))
+        row = rows.stop
+    return tuple(groups)
 
 
 def _r_contraction(g: Tensor, v: Tensor, lmax: int) -> Tensor:
     """``d/dr <g, S_r(v)> = sum_{o,i,c} dense[o,i,a] g[o,c] v[i,c]``, ``[n, 3]``."""
-    dense = eaas_table(lmax).dense.to(device=v.device, dtype=v.dtype)
-    return torch.einsum("oia,noc,nic->na", dense, g, v)
+    return torch.einsum("oia,noc,nic->na", _dense_table(lmax, v.device, v.dtype), g, v)
 
 
 def _frames(r: Tensor, lmax: int, frames: PolarFrames | None) -> PolarFrames:
     return PolarFrames.from_vectors(r, lmax) if frames is None else frames
 
 
+def _rotate_back(frames: PolarFrames, table: EAASTable, dtype: torch.dtype) -> list[Tensor]:
+    """Per l3: ``[n, paths, 2l3+1, 2l3+1]``, ``D^{l3 T} diag(coef |r|)`` of each path into l3.
+
+    The polar-frame scale folded into the rotation back: out = this @ gathered input rows.
+    """
+
+    def make(f: PolarFrames) -> list[Tensor]:
+        out = []
+        for l3, count, rows, _ in _out_groups(table.lmax, f.norm.device):
+            coef = table.coef[rows].to(f.norm.device).view(count, 2 * l3 + 1)
+            scale = coef[None, :, None, :] * f.norm.double()[:, None, None, None]
+            out.append((f.blocks[l3].transpose(-1, -2)[:, None] * scale).to(dtype).contiguous())
+        return out
+
+    return frames.derived(("eaas", table.lmax, dtype), make)
+
+
+def _to_polar(x: Tensor, blocks: list[Tensor], lmax: int, transpose: bool) -> Tensor:
+    """Rows of degrees 0..L (``x [n, (L+1)^2, C]``) rotated by D (or D^T) per degree.
+
+    D^0 is exactly 1, so row 0 passes through.
+    """
+    parts = [x[:, :1]]
+    for l in range(1, lmax + 1):
+        d = blocks[l].transpose(-1, -2) if transpose else blocks[l]
+        parts.append(torch.bmm(d, x[:, degree_slice(l)]))
+    return torch.cat(parts, dim=1)
+
+
 def _apply(v: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
-    v_polar = frames.rotate(v, list(range(table.lmax + 1)))
-    scale = table.coef.to(device=v.device, dtype=v.dtype)[None, :, None] * frames.norm.to(v.dtype)[:, None, None]
-    out_polar = v_polar[:, table.source_row.to(v.device)] * scale
-    return frames.rotate(out_polar, list(table.out_degrees), transpose=True)
+    v_polar = _to_polar(v, frames.blocks_as(v.dtype), table.lmax, transpose=False)
+    n, c = v.shape[0], v.shape[2]
+    out = []
+    for (l3, count, _, source), back in zip(_out_groups(table.lmax, v.device), _rotate_back(frames, table, v.dtype)):
+        gathered = v_polar[:, source].view(n, count, 2 * l3 + 1, c)
+        out.append(torch.matmul(back, gathered).view(n, -1, c))
+    return torch.cat(out, dim=1)
 
 
 def _adjoint(g: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
-    g_polar = frames.rotate(g, list(table.out_degrees))
-    scale = table.coef.to(device=g.device, dtype=g.dtype)[None, :, None] * frames.norm.to(g.dtype)[:, None, None]
-    v_polar = g.new_zeros(g.shape[0], table.rows_in, g.shape[2]).index_add(1, table.source_row.to(g.device), g_polar * scale)
-    return frames.rotate(v_polar, list(range(table.lmax + 1)), transpose=True)
+    n, c = g.shape[0], g.shape[2]
+    parts = []
+    for (l3, count, rows, _), back in zip(_out_groups(table.lmax, g.device), _rotate_back(frames, table, g.dtype)):
+        block = g[:, rows].view(n, count, 2 * l3 + 1, c)
+        parts.append(torch.matmul(back.transpose(-1, -2), block).view(n, -1, c))
+    source = _source_rows(table.lmax, g.device)
+    v_polar = g.new_zeros(n, table.rows_in, c).index_add(1, source, torch.cat(parts, dim=1))
+    return _to_polar(v_polar, frames.blocks_as(g.dtype), table.lmax, transpose=True)
 
 
 class _Product(torch.autograd.Function):
