@@ -67,15 +67,6 @@ class EAASTable:
     def rows_out(self) -> int:
         return self.source_row.shape[0]
 
-    def path_slices(self, l3: int) -> list[slice]:
-        """Output rows of each path into degree l3, in path order."""
-        out, row = [], 0
-        for (_, d) in self.paths:
-            if d == l3:
-                out.append(slice(row, row + 2 * d + 1))
-            row += 2 * d + 1
-        return out
-
 
 def paths_for(lmax: int) -> tuple[tuple[int, int], ...]:
     """All (l1, l3) with l1, l3 <= lmax coupled through degree 1, ordered by (l3, l1)."""
