@@ -118,18 +118,24 @@ def _source_rows(lmax: int, device: torch.device) -> Tensor:
     return eaas_table(lmax).source_row.to(device)
 
 
-@functools.lru_cache(maxsize=None)
-def _out_groups(lmax: int, device: torch.device) -> tuple[tuple[int, int, slice, Tensor], ...]:
-    """Per l3: ``(l3, paths into l3, output rows, their source rows on device)``.
+@dataclass(frozen=True)
+class _OutGroup:
+    """The output rows of the paths into one l3 (adjacent in the output: one batched matmul)."""
 
-    The paths into one l3 are adjacent in the output, so each l3 is one batched matmul.
-    """
+    l3: int
+    count: int  # paths into l3
+    rows: slice
+    coef: Tensor  # [count, 2 l3 + 1] float64, on the device
+
+
+@functools.lru_cache(maxsize=None)
+def _out_groups(lmax: int, device: torch.device) -> tuple[_OutGroup, ...]:
     table = eaas_table(lmax)
     groups, row = [], 0
     for l3 in range(lmax + 1):
         count = sum(1 for d in table.out_degrees if d == l3)
         rows = slice(row, row + count * (2 * l3 + 1))
-        groups.append((l3, count, rows, table.source_row[rows].to(device)))
+        groups.append(_OutGroup(l3, count, rows, table.coef[rows].view(count, 2 * l3 + 1).to(device)))
         row = rows.stop
     return tuple(groups)
 
@@ -150,12 +156,9 @@ def _rotate_back(frames: PolarFrames, table: EAASTable, dtype: torch.dtype) -> l
     """
 
     def make(f: PolarFrames) -> list[Tensor]:
-        out = []
-        for l3, count, rows, _ in _out_groups(table.lmax, f.norm.device):
-            coef = table.coef[rows].to(f.norm.device).view(count, 2 * l3 + 1)
-            scale = coef[None, :, None, :] * f.norm.double()[:, None, None, None]
-            out.append((f.blocks[l3].transpose(-1, -2)[:, None] * scale).to(dtype).contiguous())
-        return out
+        norm = f.norm.double()[:, None, None, None]
+        groups = _out_groups(table.lmax, f.norm.device)
+        return [(f.blocks[g.l3].transpose(-1, -2)[:, None] * (g.coef[None, :, None, :] * norm)).to(dtype) for g in groups]
 
     return frames.derived(("eaas", table.lmax, dtype), make)
 
@@ -163,33 +166,33 @@ def _rotate_back(frames: PolarFrames, table: EAASTable, dtype: torch.dtype) -> l
 def _to_polar(x: Tensor, blocks: list[Tensor], lmax: int, transpose: bool) -> Tensor:
     """Rows of degrees 0..L (``x [n, (L+1)^2, C]``) rotated by D (or D^T) per degree.
 
-    D^0 is exactly 1, so row 0 passes through.
+    D^0 is exactly 1, so row 0 passes through. One split rather than a slice per degree:
+    its backward is one cat instead of a zero-filled tensor per degree.
     """
-    parts = [x[:, :1]]
+    parts = list(x.split([2 * l + 1 for l in range(lmax + 1)], dim=1))
     for l in range(1, lmax + 1):
-        d = blocks[l].transpose(-1, -2) if transpose else blocks[l]
-        parts.append(torch.bmm(d, x[:, degree_slice(l)]))
+        parts[l] = torch.bmm(blocks[l].transpose(-1, -2) if transpose else blocks[l], parts[l])
     return torch.cat(parts, dim=1)
 
 
 def _apply(v: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
     v_polar = _to_polar(v, frames.blocks_as(v.dtype), table.lmax, transpose=False)
     n, c = v.shape[0], v.shape[2]
+    groups = _out_groups(table.lmax, v.device)
+    gathered = v_polar[:, _source_rows(table.lmax, v.device)].split([g.rows.stop - g.rows.start for g in groups], dim=1)
     out = []
-    for (l3, count, _, source), back in zip(_out_groups(table.lmax, v.device), _rotate_back(frames, table, v.dtype)):
-        gathered = v_polar[:, source].view(n, count, 2 * l3 + 1, c)
-        out.append(torch.matmul(back, gathered).view(n, -1, c))
+    for g, rows, back in zip(groups, gathered, _rotate_back(frames, table, v.dtype)):
+        out.append(torch.matmul(back, rows.view(n, g.count, 2 * g.l3 + 1, c)).view(n, -1, c))
     return torch.cat(out, dim=1)
 
 
 def _adjoint(g: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
     n, c = g.shape[0], g.shape[2]
+    groups = _out_groups(table.lmax, g.device)
     parts = []
-    for (l3, count, rows, _), back in zip(_out_groups(table.lmax, g.device), _rotate_back(frames, table, g.dtype)):
-        block = g[:, rows].view(n, count, 2 * l3 + 1, c)
-        parts.append(torch.matmul(back.transpose(-1, -2), block).view(n, -1, c))
-    source = _source_rows(table.lmax, g.device)
-    v_polar = g.new_zeros(n, table.rows_in, c).index_add(1, source, torch.cat(parts, dim=1))
+    for grp, rows, back in zip(groups, g.split([x.rows.stop - x.rows.start for x in groups], dim=1), _rotate_back(frames, table, g.dtype)):
+        parts.append(torch.matmul(back.transpose(-1, -2), rows.view(n, grp.count, 2 * grp.l3 + 1, c)).view(n, -1, c))
+    v_polar = g.new_zeros(n, table.rows_in, c).index_add(1, _source_rows(table.lmax, g.device), torch.cat(parts, dim=1))
     return _to_polar(v_polar, frames.blocks_as(g.dtype), table.lmax, transpose=True)
 
 

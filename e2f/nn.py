@@ -135,7 +135,8 @@ class GatedFFN(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.lin1(x)
         gates = torch.sigmoid(self.gates(x[:, 0])).reshape(-1, self.lmax, self.hidden)
-        gated = torch.cat([F.silu(h[:, :1]), h[:, 1:] * gates[:, self.gate_of_row]], dim=1)
+        scalar, rest = h.split([1, h.shape[1] - 1], dim=1)
+        gated = torch.cat([F.silu(scalar), rest * gates[:, self.gate_of_row]], dim=1)
         return self.lin2(gated)
 
 

@@ -112,22 +112,35 @@ class PolarFrames:
     blocks: list[Tensor]
     norm: Tensor
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
+    _parent: tuple["PolarFrames", slice] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_vectors(cls, r: Tensor, lmax: int) -> "PolarFrames":
         """Frames of the rows of ``r`` ``[n, 3]``; no gradient flows through them."""
         with torch.no_grad():
             alpha, beta = polar_angles(r.double())
-            # D(R_y(alpha) R_x(beta)) takes y_hat to r_hat; its transpose is R.
-            blocks = [wigner_d(l, alpha, beta).transpose(-1, -2).contiguous() for l in range(lmax + 1)]
+            # D(R_y(alpha) R_x(beta)) takes y_hat to r_hat; its transpose is R. D^0 = 1.
+            blocks = [alpha.new_ones(alpha.shape[0], 1, 1)]
+            blocks += [wigner_d(l, alpha, beta).transpose(-1, -2).contiguous() for l in range(1, lmax + 1)]
             return cls(blocks=blocks, norm=r.norm(dim=-1))
 
-    def derived(self, key, make: Callable[["PolarFrames"], object]):
-        """``make(self)``, computed once per frames object and ``key``.
+    def split(self, n: int) -> tuple["PolarFrames", "PolarFrames"]:
+        """The frames of rows ``[:n]`` and ``[n:]``, sharing this object's derived tensors."""
+        parts = []
+        for rows in (slice(0, n), slice(n, None)):
+            parts.append(PolarFrames([b[rows] for b in self.blocks], self.norm[rows], _parent=(self, rows)))
+        return parts[0], parts[1]
+
+    def derived(self, key, make: Callable[["PolarFrames"], list[Tensor]]) -> list[Tensor]:
+        """``make(self)``, tensors with one row per frame, computed once per frames object and ``key``.
 
         One frames object serves every layer of a forward (``Graph.frames``), so casts and
-        products of the blocks built here cost one launch per forward instead of one per use.
+        products of the blocks built here cost one launch per forward instead of one per use;
+        frames from :meth:`split` slice their parent's.
         """
+        if self._parent is not None:
+            parent, rows = self._parent
+            return [t[rows] for t in parent.derived(key, make)]
         if key not in self._derived:
             with torch.no_grad():
                 self._derived[key] = make(self)

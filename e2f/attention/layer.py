@@ -64,9 +64,10 @@ class Graph:
         if self._frames is None:
             self._frames = {}
         if lmax not in self._frames:
-            dst = PolarFrames.from_vectors(self.pos, lmax)
-            src = PolarFrames.from_vectors(self.pos_src, lmax)
-            self._frames[lmax] = (dst, src)
+            # One frames object for both: one launch per step of building them and their casts.
+            with torch.no_grad():
+                both = PolarFrames.from_vectors(torch.cat([self.pos, self.pos_src]), lmax)
+            self._frames[lmax] = both.split(self.pos.shape[0])
         return self._frames[lmax]
 
 
@@ -191,7 +192,7 @@ class E2Attention(torch.nn.Module):
         # Value and the four q/k SO3-linears read the same x: one stacked matmul.
         stacked = [self.value, self.query.left, self.key.left, self.query.right, self.key.right]
         v, left, right = so3_linear(x, stacked).split([self.channels, 2 * inner, 2 * inner], dim=2)
-        invariants = degree_invariants(left, right, self.degree, self.lmax)
+        q_inv, k_inv = degree_invariants(left, right, self.degree, self.lmax).split(inner, dim=2)
         v_src = v[graph.src_atom]
         b_src = self._product(v_src, graph.pos_src, frames_src)
         values = rows_to_heads(torch.cat([b_src, v_src], dim=1), self.num_heads)
@@ -200,8 +201,8 @@ class E2Attention(torch.nn.Module):
             pos_dst=graph.pos.contiguous(),
             pos_src=graph.pos_src.contiguous(),
             nbr=graph.nbr,
-            q=self.query(invariants[..., :inner]).contiguous(),
-            k=self.key(invariants[..., inner:])[graph.src_atom].contiguous(),
+            q=self.query(q_inv).contiguous(),
+            k=self.key(k_inv)[graph.src_atom].contiguous(),
             v=values.contiguous(),
             gate_dst=self.gate_dst(graph.z).contiguous(),
             gate_src=self.gate_src(graph.z_src).contiguous(),
@@ -223,12 +224,9 @@ class E2Attention(torch.nn.Module):
         blocks = [mix.weight.view(self.channels, -1, self.channels).permute(1, 2, 0) for mix in self.mix]
         weight = torch.cat(blocks)[self.path_of_row]  # [rows_out, C_in, C_out]
         per_row = torch.bmm(message.transpose(0, 1), weight)
-        parts, row = [], 0
-        for l3, block in enumerate(blocks):
-            count, width = block.shape[0], 2 * l3 + 1
-            group = per_row[row : row + count * width].view(count, width, *per_row.shape[1:])
-            parts.append(group[0] if count == 1 else group.sum(0))
-            row += count * width
+        counts = [block.shape[0] for block in blocks]
+        groups = per_row.split([count * (2 * l3 + 1) for l3, count in enumerate(counts)])
+        parts = [g if count == 1 else g.view(count, -1, *g.shape[1:]).sum(0) for g, count in zip(groups, counts)]
         return torch.cat(parts).transpose(0, 1)
 
     def forward(self, x: Tensor, graph: Graph) -> Tensor:
@@ -236,7 +234,7 @@ class E2Attention(torch.nn.Module):
         backend = get_backend(self.backend)
         backend.check(inp)
         agg = heads_to_rows(backend(inp), self.table.rows_out + self.table.rows_in)
-        agg_b, agg_v = agg[:, : self.table.rows_out], agg[:, self.table.rows_out :]
+        agg_b, agg_v = agg.split([self.table.rows_out, self.table.rows_in], dim=1)
         frames_dst, _ = graph.frames(self.lmax)
         message = self._product(agg_v, graph.pos, frames_dst) - agg_b
         return self.output(self._mix(message))
