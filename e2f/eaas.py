@@ -120,12 +120,20 @@ def _source_rows(lmax: int, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class _OutGroup:
-    """The output rows of the paths into one l3 (adjacent in the output: one batched matmul)."""
+    """The paths into one l3: adjacent in the output, so one batched matmul for all of them."""
 
     l3: int
     count: int  # paths into l3
-    rows: slice
     coef: Tensor  # [count, 2 l3 + 1] float64, on the device
+
+    @property
+    def size(self) -> int:
+        return self.count * (2 * self.l3 + 1)
+
+    def matmul(self, m: Tensor, x: Tensor) -> Tensor:
+        """``m [n, count, 2l3+1, 2l3+1]`` applied per path to the rows ``x [n, size, C]``."""
+        n, _, c = x.shape
+        return torch.matmul(m, x.view(n, self.count, 2 * self.l3 + 1, c)).view(n, self.size, c)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,9 +142,9 @@ def _out_groups(lmax: int, device: torch.device) -> tuple[_OutGroup, ...]:
     groups, row = [], 0
     for l3 in range(lmax + 1):
         count = sum(1 for d in table.out_degrees if d == l3)
-        rows = slice(row, row + count * (2 * l3 + 1))
-        groups.append(_OutGroup(l3, count, rows, table.coef[rows].view(count, 2 * l3 + 1).to(device)))
-        row = rows.stop
+        size = count * (2 * l3 + 1)
+        groups.append(_OutGroup(l3, count, table.coef[row : row + size].view(count, 2 * l3 + 1).to(device)))
+        row += size
     return tuple(groups)
 
 
@@ -177,22 +185,18 @@ def _to_polar(x: Tensor, blocks: list[Tensor], lmax: int, transpose: bool) -> Te
 
 def _apply(v: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
     v_polar = _to_polar(v, frames.blocks_as(v.dtype), table.lmax, transpose=False)
-    n, c = v.shape[0], v.shape[2]
     groups = _out_groups(table.lmax, v.device)
-    gathered = v_polar[:, _source_rows(table.lmax, v.device)].split([g.rows.stop - g.rows.start for g in groups], dim=1)
-    out = []
-    for g, rows, back in zip(groups, gathered, _rotate_back(frames, table, v.dtype)):
-        out.append(torch.matmul(back, rows.view(n, g.count, 2 * g.l3 + 1, c)).view(n, -1, c))
-    return torch.cat(out, dim=1)
+    gathered = v_polar[:, _source_rows(table.lmax, v.device)].split([grp.size for grp in groups], dim=1)
+    backs = _rotate_back(frames, table, v.dtype)
+    return torch.cat([grp.matmul(back, rows) for grp, back, rows in zip(groups, backs, gathered)], dim=1)
 
 
 def _adjoint(g: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
-    n, c = g.shape[0], g.shape[2]
     groups = _out_groups(table.lmax, g.device)
-    parts = []
-    for grp, rows, back in zip(groups, g.split([x.rows.stop - x.rows.start for x in groups], dim=1), _rotate_back(frames, table, g.dtype)):
-        parts.append(torch.matmul(back.transpose(-1, -2), rows.view(n, grp.count, 2 * grp.l3 + 1, c)).view(n, -1, c))
-    v_polar = g.new_zeros(n, table.rows_in, c).index_add(1, _source_rows(table.lmax, g.device), torch.cat(parts, dim=1))
+    backs = _rotate_back(frames, table, g.dtype)
+    rows = g.split([grp.size for grp in groups], dim=1)
+    polar = torch.cat([grp.matmul(back.transpose(-1, -2), r) for grp, back, r in zip(groups, backs, rows)], dim=1)
+    v_polar = g.new_zeros(g.shape[0], table.rows_in, g.shape[2]).index_add(1, _source_rows(table.lmax, g.device), polar)
     return _to_polar(v_polar, frames.blocks_as(g.dtype), table.lmax, transpose=True)
 
 

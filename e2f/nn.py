@@ -1,7 +1,6 @@
 """Building blocks: Gaussian radial basis, SO(3)-linear maps, RMSNormSH, gated FFN."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -52,13 +51,14 @@ class SO3Linear(torch.nn.Module):
         self.lmax = lmax
         self.weight = torch.nn.Parameter(torch.randn(lmax + 1, c_in, c_out) / math.sqrt(c_in))
         self.bias = torch.nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return so3_linear(x, [self])
 
 
 def so3_linear(x: Tensor, linears: list[SO3Linear]) -> Tensor:
-    """Several :class:`SO3Linear` of one input ``x [N, (L+1)^2, C_in]`` as one batched matmul.
+    """Several :class:`SO3Linear` (same L and C_in) of one input ``x [N, (L+1)^2, C_in]`` as one batched matmul.
 
     Each row is multiplied by its degree's weight (the weights of ``linears`` side by side),
     with the rows as the batch: a handful of launches for any L and any number of maps,
@@ -73,7 +73,7 @@ def so3_linear(x: Tensor, linears: list[SO3Linear]) -> Tensor:
     lmax = linears[0].lmax
     rows = (lmax + 1) ** 2
     weight = torch.cat([lin.weight for lin in linears], dim=2) if len(linears) > 1 else linears[0].weight
-    rows_weight = weight[_degree_of_rows(lmax, weight.device)]
+    rows_weight = weight[linears[0].degree]
     total, start = weight.shape[2], 0
     bias = None
     for lin in linears:
@@ -86,11 +86,6 @@ def so3_linear(x: Tensor, linears: list[SO3Linear]) -> Tensor:
     xt = x.transpose(0, 1)
     out = torch.bmm(xt, rows_weight) if bias is None else torch.baddbmm(bias, xt, rows_weight)
     return out.transpose(0, 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _degree_of_rows(lmax: int, device: torch.device) -> Tensor:
-    return degree_of_rows(lmax).to(device)
 
 
 class RMSNormSH(torch.nn.Module):
@@ -108,9 +103,10 @@ class RMSNormSH(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(channels))
         self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
         balance = torch.cat([torch.full((2 * l + 1,), 1.0 / ((2 * l + 1) * (lmax + 1))) for l in range(lmax + 1)])
-        # The degree balance and the mean over channels as one weight per (row, channel).
-        weight = (balance[:, None] / channels).expand(-1, channels).reshape(-1)
-        self.register_buffer("balance", weight.to(torch.get_default_dtype()), persistent=False)
+        # The degree balance and the mean over channels as one weight per (row, channel):
+        # the mean square is then one matrix-vector product.
+        per_entry = (balance[:, None] / channels).expand(-1, channels).reshape(-1)
+        self.register_buffer("balance", per_entry.to(torch.get_default_dtype()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[1]

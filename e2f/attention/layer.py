@@ -21,7 +21,7 @@ from e2f.attention.backends import get_backend
 from e2f.attention.core import CoreInputs
 from e2f.eaas import dense_cg_product, eaas_product, eaas_table
 from e2f.nn import ScalarMLP, SO3Linear, rbf_centers_and_gamma, so3_linear
-from e2f.so3 import PolarFrames, degree_of_rows
+from e2f.so3 import PolarFrames
 
 NODE_PRODUCTS = ("eaas", "dense-cg")
 
@@ -175,7 +175,6 @@ class E2Attention(torch.nn.Module):
         paths_into = [sum(1 for d in self.table.out_degrees if d == l3) for l3 in range(lmax + 1)]
         self.mix = torch.nn.ModuleList(torch.nn.Linear(count * channels, channels, bias=False) for count in paths_into)
         self.output = SO3Linear(lmax, channels, channels, bias=True)
-        self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
         # Message row -> its path (paths ordered by l3, then l1, as the table and mix columns are).
         path_of_row = torch.cat([torch.full((2 * l3 + 1,), p) for p, l3 in enumerate(self.table.out_degrees)])
         self.register_buffer("path_of_row", path_of_row, persistent=False)
@@ -192,7 +191,7 @@ class E2Attention(torch.nn.Module):
         # Value and the four q/k SO3-linears read the same x: one stacked matmul.
         stacked = [self.value, self.query.left, self.key.left, self.query.right, self.key.right]
         v, left, right = so3_linear(x, stacked).split([self.channels, 2 * inner, 2 * inner], dim=2)
-        q_inv, k_inv = degree_invariants(left, right, self.degree, self.lmax).split(inner, dim=2)
+        q_inv, k_inv = degree_invariants(left, right, self.value.degree, self.lmax).split(inner, dim=2)
         v_src = v[graph.src_atom]
         b_src = self._product(v_src, graph.pos_src, frames_src)
         values = rows_to_heads(torch.cat([b_src, v_src], dim=1), self.num_heads)
