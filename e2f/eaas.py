@@ -67,15 +67,6 @@ class EAASTable:
     def rows_out(self) -> int:
         return self.source_row.shape[0]
 
-    def path_slices(self, l3: int) -> list[slice]:
-        """Output rows of each path into degree l3, in path order."""
-        out, row = [], 0
-        for (_, d) in self.paths:
-            if d == l3:
-                out.append(slice(row, row + 2 * d + 1))
-            row += 2 * d + 1
-        return out
-
 
 def paths_for(lmax: int) -> tuple[tuple[int, int], ...]:
     """All (l1, l3) with l1, l3 <= lmax coupled through degree 1, ordered by (l3, l1)."""
@@ -111,32 +102,102 @@ def eaas_table(lmax: int) -> EAASTable:
 
 def dense_cg_product(v: Tensor, r: Tensor, lmax: int) -> Tensor:
     """The dense-CG twin of :func:`eaas_product`: ``[n, rows_in, C], [n, 3] -> [n, rows_out, C]``."""
-    dense = eaas_table(lmax).dense.to(device=v.device, dtype=v.dtype)
+    dense = _dense_table(lmax, v.device, v.dtype)
     return torch.einsum("oia,nic,na->noc", dense, v, r.to(v.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_table(lmax: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Cast and moved once per (device, dtype), not on every call (one launch each, and a
+    # host-to-device copy on a GPU).
+    return eaas_table(lmax).dense.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_rows(lmax: int, device: torch.device) -> Tensor:
+    return eaas_table(lmax).source_row.to(device)
+
+
+@dataclass(frozen=True)
+class _OutGroup:
+    """The paths into one l3: adjacent in the output, so one batched matmul for all of them."""
+
+    l3: int
+    count: int  # paths into l3
+    coef: Tensor  # [count, 2 l3 + 1] float64, on the device
+
+    @property
+    def size(self) -> int:
+        return self.count * (2 * self.l3 + 1)
+
+    def matmul(self, m: Tensor, x: Tensor) -> Tensor:
+        """``m [n, count, 2l3+1, 2l3+1]`` applied per path to the rows ``x [n, size, C]``."""
+        n, _, c = x.shape
+        return torch.matmul(m, x.view(n, self.count, 2 * self.l3 + 1, c)).view(n, self.size, c)
+
+
+@functools.lru_cache(maxsize=None)
+def _out_groups(lmax: int, device: torch.device) -> tuple[_OutGroup, ...]:
+    table = eaas_table(lmax)
+    groups, row = [], 0
+    for l3 in range(lmax + 1):
+        count = sum(1 for d in table.out_degrees if d == l3)
+        size = count * (2 * l3 + 1)
+        groups.append(_OutGroup(l3, count, table.coef[row : row + size].view(count, 2 * l3 + 1).to(device)))
+        row += size
+    return tuple(groups)
 
 
 def _r_contraction(g: Tensor, v: Tensor, lmax: int) -> Tensor:
     """``d/dr <g, S_r(v)> = sum_{o,i,c} dense[o,i,a] g[o,c] v[i,c]``, ``[n, 3]``."""
-    dense = eaas_table(lmax).dense.to(device=v.device, dtype=v.dtype)
-    return torch.einsum("oia,noc,nic->na", dense, g, v)
+    return torch.einsum("oia,noc,nic->na", _dense_table(lmax, v.device, v.dtype), g, v)
 
 
 def _frames(r: Tensor, lmax: int, frames: PolarFrames | None) -> PolarFrames:
     return PolarFrames.from_vectors(r, lmax) if frames is None else frames
 
 
+def _rotate_back(frames: PolarFrames, table: EAASTable, dtype: torch.dtype) -> list[Tensor]:
+    """Per l3: ``[n, paths, 2l3+1, 2l3+1]``, ``D^{l3 T} diag(coef |r|)`` of each path into l3.
+
+    The polar-frame scale folded into the rotation back: out = this @ gathered input rows.
+    """
+
+    def make(f: PolarFrames) -> list[Tensor]:
+        norm = f.norm.double()[:, None, None, None]
+        groups = _out_groups(table.lmax, f.norm.device)
+        return [(f.blocks[g.l3].transpose(-1, -2)[:, None] * (g.coef[None, :, None, :] * norm)).to(dtype) for g in groups]
+
+    return frames.derived(("eaas", table.lmax, dtype), make)
+
+
+def _to_polar(x: Tensor, blocks: list[Tensor], lmax: int, transpose: bool) -> Tensor:
+    """Rows of degrees 0..L (``x [n, (L+1)^2, C]``) rotated by D (or D^T) per degree.
+
+    D^0 is exactly 1, so row 0 passes through. One split rather than a slice per degree:
+    its backward is one cat instead of a zero-filled tensor per degree.
+    """
+    parts = list(x.split([2 * l + 1 for l in range(lmax + 1)], dim=1))
+    for l in range(1, lmax + 1):
+        parts[l] = torch.bmm(blocks[l].transpose(-1, -2) if transpose else blocks[l], parts[l])
+    return torch.cat(parts, dim=1)
+
+
 def _apply(v: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
-    v_polar = frames.rotate(v, list(range(table.lmax + 1)))
-    scale = table.coef.to(device=v.device, dtype=v.dtype)[None, :, None] * frames.norm.to(v.dtype)[:, None, None]
-    out_polar = v_polar[:, table.source_row.to(v.device)] * scale
-    return frames.rotate(out_polar, list(table.out_degrees), transpose=True)
+    v_polar = _to_polar(v, frames.blocks_as(v.dtype), table.lmax, transpose=False)
+    groups = _out_groups(table.lmax, v.device)
+    gathered = v_polar[:, _source_rows(table.lmax, v.device)].split([grp.size for grp in groups], dim=1)
+    backs = _rotate_back(frames, table, v.dtype)
+    return torch.cat([grp.matmul(back, rows) for grp, back, rows in zip(groups, backs, gathered)], dim=1)
 
 
 def _adjoint(g: Tensor, frames: PolarFrames, table: EAASTable) -> Tensor:
-    g_polar = frames.rotate(g, list(table.out_degrees))
-    scale = table.coef.to(device=g.device, dtype=g.dtype)[None, :, None] * frames.norm.to(g.dtype)[:, None, None]
-    v_polar = g.new_zeros(g.shape[0], table.rows_in, g.shape[2]).index_add(1, table.source_row.to(g.device), g_polar * scale)
-    return frames.rotate(v_polar, list(range(table.lmax + 1)), transpose=True)
+    groups = _out_groups(table.lmax, g.device)
+    backs = _rotate_back(frames, table, g.dtype)
+    rows = g.split([grp.size for grp in groups], dim=1)
+    polar = torch.cat([grp.matmul(back.transpose(-1, -2), r) for grp, back, r in zip(groups, backs, rows)], dim=1)
+    v_polar = g.new_zeros(g.shape[0], table.rows_in, g.shape[2]).index_add(1, _source_rows(table.lmax, g.device), polar)
+    return _to_polar(v_polar, frames.blocks_as(g.dtype), table.lmax, transpose=True)
 
 
 class _Product(torch.autograd.Function):

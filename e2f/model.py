@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -15,7 +16,7 @@ from e2f.config import E2FormerConfig
 from e2f.neighbors import neighbor_list
 from e2f.nn import GatedFFN, GaussianRBF, RMSNormSH, ScalarMLP
 from e2f.ordering import spatial_order
-from e2f.so3 import degree_of_rows, spherical_harmonics
+from e2f.so3 import spherical_harmonics
 
 #: Total charges accepted by the charge embedding: -MAX_CHARGE..MAX_CHARGE.
 MAX_CHARGE = 10
@@ -27,8 +28,10 @@ class EdgeDegreeEmbedding(torch.nn.Module):
     """``x_i,l = (1/avg) sum_j env(d_ij) Y_l(r_ij) MLP_l([RBF(d_ij), emb(Z_i), emb(Z_j)])``.
 
     The MLP's first layer is factorised (radial part + per-node parts, as in the gates).
-    Target blocks are checkpointed, so only per-node tensors are kept for backward and no
-    ``[E, rows, C]`` tensor outlives its block (O(N) memory in forward and backward).
+    The channel-free edge geometry (distances, envelope, harmonics: ``[N, K, (L+1)^2]``
+    at most) is computed once; the radial MLP and the neighbour sum run in checkpointed
+    target blocks, so no ``[E, C]``-sized tensor outlives its block (O(N) memory in
+    forward and backward). ``max_block_elements`` bounds the largest per-block tensor.
     """
 
     def __init__(self, config: E2FormerConfig, max_block_elements: int = 1 << 22):
@@ -42,37 +45,43 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         self.emb_dst = torch.nn.Embedding(config.max_z + 1, config.edge_hidden)
         self.emb_src = torch.nn.Embedding(config.max_z + 1, config.edge_hidden)
         self.out = torch.nn.Linear(config.edge_hidden, (lmax + 1) * c)
-        self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
 
-    def _block(self, pos: Tensor, pos_src: Tensor, z: Tensor, z_src: Tensor, nbr: Tensor) -> Tensor:
-        rows, k = nbr.shape
-        valid = nbr >= 0
-        src = nbr.clamp_min(0)
-        vec = pos[:, None] - pos_src[src]
+    def _geometry(self, graph: Graph) -> tuple[Tensor, Tensor, Tensor]:
+        """``(src, d, weight)``: source slot, distance and ``env * Y / avg`` ``[N, K, (L+1)^2]`` per slot."""
+        src = graph.nbr.clamp_min(0)
+        vec = graph.pos[:, None] - graph.pos_src[src]
         d = vec.square().sum(-1).clamp_min(1e-30).sqrt()
-        inside = valid & (d < self.cutoff)
+        inside = (graph.nbr >= 0) & (d < self.cutoff)
         # Off-edge slots get a harmless direction and distance; their envelope is 0.
         vec = torch.where(inside[..., None], vec, torch.ones_like(vec))
         d = torch.where(inside, d, torch.ones_like(d))
         env = torch.where(inside, envelope(d / self.cutoff), torch.zeros_like(d))
-        sh = spherical_harmonics(self.lmax, vec)
-        hidden = torch.nn.functional.silu(self.radial(self.rbf(d)) + self.emb_dst(z)[:, None] + self.emb_src(z_src[src]))
-        radial = self.out(hidden).reshape(rows, k, self.lmax + 1, self.channels)[:, :, self.degree]
-        return torch.einsum("nk,nkr,nkrc->nrc", env, sh, radial) * self.scale
+        return src, d, spherical_harmonics(self.lmax, vec) * (env * self.scale)[..., None]
+
+    def _block(self, d: Tensor, weight: Tensor, hidden_dst: Tensor, hidden_src: Tensor, src: Tensor) -> Tensor:
+        rows, k = d.shape
+        hidden = torch.nn.functional.silu(self.radial(self.rbf(d)) + hidden_dst[:, None] + hidden_src[src])
+        radial = self.out(hidden).view(rows, k, self.lmax + 1, self.channels).unbind(2)
+        # Per degree, sum over neighbours of weight [rows, K, 2l+1] times radial [rows, K, C]
+        # (split and unbind: one backward op each rather than one per degree).
+        per_degree = weight.split([2 * l + 1 for l in range(self.lmax + 1)], dim=2)
+        return torch.cat([torch.bmm(w.transpose(1, 2), r) for w, r in zip(per_degree, radial)], dim=1)
 
     def forward(self, graph: Graph) -> Tensor:
-        n, k = graph.nbr.shape
-        z_src = graph.z[graph.src_atom]
-        rows_per_block = max(1, self.max_block_elements // max(1, k * (self.lmax + 1) ** 2 * self.channels))
+        k = graph.nbr.shape[1]
+        src, d, weight = self._geometry(graph)
+        hidden_dst, hidden_src = self.emb_dst(graph.z), self.emb_src(graph.z_src)
+        widest = max(self.rbf.centers.shape[0], self.radial.out_features, self.out.out_features)
+        rows_per_block = max(1, self.max_block_elements // max(1, k * widest))
         blocks = []
-        for a in range(0, n, rows_per_block):
-            sl = slice(a, min(n, a + rows_per_block))
-            args = (graph.pos[sl], graph.pos_src, graph.z[sl], z_src, graph.nbr[sl])
+        # Splits, not slices: one backward op per tensor rather than one per block.
+        for d_b, weight_b, dst_b, src_b in zip(*(t.split(rows_per_block) for t in (d, weight, hidden_dst, src))):
+            args = (d_b, weight_b, dst_b, hidden_src, src_b)
             if torch.is_grad_enabled():
                 blocks.append(checkpoint(self._block, *args, use_reentrant=False))
             else:
                 blocks.append(self._block(*args))
-        return torch.cat(blocks, dim=0)
+        return torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]
 
 
 class E2FormerBlock(torch.nn.Module):
@@ -195,7 +204,7 @@ class E2FormerV2(torch.nn.Module):
         if self.config.use_charge_spin:
             per_system = self.charge_embedding(batch.charge + MAX_CHARGE) + self.spin_embedding(batch.spin)
             scalars = scalars + per_system[batch.batch]
-        x = torch.cat([x[:, :1] + scalars[:, None], x[:, 1:]], dim=1)
+        x = x + F.pad(scalars[:, None], (0, 0, 0, x.shape[1] - 1))
         for block in self.blocks:
             x = block(x, graph)
         x = self.final_norm(x)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from e2f.so3 import degree_of_rows
 
 #: Gaussian width in units of the centre spacing (EquiformerV2's ``basis_width_scalar``):
 #: neighbouring Gaussians overlap enough for the radial MLP to interpolate smoothly.
@@ -48,12 +51,41 @@ class SO3Linear(torch.nn.Module):
         self.lmax = lmax
         self.weight = torch.nn.Parameter(torch.randn(lmax + 1, c_in, c_out) / math.sqrt(c_in))
         self.bias = torch.nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.cat([x[:, l * l : (l + 1) ** 2] @ self.weight[l] for l in range(self.lmax + 1)], dim=1)
-        if self.bias is not None:
-            out = torch.cat([out[:, :1] + self.bias, out[:, 1:]], dim=1)
-        return out
+        return so3_linear(x, [self])
+
+
+def so3_linear(x: Tensor, linears: list[SO3Linear]) -> Tensor:
+    """Several :class:`SO3Linear` (same L and C_in) of one input ``x [N, (L+1)^2, C_in]`` as one batched matmul.
+
+    Each row is multiplied by its degree's weight (the weights of ``linears`` side by side),
+    with the rows as the batch: a handful of launches for any L and any number of maps,
+    the same FLOPs as one matmul per degree and map.
+
+    Returns
+    -------
+    Tensor
+        ``[N, (L+1)^2, sum C_out]``, the outputs side by side in the order of ``linears``
+        (a transposed view of a contiguous ``[(L+1)^2, N, sum C_out]``).
+    """
+    lmax = linears[0].lmax
+    rows = (lmax + 1) ** 2
+    weight = torch.cat([lin.weight for lin in linears], dim=2) if len(linears) > 1 else linears[0].weight
+    rows_weight = weight[linears[0].degree]
+    total, start = weight.shape[2], 0
+    bias = None
+    for lin in linears:
+        width = lin.weight.shape[2]
+        if lin.bias is not None:
+            # [rows, 1, total]: this map's bias on row 0, zero on l > 0 and for the other maps.
+            b = F.pad(lin.bias.view(1, 1, width), (start, total - start - width, 0, 0, 0, rows - 1))
+            bias = b if bias is None else bias + b
+        start += width
+    xt = x.transpose(0, 1)
+    out = torch.bmm(xt, rows_weight) if bias is None else torch.baddbmm(bias, xt, rows_weight)
+    return out.transpose(0, 1)
 
 
 class RMSNormSH(torch.nn.Module):
@@ -69,17 +101,19 @@ class RMSNormSH(torch.nn.Module):
         self.lmax, self.eps = lmax, eps
         self.weight = torch.nn.Parameter(torch.ones(lmax + 1, channels))
         self.bias = torch.nn.Parameter(torch.zeros(channels))
-        degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(lmax + 1)])
-        self.register_buffer("degree", degree, persistent=False)
+        self.register_buffer("degree", degree_of_rows(lmax), persistent=False)
         balance = torch.cat([torch.full((2 * l + 1,), 1.0 / ((2 * l + 1) * (lmax + 1))) for l in range(lmax + 1)])
-        self.register_buffer("balance", balance.to(torch.get_default_dtype()), persistent=False)
+        # The degree balance and the mean over channels as one weight per (row, channel):
+        # the mean square is then one matrix-vector product.
+        per_entry = (balance[:, None] / channels).expand(-1, channels).reshape(-1)
+        self.register_buffer("balance", per_entry.to(torch.get_default_dtype()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        l0 = x[:, :1] - x[:, :1].mean(dim=2, keepdim=True)
-        x = torch.cat([l0, x[:, 1:]], dim=1)
-        ms = torch.einsum("nrc,r->nc", x * x, self.balance.to(x.dtype)).mean(dim=1)
-        x = x * torch.rsqrt(ms + self.eps)[:, None, None] * self.weight[self.degree]
-        return torch.cat([x[:, :1] + self.bias, x[:, 1:]], dim=1)
+        rows = x.shape[1]
+        x = x - F.pad(x[:, :1].mean(dim=2, keepdim=True), (0, 0, 0, rows - 1))
+        ms = torch.mv((x * x).reshape(x.shape[0], -1), self.balance.to(x.dtype))
+        scaled = x * torch.rsqrt(ms + self.eps)[:, None, None]
+        return torch.addcmul(F.pad(self.bias[None], (0, 0, 0, rows - 1)), scaled, self.weight[self.degree])
 
 
 class GatedFFN(torch.nn.Module):
@@ -91,14 +125,15 @@ class GatedFFN(torch.nn.Module):
         self.lin1 = SO3Linear(lmax, channels, hidden)
         self.gates = torch.nn.Linear(channels, lmax * hidden)
         self.lin2 = SO3Linear(lmax, hidden, channels)
+        # Gate of each row l > 0: index l - 1 of the gate layer's degrees.
+        self.register_buffer("gate_of_row", degree_of_rows(lmax)[1:] - 1, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.lin1(x)
         gates = torch.sigmoid(self.gates(x[:, 0])).reshape(-1, self.lmax, self.hidden)
-        parts = [torch.nn.functional.silu(h[:, :1])]
-        for l in range(1, self.lmax + 1):
-            parts.append(h[:, l * l : (l + 1) ** 2] * gates[:, l - 1, None])
-        return self.lin2(torch.cat(parts, dim=1))
+        scalar, rest = h.split([1, h.shape[1] - 1], dim=1)
+        gated = torch.cat([F.silu(scalar), rest * gates[:, self.gate_of_row]], dim=1)
+        return self.lin2(gated)
 
 
 class ScalarMLP(torch.nn.Sequential):

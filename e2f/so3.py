@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from e3nn import o3
@@ -74,9 +75,11 @@ def wigner_d(l: int, alpha: Tensor, beta: Tensor, gamma: Tensor | None = None) -
 
     Same definition as ``o3.wigner_D``, evaluated in float64 whatever the angles' dtype.
     """
-    if gamma is None:
-        gamma = torch.zeros_like(alpha)
     gens = _so3_generators(l).to(alpha.device)
+    if gamma is None:
+        # R_y(0) is the identity: two matrix exponentials instead of three.
+        alpha, beta = (a.double()[..., None, None] for a in torch.broadcast_tensors(alpha, beta))
+        return torch.matrix_exp(alpha * gens[1]) @ torch.matrix_exp(beta * gens[0])
     alpha, beta, gamma = (a.double()[..., None, None] for a in torch.broadcast_tensors(alpha, beta, gamma))
     return torch.matrix_exp(alpha * gens[1]) @ torch.matrix_exp(beta * gens[0]) @ torch.matrix_exp(gamma * gens[1])
 
@@ -101,29 +104,48 @@ class PolarFrames:
     Attributes
     ----------
     blocks : list of Tensor
-        ``blocks[l]`` is ``[n, 2l+1, 2l+1]``, the Wigner-D of R for degree l.
+        ``blocks[l]`` is ``[n, 2l+1, 2l+1]`` (float64), the Wigner-D of R for degree l.
     norm : Tensor
         ``[n]`` ``|r|``.
     """
 
     blocks: list[Tensor]
     norm: Tensor
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+    _parent: tuple["PolarFrames", slice] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_vectors(cls, r: Tensor, lmax: int) -> "PolarFrames":
         """Frames of the rows of ``r`` ``[n, 3]``; no gradient flows through them."""
         with torch.no_grad():
             alpha, beta = polar_angles(r.double())
-            # D(R_y(alpha) R_x(beta)) takes y_hat to r_hat; its transpose is R.
-            blocks = [wigner_d(l, alpha, beta).transpose(-1, -2).contiguous() for l in range(lmax + 1)]
+            # D(R_y(alpha) R_x(beta)) takes y_hat to r_hat; its transpose is R. D^0 = 1.
+            blocks = [alpha.new_ones(alpha.shape[0], 1, 1)]
+            blocks += [wigner_d(l, alpha, beta).transpose(-1, -2).contiguous() for l in range(1, lmax + 1)]
             return cls(blocks=blocks, norm=r.norm(dim=-1))
 
-    def rotate(self, x: Tensor, degrees: list[int], transpose: bool = False) -> Tensor:
-        """Apply the per-node D (or D^T) to ``x [n, rows, C]`` whose row blocks have ``degrees``."""
-        out, row = [], 0
-        for l in degrees:
-            d = self.blocks[l].to(x.dtype)
-            block = x[:, row : row + 2 * l + 1]
-            out.append(torch.einsum("nji,njc->nic" if transpose else "nij,njc->nic", d, block))
-            row += 2 * l + 1
-        return torch.cat(out, dim=1)
+    def split(self, n: int) -> tuple["PolarFrames", "PolarFrames"]:
+        """The frames of rows ``[:n]`` and ``[n:]``, sharing this object's derived tensors."""
+        parts = []
+        for rows in (slice(0, n), slice(n, None)):
+            parts.append(PolarFrames([b[rows] for b in self.blocks], self.norm[rows], _parent=(self, rows)))
+        return parts[0], parts[1]
+
+    def derived(self, key, make: Callable[["PolarFrames"], list[Tensor]]) -> list[Tensor]:
+        """``make(self)``, tensors with one row per frame, computed once per frames object and ``key``.
+
+        One frames object serves every layer of a forward (``Graph.frames``), so casts and
+        products of the blocks built here cost one launch per forward instead of one per use;
+        frames from :meth:`split` slice their parent's.
+        """
+        if self._parent is not None:
+            parent, rows = self._parent
+            return [t[rows] for t in parent.derived(key, make)]
+        if key not in self._derived:
+            with torch.no_grad():
+                self._derived[key] = make(self)
+        return self._derived[key]
+
+    def blocks_as(self, dtype: torch.dtype) -> list[Tensor]:
+        """``blocks`` cast to ``dtype`` (cached)."""
+        return self.derived(("blocks", dtype), lambda f: [b.to(dtype) for b in f.blocks])

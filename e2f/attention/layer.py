@@ -20,7 +20,7 @@ from torch import Tensor
 from e2f.attention.backends import get_backend
 from e2f.attention.core import CoreInputs
 from e2f.eaas import dense_cg_product, eaas_product, eaas_table
-from e2f.nn import ScalarMLP, SO3Linear, rbf_centers_and_gamma
+from e2f.nn import ScalarMLP, SO3Linear, rbf_centers_and_gamma, so3_linear
 from e2f.so3 import PolarFrames
 
 NODE_PRODUCTS = ("eaas", "dense-cg")
@@ -50,15 +50,24 @@ class Graph:
     src_atom: Tensor
     pos_src: Tensor
     _frames: dict | None = None
+    _z_src: Tensor | None = None
+
+    @property
+    def z_src(self) -> Tensor:
+        """``[M]`` atomic number of each source slot (gathered once per graph)."""
+        if self._z_src is None:
+            self._z_src = self.z[self.src_atom]
+        return self._z_src
 
     def frames(self, lmax: int) -> tuple[PolarFrames, PolarFrames]:
         """Polar frames of the targets and of the source slots, computed once per ``lmax``."""
         if self._frames is None:
             self._frames = {}
         if lmax not in self._frames:
-            dst = PolarFrames.from_vectors(self.pos, lmax)
-            src = PolarFrames.from_vectors(self.pos_src, lmax)
-            self._frames[lmax] = (dst, src)
+            # One frames object for both: one launch per step of building them and their casts.
+            with torch.no_grad():
+                both = PolarFrames.from_vectors(torch.cat([self.pos, self.pos_src]), lmax)
+            self._frames[lmax] = both.split(self.pos.shape[0])
         return self._frames[lmax]
 
 
@@ -75,7 +84,11 @@ def heads_to_rows(x: Tensor, rows: int) -> Tensor:
 
 
 class InvariantProjection(torch.nn.Module):
-    """Invariant per-head vectors from x: per-degree m-wise products of two SO3-linears, then an MLP."""
+    """Invariant per-head vectors from x: per-degree m-wise products of two SO3-linears, then an MLP.
+
+    The layer runs ``left`` and ``right`` inside its one stacked SO3-linear of x and sums
+    the products per degree (:func:`degree_invariants`); this module maps the invariants.
+    """
 
     def __init__(self, lmax: int, channels: int, inner: int, num_heads: int, head_dim: int):
         super().__init__()
@@ -84,10 +97,18 @@ class InvariantProjection(torch.nn.Module):
         self.right = SO3Linear(lmax, channels, inner, bias=False)
         self.mlp = ScalarMLP((lmax + 1) * inner, num_heads * head_dim, num_heads * head_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.left(x), self.right(x)
-        invariants = torch.cat([(a[:, l * l : (l + 1) ** 2] * b[:, l * l : (l + 1) ** 2]).sum(1) for l in range(self.lmax + 1)], dim=1)
-        return self.mlp(invariants).reshape(-1, self.num_heads, self.head_dim)
+    def forward(self, invariants: Tensor) -> Tensor:
+        """``[N, L+1, inner]`` per-degree invariants -> ``[N, H, d]``."""
+        return self.mlp(invariants.reshape(invariants.shape[0], -1)).reshape(-1, self.num_heads, self.head_dim)
+
+
+def degree_invariants(a: Tensor, b: Tensor, degree: Tensor, lmax: int) -> Tensor:
+    """``sum_m a_lm b_lm`` per degree: ``[N, (L+1)^2, C]`` twice -> ``[N, L+1, C]``.
+
+    ``degree`` is the degree of each row; one scatter-add instead of a sum per degree.
+    """
+    n, _, c = a.shape
+    return a.new_zeros(n, lmax + 1, c).index_add(1, degree, a * b)
 
 
 class E2Attention(torch.nn.Module):
@@ -151,10 +172,12 @@ class E2Attention(torch.nn.Module):
         with torch.no_grad():
             self.gate_dst.weight.mul_(0.1)
             self.gate_src.weight.mul_(0.1)
-        self.mix = torch.nn.ModuleList(
-            torch.nn.Linear(len(self.table.path_slices(l3)) * channels, channels, bias=False) for l3 in range(lmax + 1)
-        )
+        paths_into = [sum(1 for d in self.table.out_degrees if d == l3) for l3 in range(lmax + 1)]
+        self.mix = torch.nn.ModuleList(torch.nn.Linear(count * channels, channels, bias=False) for count in paths_into)
         self.output = SO3Linear(lmax, channels, channels, bias=True)
+        # Message row -> its path (paths ordered by l3, then l1, as the table and mix columns are).
+        path_of_row = torch.cat([torch.full((2 * l3 + 1,), p) for p, l3 in enumerate(self.table.out_degrees)])
+        self.register_buffer("path_of_row", path_of_row, persistent=False)
 
     def _product(self, v: Tensor, r: Tensor, frames: PolarFrames) -> Tensor:
         if self.node_product == "eaas":
@@ -163,8 +186,12 @@ class E2Attention(torch.nn.Module):
 
     def core_inputs(self, x: Tensor, graph: Graph) -> CoreInputs:
         """The attention-core inputs of this layer for features ``x`` (also used by benchmarks)."""
-        frames_dst, frames_src = graph.frames(self.lmax)
-        v = self.value(x)
+        _, frames_src = graph.frames(self.lmax)
+        inner = self.query.left.weight.shape[2]
+        # Value and the four q/k SO3-linears read the same x: one stacked matmul.
+        stacked = [self.value, self.query.left, self.key.left, self.query.right, self.key.right]
+        v, left, right = so3_linear(x, stacked).split([self.channels, 2 * inner, 2 * inner], dim=2)
+        q_inv, k_inv = degree_invariants(left, right, self.value.degree, self.lmax).split(inner, dim=2)
         v_src = v[graph.src_atom]
         b_src = self._product(v_src, graph.pos_src, frames_src)
         values = rows_to_heads(torch.cat([b_src, v_src], dim=1), self.num_heads)
@@ -173,11 +200,11 @@ class E2Attention(torch.nn.Module):
             pos_dst=graph.pos.contiguous(),
             pos_src=graph.pos_src.contiguous(),
             nbr=graph.nbr,
-            q=self.query(x).contiguous(),
-            k=self.key(x)[graph.src_atom].contiguous(),
+            q=self.query(q_inv).contiguous(),
+            k=self.key(k_inv)[graph.src_atom].contiguous(),
             v=values.contiguous(),
             gate_dst=self.gate_dst(graph.z).contiguous(),
-            gate_src=self.gate_src(graph.z)[graph.src_atom].contiguous(),
+            gate_src=self.gate_src(graph.z_src).contiguous(),
             rbf_centers=self.rbf_centers,
             w_radial=self.w_radial,
             w_out=self.w_out,
@@ -187,16 +214,26 @@ class E2Attention(torch.nn.Module):
             eps=self.eps,
         )
 
+    def _mix(self, message: Tensor) -> Tensor:
+        """Per l3, the paths into l3 mixed back to C channels: ``[N, rows_out, C] -> [N, (L+1)^2, C]``.
+
+        One batched matmul over the message rows (each with its path's block of the mix
+        weight), then the paths of each l3 summed.
+        """
+        blocks = [mix.weight.view(self.channels, -1, self.channels).permute(1, 2, 0) for mix in self.mix]
+        weight = torch.cat(blocks)[self.path_of_row]  # [rows_out, C_in, C_out]
+        per_row = torch.bmm(message.transpose(0, 1), weight)
+        counts = [block.shape[0] for block in blocks]
+        groups = per_row.split([count * (2 * l3 + 1) for l3, count in enumerate(counts)])
+        parts = [g if count == 1 else g.view(count, -1, *g.shape[1:]).sum(0) for g, count in zip(groups, counts)]
+        return torch.cat(parts).transpose(0, 1)
+
     def forward(self, x: Tensor, graph: Graph) -> Tensor:
         inp = self.core_inputs(x, graph)
         backend = get_backend(self.backend)
         backend.check(inp)
         agg = heads_to_rows(backend(inp), self.table.rows_out + self.table.rows_in)
-        agg_b, agg_v = agg[:, : self.table.rows_out], agg[:, self.table.rows_out :]
+        agg_b, agg_v = agg.split([self.table.rows_out, self.table.rows_in], dim=1)
         frames_dst, _ = graph.frames(self.lmax)
         message = self._product(agg_v, graph.pos, frames_dst) - agg_b
-        mixed = []
-        for l3, mix in enumerate(self.mix):
-            paths = [message[:, s] for s in self.table.path_slices(l3)]
-            mixed.append(mix(torch.cat(paths, dim=2)))
-        return self.output(torch.cat(mixed, dim=1))
+        return self.output(self._mix(message))

@@ -192,3 +192,30 @@ def test_model_saved_bytes_per_atom_flat_in_n():
         exclude = [pos, *model.parameters(), *model.buffers()]
         per_atom.append(saved_tensor_bytes(lambda: model(batch, compute_forces=False)["energy"], exclude=exclude) / n)
     assert abs(per_atom[1] / per_atom[0] - 1) < 0.1, per_atom
+
+
+def test_edge_embedding_blocks_match_per_edge_formula():
+    """Geometry once + checkpointed blocks (several, with grad) against one einsum over all slots."""
+    from e2f.attention.core import envelope
+    from e2f.so3 import degree_of_rows, spherical_harmonics
+
+    model, batch = _model(), _cell()
+    emb = model.edge_embedding
+    emb.max_block_elements = 3 * batch.num_atoms  # a few target rows per block
+    pos = batch.pos.clone().requires_grad_(True)
+    graph = model.build_graph(pos, batch)
+    src = graph.nbr.clamp_min(0)
+    vec = graph.pos[:, None] - graph.pos_src[src]
+    d = vec.norm(dim=-1)
+    inside = (graph.nbr >= 0) & (d < emb.cutoff)
+    vec = torch.where(inside[..., None], vec, torch.ones_like(vec))
+    d = torch.where(inside, d, torch.ones_like(d))
+    env = torch.where(inside, envelope(d / emb.cutoff), torch.zeros_like(d))
+    hidden = torch.nn.functional.silu(emb.radial(emb.rbf(d)) + emb.emb_dst(graph.z)[:, None] + emb.emb_src(graph.z_src[src]))
+    radial = emb.out(hidden).reshape(*d.shape, emb.lmax + 1, emb.channels)[:, :, degree_of_rows(emb.lmax)]
+    expected = torch.einsum("nk,nkr,nkrc->nrc", env, spherical_harmonics(emb.lmax, vec), radial) * emb.scale
+    out = emb(graph)
+    assert_close_rel(out, expected, 1e-12, "edge-degree embedding")
+    (grad,) = torch.autograd.grad(out.square().sum(), pos, retain_graph=True)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), pos)
+    assert_close_rel(grad, grad_expected, 1e-11, "its gradient")

@@ -1,8 +1,9 @@
 import torch
 
-from e2f.attention.layer import E2Attention, Graph, heads_to_rows, rows_to_heads
+from e2f.attention.layer import E2Attention, Graph, degree_invariants, heads_to_rows, rows_to_heads
+from e2f.eaas import eaas_product
 from e2f.neighbors import neighbor_list
-from e2f.so3 import wigner_d_from_matrix
+from e2f.so3 import PolarFrames, wigner_d_from_matrix
 from e2f.testing import assert_close_rel, random_rotation, saved_tensor_bytes
 
 F64 = torch.float64
@@ -60,3 +61,35 @@ def test_layer_saved_bytes_per_atom():
     assert abs(k32 / k8 - 1) < 0.1, (k8, k32)
     m8, m32 = _saved_per_atom(400, "materialized", 8), _saved_per_atom(400, "materialized", 32)
     assert m32 > 2.5 * m8 and m8 > k8, (m8, m32, k8)
+
+
+def test_mix_and_invariants_match_per_degree_twins():
+    """The batched path mixing and per-degree invariants against per-l3 / per-degree loops."""
+    layer = _layer()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mix in layer.mix:
+            mix.weight.copy_(torch.randn(mix.weight.shape, generator=gen, dtype=F64))
+    message = torch.randn(6, layer.table.rows_out, 8, generator=gen, dtype=F64)
+    degrees = layer.table.out_degrees
+    starts = [sum(2 * d + 1 for d in degrees[:p]) for p in range(len(degrees))]
+    mixed = []
+    for l3, mix in enumerate(layer.mix):
+        paths = [message[:, s : s + 2 * l3 + 1] for s, d in zip(starts, degrees) if d == l3]
+        mixed.append(mix(torch.cat(paths, dim=2)))
+    assert_close_rel(layer._mix(message), torch.cat(mixed, dim=1), 1e-14, "mix")
+    a, b = torch.randn(2, 6, 9, 3, generator=gen, dtype=F64)
+    expected = torch.stack([(a[:, l * l : (l + 1) ** 2] * b[:, l * l : (l + 1) ** 2]).sum(1) for l in range(3)], dim=1)
+    assert_close_rel(degree_invariants(a, b, layer.value.degree, 2), expected, 1e-14, "invariants")
+
+
+def test_split_frames_match_their_own():
+    """Targets and sources share one frames object; each part equals frames built on its own."""
+    graph = _graph(20)
+    dst, src = graph.frames(2)
+    for part, r in ((dst, graph.pos), (src, graph.pos_src)):
+        own = PolarFrames.from_vectors(r, 2)
+        for a, b in zip(part.blocks_as(torch.float32), own.blocks_as(torch.float32)):
+            assert torch.equal(a, b)
+        v = torch.randn(r.shape[0], 9, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+        assert_close_rel(eaas_product(v, r, 2, part), eaas_product(v, r, 2, own), 1e-14, "product with split frames")
