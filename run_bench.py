@@ -6,7 +6,7 @@
     python run_bench.py --suite smoke --impl matmul --sizes 64,128 --dtype fp32,bf16
     python run_bench.py --suite latency --full --out bench-out/h100 --resume
     python run_bench.py --report bench-out/h100 --paper
-    python run_bench.py --suite kernel-regression --compare reports/baselines/h100.json
+    python run_bench.py --suite kernel-regression --compare reports/baselines/h200.json
 
 Exit status: 0 when every point is ok/oom/skipped, 3 when a point recorded an error,
 2 for a usage error (unknown suite, implementation or dtype), otherwise what the report

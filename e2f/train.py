@@ -12,8 +12,8 @@ train split (:mod:`e2f.data.reference`); predicting those references alone is th
 Devices: CPU, one GPU, or several through ``torchrun --nproc_per_node=G -m e2f.train ...``
 (DDP: each rank takes every G-th batch of the same seeded sequence, gradients are averaged by
 DDP, rank 0 evaluates and writes checkpoints). The DDP path was run with 2 CPU processes
-(gloo backend, ``torchrun --nproc_per_node=2 -m e2f.train --device cpu ...``), not yet on
-several GPUs (NCCL). On a shared CPU set ``OMP_NUM_THREADS=1``: oversubscribed OpenMP threads
+(gloo backend, ``torchrun --nproc_per_node=2 -m e2f.train --device cpu ...``) and with 2
+NVIDIA H200 (NCCL; ``reports/results/nvidia-h200/ddp/``). On a shared CPU set ``OMP_NUM_THREADS=1``: oversubscribed OpenMP threads
 made steps ~8x slower here. Run from the checkout root (the models live in ``baselines/``).
 
 Data: ``--data`` is a SPICE HDF5, MACE-OFF extended-XYZ or OMol25 ``.aselmdb`` path (see
@@ -402,7 +402,11 @@ def main(argv=None) -> int:
         eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, out_dir=a.out,
         device=a.device, dtype=a.dtype, seed=a.seed, log_every=a.log_every,
     )
-    res = train(cfg, resume=a.resume, stop_at=a.stop_at)
+    try:
+        res = train(cfg, resume=a.resume, stop_at=a.stop_at)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # torchrun: NCCL warns about leaks otherwise
     if res.val:
         print(f"{cfg.model}: {res.num_params} parameters, {res.steps} steps, {res.wall_s:.1f} s")
         print(format_metrics(res.val))

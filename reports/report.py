@@ -250,7 +250,7 @@ def render_cli(paths: list[str], out_dir: str, paper: bool, allow_mismatch: bool
 
 
 def update_readme(readme: str | Path = "README.md", results: str | Path = "reports/results", *, gpu: str = "H100",
-                  fig_dir: str | Path = "reports/figures/h100") -> bool:
+                  fig_dir: str | Path | None = None) -> bool:
     """Replace the README section between the figure markers with the current ``gpu`` figures.
 
     Figures are rendered from the records under ``results`` whose device name contains
@@ -258,7 +258,8 @@ def update_readme(readme: str | Path = "README.md", results: str | Path = "repor
     Returns False (README unchanged) when no such records exist; raises ``ValueError`` if
     the markers are missing.
     """
-    readme, fig_dir = Path(readme), Path(fig_dir)
+    readme = Path(readme)
+    fig_dir = Path(fig_dir) if fig_dir is not None else Path("reports/figures") / gpu.lower()
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text or text.index(README_START) > text.index(README_END):
         raise ValueError(f"{readme} lacks the markers {README_START} ... {README_END}")
@@ -296,12 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--paper", action="store_true", help="serif fonts, single-column width")
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="compare GPUs even if their software versions differ (the report says so)")
-    ap.add_argument("--update-readme", action="store_true", help="rewrite the README figure section from H100 results")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README figure section from --gpu results")
+    ap.add_argument("--gpu", default="H100", help="card whose records the README shows (a substring of its name)")
     ap.add_argument("--readme", default="README.md")
     args = ap.parse_args(argv)
     if args.update_readme:
-        changed = update_readme(args.readme, args.paths[0] if args.paths else "reports/results")
-        print("README figures updated" if changed else "no H100 records found: README unchanged")
+        changed = update_readme(args.readme, args.paths[0] if args.paths else "reports/results", gpu=args.gpu)
+        print("README figures updated" if changed else f"no {args.gpu} records found: README unchanged")
         return 0
     return render_cli(args.paths, args.out, args.paper, allow_mismatch=args.allow_mismatch or None)
 
