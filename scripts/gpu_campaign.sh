@@ -47,11 +47,11 @@ run_step() {
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
                     --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
-        latency) step latency 90 $B --suite latency --full --sizes 1000,10000 --out "$res/latency" ;;
+        latency) step latency 240 $B --suite latency --full --sizes 1000,10000 --out "$res/latency" ;;
         memory) step memory 90 $B --suite memory-scaling --full --sizes 1024,16384,65536 \
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
                     --out "$res/memory-scaling" ;;
-        lmax) step lmax 240 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
+        lmax) step lmax 400 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
         accuracy)  # every model in its own process on this lane's GPU, in the background (the
                    # lane goes on; wall times share the card). First kernel configuration only:
                    # every batch has a new atom count, autotuning them would dominate.
