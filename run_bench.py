@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every random input (default 0)")
     p.add_argument("--data", metavar="PATH", help="dataset for the accuracy suite")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps per model in the accuracy suite")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="accuracy suite: stop each model's training after this wall time (recorded with "
+                        "the steps it reached) instead of losing the point to an outer time limit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = p.add_argument_group("reports (reports.report)")
     rep.add_argument("--report", nargs="*", metavar="RESULTS",
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SweepConfig(
         device=device, quick=quick, sizes=args.sizes, lmax=args.lmax, dtypes=dtypes, impls=impls,
         seed=args.seed, out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
-        extra={k: v for k, v in (("data", args.data), ("steps", args.steps)) if v is not None},
+        extra={k: v for k, v in (("data", args.data), ("steps", args.steps), ("time_budget_s", args.time_budget))
+               if v is not None},
     )
 
     rc = 0

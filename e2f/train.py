@@ -75,6 +75,9 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
     log_every: int = 50
+    # Leave the loop once this much wall time has passed (a capped job keeps its result; the
+    # schedule still spans `steps`, so a cut run has not decayed its learning rate).
+    max_wall_s: float | None = None
 
     @property
     def warmup(self) -> int:
@@ -93,6 +96,21 @@ class TrainResult:
     val: dict  # per-subset metrics of the EMA model on the validation split
     reference_energies: dict
     model: torch.nn.Module | None = field(default=None, repr=False)  # the EMA weights
+    time_budget_reached: bool = False  # stopped by `max_wall_s` before `steps`
+
+
+def _out_of_time(cfg: TrainConfig, elapsed: float, world: int, device: torch.device) -> bool:
+    """Whether ``max_wall_s`` has passed; under DDP every rank stops at the same step."""
+    if cfg.max_wall_s is None:
+        return False
+    late = elapsed > cfg.max_wall_s
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(late)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
 
 
 # --------------------------------------------------------------------------- metrics
@@ -310,6 +328,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print, splits=None,
     model.train()
     t0 = time.perf_counter() - wall0
     last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    out_of_time = False
     for step, group in _batch_stream(train_set, cfg, step0, rank, world):
         if step >= last:
             break
@@ -339,6 +358,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print, splits=None,
                 f"F {m['all']['force_mae_mev_per_A']:.1f} meV/A")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             checkpoint(done, time.perf_counter() - t0)
+        if done < last and _out_of_time(cfg, time.perf_counter() - t0, world, device):
+            out_of_time = True
+            last = done
+            say(f"step {done:6d}  time budget of {cfg.max_wall_s:g} s reached: stopping")
+            break
     wall = time.perf_counter() - t0
     final_step = max(step0, last)  # the batch stream is endless: the loop ends at `last`
     checkpoint(final_step, wall)
@@ -356,6 +380,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print, splits=None,
         train_loss_first=losses[0] if losses else float("nan"),
         train_loss_last=losses[-1] if losses else float("nan"),
         history=history, val=val, reference_energies=refs, model=ema.module,
+        time_budget_reached=out_of_time,
     )
 
 
@@ -386,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
     ap.add_argument("--out", default="runs/train", help="checkpoint and metrics folder")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    ap.add_argument("--max-wall-s", type=float, default=None,
+                    help="stop (and evaluate) once this much wall time has passed")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="leave after this step (checkpointed; the schedule spans --steps)")
     a = ap.parse_args(argv)
@@ -400,7 +427,7 @@ def main(argv=None) -> int:
         energy_weight=a.energy_weight, force_weight=a.force_weight, max_atoms=a.max_atoms,
         max_structures=a.max_structures, grad_clip=a.grad_clip, ema_decay=a.ema_decay,
         eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, out_dir=a.out,
-        device=a.device, dtype=a.dtype, seed=a.seed, log_every=a.log_every,
+        device=a.device, dtype=a.dtype, seed=a.seed, log_every=a.log_every, max_wall_s=a.max_wall_s,
     )
     try:
         res = train(cfg, resume=a.resume, stop_at=a.stop_at)

@@ -56,8 +56,9 @@ run_step() {
                    # lane goes on; wall times share the card). First kernel configuration only:
                    # every batch has a new atom count, autotuning them would dominate.
             for m in element-mean e2former-v2 e2former-v1 escn-md dense-tp e2former-v2-backends; do
+                # --time-budget stops training in time to evaluate and record (the cap would lose it)
                 step "accuracy-$m" "${ACC_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 $B --suite accuracy --full --impl "$m" \
-                    --steps "${ACC_STEPS:-600}" --out "$res/accuracy-$m" &
+                    --steps "${ACC_STEPS:-600}" --time-budget $(( ${ACC_SECS:-300} - 90 )) --out "$res/accuracy-$m" &
             done ;;
         ddp)  # force training on two GPUs through torchrun (NCCL), the shipped set
             step ddp 100 env CUDA_VISIBLE_DEVICES=0,1 E2F_TRITON_AUTOTUNE=0 torchrun --standalone --nproc_per_node=2 \

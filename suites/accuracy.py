@@ -185,7 +185,7 @@ class AccuracySuite(Suite):
             model=name, preset="paper", model_overrides={**base, "channels": channels},
             data=source, steps=b["steps"], lr=b["lr"], max_atoms=b["max_atoms"],
             max_structures=64, eval_every=0, checkpoint_every=0, log_every=max(1, b["steps"] // 6),
-            device=cfg.device, seed=cfg.seed,
+            device=cfg.device, seed=cfg.seed, max_wall_s=cfg.extra.get("time_budget_s"),
         )
         t0 = time.perf_counter()
         res = train(tcfg, splits=(split["train"], split["val"], refs),
@@ -195,7 +195,8 @@ class AccuracySuite(Suite):
                        max_atoms=b["max_atoms"])
         self._trained[name] = res.model
         out = _flat(per, wall_s=wall, num_params=res.num_params, channels=channels,
-                    params_target=target, steps=res.steps, train_loss_first=res.train_loss_first,
+                    params_target=target, steps=res.steps, time_budget_reached=res.time_budget_reached,
+                    train_loss_first=res.train_loss_first,
                     train_loss_last=res.train_loss_last, val=res.val)
         base_row = self._rows.get(BASELINE)
         if base_row:

@@ -82,3 +82,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, splits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     with pytest.raises(ValueError, match="is a"):
         train(_cfg(tmp_path / "b", model="dense-tp", steps=9), resume=True, **quiet)
+
+
+def test_time_budget_stops_early_and_keeps_the_result(tmp_path, splits):
+    train_set, val_set, refs = splits
+    res = train(_cfg(tmp_path, steps=50, max_wall_s=0.0), splits=(train_set, val_set, refs), log=lambda *a: None)
+    assert res.time_budget_reached and res.steps == 1
+    assert res.val["all"]["structures"] == len(val_set)  # evaluated, not lost
+    full = train(_cfg(tmp_path / "b", steps=2, max_wall_s=3600.0), splits=(train_set, val_set, refs),
+                 log=lambda *a: None)
+    assert not full.time_budget_reached and full.steps == 2

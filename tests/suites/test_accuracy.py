@@ -52,3 +52,15 @@ def test_suite_runs_and_reports(tmp_path, capsys):
         assert b["metrics"]["backends"][:2] == ["materialized", "chunked"]
     out = capsys.readouterr().out
     assert "accuracy (test split)" in out and "e2former-v2" in out
+
+
+def test_time_budget_is_recorded_not_lost(tmp_path):
+    cfg = SweepConfig(
+        device="cpu", quick=True, out_dir=tmp_path, progress=False, impls=("e2former-v2",),
+        extra={"steps": 50, "max_train": 48, "max_test": 24, "max_atoms": 64, "base": TINY, "time_budget_s": 0.0},
+    )
+    res = run_suite(get_suite("accuracy"), cfg, env={"test": True}, log=lambda m: None)
+    (rec,) = res.records
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["metrics"]["time_budget_reached"] and rec["metrics"]["steps"] == 1
+    assert rec["params"]["steps"] == 50  # the planned budget stays the point's identity
