@@ -187,6 +187,8 @@ def _log_axes(ax, xlabel: str, ylabel: str) -> None:
         # Under ~2 decades the log locator labels one tick or none: label the measured N.
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(xs))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        if len(xs) > 3:  # neighbouring labels such as 65,536 and 262,144 would run together
+            ax.tick_params(axis="x", labelrotation=30)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
