@@ -47,6 +47,9 @@ run_step() {
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
                     --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
+        twin)  # force-training step of E2Former-V2 with the materialised double-backward twin
+            step twin 150 env E2F_TRITON_TWIN=materialized $B --suite latency --full --impl e2former-v2 --sizes 1000 \
+                --out "$res/latency-twin-materialized" ;;
         latency) step latency 240 $B --suite latency --full --sizes 1000,10000 --out "$res/latency" ;;
         memory) step memory 90 $B --suite memory-scaling --full --sizes 1024,16384,65536 \
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \

@@ -32,7 +32,9 @@ they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 
 
 Backward is deterministic (no float atomics; fixed-order reductions). With
 ``create_graph=True`` (force training) the backward routes through the differentiable
-chunked twin (``e2f.attention.chunked``), so double backward works.
+chunked twin (``e2f.attention.chunked``), so double backward works;
+``E2F_TRITON_TWIN=materialized`` routes it through the materialised reference instead
+(faster where its O(E) memory fits; not timed yet).
 """
 from __future__ import annotations
 
@@ -342,15 +344,26 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     return grads
 
 
-#: Per-block temporaries of the PyTorch twin that carries double backward on a GPU. Under
-#: ``create_graph`` every block's graph lives until the second backward, so memory is
-#: O(edges) whatever the block size, and small blocks only multiply the launches (the
-#: CPU default of 2**24 gave ~35 blocks per layer at N = 1,000: 11.5 s per training step).
+#: Per-block temporaries of the chunked twin that carries double backward on a GPU. The
+#: twin saves only its inputs and recomputes block by block in both orders (O(N) memory), so
+#: the block size bounds the transient memory (~0.5 GB a temporary at 2**27 fp32 numbers) and
+#: sets the launch count: the CPU default of 2**24 gave ~35 blocks a layer at N = 1,000 and
+#: 11.5 s per training step on an H200.
 TWIN_BLOCK_ELEMENTS = 1 << 27
+#: ``chunked`` (default: O(N) memory) or ``materialized`` (plain autograd through every
+#: [E, H, dv] tensor: O(E) memory, one recompute instead of three), for timing experiments.
+TWIN_ENV = "E2F_TRITON_TWIN"
 
 
 def _differentiable_twin(inp: CoreInputs) -> Tensor:
     """The same function through PyTorch ops (any order of differentiation)."""
+    twin = os.environ.get(TWIN_ENV, "chunked")
+    if twin == "materialized":
+        from e2f.attention.core import attention_core_reference
+
+        return attention_core_reference(inp)
+    if twin != "chunked":
+        raise ValueError(f"{TWIN_ENV} must be 'chunked' or 'materialized', got {twin!r}")
     from e2f.attention.chunked import chunked_attention_core
 
     if inp.q.device.type == "cuda":

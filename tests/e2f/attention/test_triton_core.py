@@ -168,7 +168,9 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
-def test_double_backward_routes_through_the_twin():
+@pytest.mark.parametrize("twin", ["chunked", "materialized"])
+def test_double_backward_routes_through_the_twin(twin, monkeypatch):
+    monkeypatch.setenv("E2F_TRITON_TWIN", twin)
     inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
     ref_inp = detached_copy(inp)
     results = []
@@ -179,6 +181,14 @@ def test_double_backward_routes_through_the_twin():
         results.append((gpos, gg))
     assert rel(results[0][0], results[1][0]) < 1e-5
     assert rel(results[0][1], results[1][1]) < 1e-4
+
+
+def test_unknown_twin_is_rejected(monkeypatch):
+    monkeypatch.setenv("E2F_TRITON_TWIN", "fast")
+    inp = make_inputs(4, 4, 3, seed=18, drop=0.0)
+    energy = (fused_attention_core(inp) ** 2).sum()
+    with pytest.raises(ValueError, match="E2F_TRITON_TWIN"):
+        torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
 
 
 def test_check_rejects_unmet_preconditions():
