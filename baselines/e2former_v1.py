@@ -53,6 +53,7 @@ def e2f_config(config, version: str, device=None):
         max_z=config.max_num_elements - 1,
         backend=backend,
         node_product=node_product,
+        checkpoint_blocks=config.checkpoint_blocks,
     )
 
 

@@ -52,6 +52,8 @@ class ModelConfig:
     escn_mmax : eSCN-MD's mmax (None: ``min(lmax, 2)``).
     attention_backend : E2Former attention-core backend (None: the model's default;
         E2Former v1 always uses ``materialized``).
+    checkpoint_blocks : E2Former models only: recompute each block in backward (activation
+        checkpointing) instead of keeping its activations.
     """
 
     lmax: int = 2
@@ -68,6 +70,7 @@ class ModelConfig:
     max_num_elements: int = 100
     escn_mmax: int | None = None
     attention_backend: str | None = None
+    checkpoint_blocks: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.lmax <= 6:

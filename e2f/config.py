@@ -43,6 +43,10 @@ class E2FormerConfig:
     spatial_order : bool or None
         Sort atoms along a Morton curve inside the model (outputs keep the caller's
         order); None: only when the backend benefits (``triton``).
+    checkpoint_blocks : bool
+        Recompute each block's activations in backward instead of keeping them (activation
+        checkpointing): less memory for forces and training at the cost of one more
+        forward per block. Same function either way.
     """
 
     lmax: int = 2
@@ -65,6 +69,7 @@ class E2FormerConfig:
     backend: str = "chunked"
     node_product: str = "eaas"
     spatial_order: bool | None = None
+    checkpoint_blocks: bool = False
 
     def replace(self, **changes) -> "E2FormerConfig":
         return replace(self, **changes)

@@ -206,7 +206,10 @@ class E2FormerV2(torch.nn.Module):
             scalars = scalars + per_system[batch.batch]
         x = x + F.pad(scalars[:, None], (0, 0, 0, x.shape[1] - 1))
         for block in self.blocks:
-            x = block(x, graph)
+            if self.config.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, graph, use_reentrant=False)
+            else:
+                x = block(x, graph)
         x = self.final_norm(x)
         per_atom = self.energy_head(x[:, 0]).squeeze(-1)
         energy = per_atom.new_zeros(batch.num_systems).index_add(0, batch.batch, per_atom)

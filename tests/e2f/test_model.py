@@ -160,6 +160,30 @@ def test_force_training_double_backward():
     assert model.blocks[0].attn.w_radial.grad.abs().sum() > 0
 
 
+def test_checkpointed_blocks_same_function_less_saved_memory():
+    from e2f.testing import saved_tensor_bytes
+
+    batch = _molecules()
+    plain, ckpt = _model().train(), _model(checkpoint_blocks=True).train()
+    grads = []
+    for model in (plain, ckpt):
+        out = model(batch)
+        (out["energy"].square().sum() + out["forces"].square().sum()).backward()
+        grads.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = grads
+    assert_close_rel(b["energy"], a["energy"], 1e-12, "energy")
+    assert_close_rel(b["forces"], a["forces"], 1e-12, "forces")
+    assert len(ga) == len(gb) and all(torch.allclose(x, y, rtol=1e-9, atol=1e-12) for x, y in zip(ga, gb))
+
+    def saved(model):
+        pos = batch.pos.detach().requires_grad_(True)
+        b2 = batch.replace(pos=pos)
+        exclude = [pos, *model.parameters(), *model.buffers()]
+        return saved_tensor_bytes(lambda: model(b2, compute_forces=False)["energy"], exclude=exclude)
+
+    assert saved(ckpt) < 0.5 * saved(plain)
+
+
 def test_from_dict_matches_from_ase():
     atoms = [molecule("H2O"), molecule("NH3")]
     ref = AtomsBatch.from_ase(atoms, dtype=F64)
