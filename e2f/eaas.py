@@ -67,6 +67,11 @@ class EAASTable:
     def rows_out(self) -> int:
         return self.source_row.shape[0]
 
+    @property
+    def paths_per_degree(self) -> tuple[int, ...]:
+        """Number of paths into each l3 = 0..L (their output blocks are adjacent)."""
+        return tuple(self.out_degrees.count(l3) for l3 in range(self.lmax + 1))
+
 
 def paths_for(lmax: int) -> tuple[tuple[int, int], ...]:
     """All (l1, l3) with l1, l3 <= lmax coupled through degree 1, ordered by (l3, l1)."""
@@ -140,8 +145,7 @@ class _OutGroup:
 def _out_groups(lmax: int, device: torch.device) -> tuple[_OutGroup, ...]:
     table = eaas_table(lmax)
     groups, row = [], 0
-    for l3 in range(lmax + 1):
-        count = sum(1 for d in table.out_degrees if d == l3)
+    for l3, count in enumerate(table.paths_per_degree):
         size = count * (2 * l3 + 1)
         groups.append(_OutGroup(l3, count, table.coef[row : row + size].view(count, 2 * l3 + 1).to(device)))
         row += size

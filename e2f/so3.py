@@ -76,12 +76,11 @@ def wigner_d(l: int, alpha: Tensor, beta: Tensor, gamma: Tensor | None = None) -
     Same definition as ``o3.wigner_D``, evaluated in float64 whatever the angles' dtype.
     """
     gens = _so3_generators(l).to(alpha.device)
-    if gamma is None:
-        # R_y(0) is the identity: two matrix exponentials instead of three.
-        alpha, beta = (a.double()[..., None, None] for a in torch.broadcast_tensors(alpha, beta))
-        return torch.matrix_exp(alpha * gens[1]) @ torch.matrix_exp(beta * gens[0])
-    alpha, beta, gamma = (a.double()[..., None, None] for a in torch.broadcast_tensors(alpha, beta, gamma))
-    return torch.matrix_exp(alpha * gens[1]) @ torch.matrix_exp(beta * gens[0]) @ torch.matrix_exp(gamma * gens[1])
+    # gamma None: R_y(0) is the identity, two matrix exponentials instead of three
+    angles = (alpha, beta) if gamma is None else (alpha, beta, gamma)
+    angles = [a.double()[..., None, None] for a in torch.broadcast_tensors(*angles)]
+    d = torch.matrix_exp(angles[0] * gens[1]) @ torch.matrix_exp(angles[1] * gens[0])
+    return d if gamma is None else d @ torch.matrix_exp(angles[2] * gens[1])
 
 
 def wigner_d_from_matrix(lmax: int, rot: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ Devices: CPU, one GPU, or several through ``torchrun --nproc_per_node=G -m e2f.t
 (DDP: each rank takes every G-th batch of the same seeded sequence, gradients are averaged by
 DDP, rank 0 evaluates and writes checkpoints). The DDP path was run with 2 CPU processes
 (gloo backend, ``torchrun --nproc_per_node=2 -m e2f.train --device cpu ...``) and with 2
-NVIDIA H200 (NCCL; ``reports/results/nvidia-h200/ddp/``). On a shared CPU set ``OMP_NUM_THREADS=1``: oversubscribed OpenMP threads
-made steps ~8x slower here. Run from the checkout root (the models live in ``baselines/``).
+NVIDIA H200 (NCCL; ``reports/results/nvidia-h200/ddp/``). On a shared CPU set
+``OMP_NUM_THREADS=1``: oversubscribed OpenMP threads made steps ~8x slower here. Run from the checkout root (the models live in ``baselines/``).
 
 Data: ``--data`` is a SPICE HDF5, MACE-OFF extended-XYZ or OMol25 ``.aselmdb`` path (see
 :mod:`e2f.data.readers`); by default the shipped GFN2-xTB set. Splits come from the file (the

@@ -65,8 +65,7 @@ class Graph:
             self._frames = {}
         if lmax not in self._frames:
             # One frames object for both: one launch per step of building them and their casts.
-            with torch.no_grad():
-                both = PolarFrames.from_vectors(torch.cat([self.pos, self.pos_src]), lmax)
+            both = PolarFrames.from_vectors(torch.cat([self.pos, self.pos_src]).detach(), lmax)
             self._frames[lmax] = both.split(self.pos.shape[0])
         return self._frames[lmax]
 
@@ -172,8 +171,8 @@ class E2Attention(torch.nn.Module):
         with torch.no_grad():
             self.gate_dst.weight.mul_(0.1)
             self.gate_src.weight.mul_(0.1)
-        paths_into = [sum(1 for d in self.table.out_degrees if d == l3) for l3 in range(lmax + 1)]
-        self.mix = torch.nn.ModuleList(torch.nn.Linear(count * channels, channels, bias=False) for count in paths_into)
+        self.mix = torch.nn.ModuleList(
+            torch.nn.Linear(count * channels, channels, bias=False) for count in self.table.paths_per_degree)
         self.output = SO3Linear(lmax, channels, channels, bias=True)
         # Message row -> its path (paths ordered by l3, then l1, as the table and mix columns are).
         path_of_row = torch.cat([torch.full((2 * l3 + 1,), p) for p, l3 in enumerate(self.table.out_degrees)])
@@ -223,7 +222,7 @@ class E2Attention(torch.nn.Module):
         blocks = [mix.weight.view(self.channels, -1, self.channels).permute(1, 2, 0) for mix in self.mix]
         weight = torch.cat(blocks)[self.path_of_row]  # [rows_out, C_in, C_out]
         per_row = torch.bmm(message.transpose(0, 1), weight)
-        counts = [block.shape[0] for block in blocks]
+        counts = self.table.paths_per_degree
         groups = per_row.split([count * (2 * l3 + 1) for l3, count in enumerate(counts)])
         parts = [g if count == 1 else g.view(count, -1, *g.shape[1:]).sum(0) for g, count in zip(groups, counts)]
         return torch.cat(parts).transpose(0, 1)

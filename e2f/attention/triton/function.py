@@ -295,7 +295,7 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
     if _interpreting():
         return max(1, min(3, n_rows))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, -(-n_rows // TARGETS_PER_PROGRAM)))
+    return max(1, min(2 * sms, triton_cdiv(n_rows, TARGETS_PER_PROGRAM)))
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
