@@ -27,6 +27,13 @@ step() {  # name seconds command...
     tail -n 6 "$res/$name.log"
 }
 B="python3 run_bench.py --device cuda --no-progress --no-report"
+
+seeded() {  # DIR SUITE: with SEED_STORED=1, start DIR from this card's stored records and resume
+    # (measures only the points reports/results/<gpu>/ lacks); prints the flag to pass
+    if [ "${SEED_STORED:-0}" = 1 ] && [ -f "reports/results/$gpu/$2.jsonl" ]; then
+        mkdir -p "$1" && cp "reports/results/$gpu/$2.jsonl" "$1/$2.jsonl" && echo --resume
+    fi
+}
 gate="--suite kernel-regression --impl triton"
 
 run_step() {
@@ -50,15 +57,17 @@ run_step() {
         twin)  # force-training step of E2Former-V2 with the materialised double-backward twin
             step twin 150 env E2F_TRITON_TWIN=materialized $B --suite latency --full --impl e2former-v2 --sizes 1000 \
                 --out "$res/latency-twin-materialized" ;;
-        latency) step latency 240 $B --suite latency --full --sizes 1000,10000 --out "$res/latency" ;;
-        memory) step memory 90 $B --suite memory-scaling --full --sizes 1024,16384,65536 \
+        latency) step latency "${LATENCY_SECS:-240}" $B --suite latency --full --sizes 1000,10000 --out "$res/latency" \
+                    $(seeded "$res/latency" latency) ;;
+        memory) step memory "${MEMORY_SECS:-90}" $B --suite memory-scaling --full --sizes 1024,16384,65536 \
                     --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
-                    --out "$res/memory-scaling" ;;
-        lmax) step lmax 400 $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" ;;
+                    --out "$res/memory-scaling" $(seeded "$res/memory-scaling" memory-scaling) ;;
+        lmax) step lmax "${LMAX_SECS:-400}" $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" \
+                    $(seeded "$res/lmax-sweep" lmax-sweep) ;;
         accuracy)  # every model in its own process on this lane's GPU, in the background (the
                    # lane goes on; wall times share the card). First kernel configuration only:
                    # every batch has a new atom count, autotuning them would dominate.
-            for m in element-mean e2former-v2 e2former-v1 escn-md dense-tp e2former-v2-backends; do
+            for m in ${ACC_MODELS:-element-mean e2former-v2 e2former-v1 escn-md dense-tp e2former-v2-backends}; do
                 # --time-budget stops training in time to evaluate and record (the cap would lose it)
                 step "accuracy-$m" "${ACC_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 $B --suite accuracy --full --impl "$m" \
                     --steps "${ACC_STEPS:-600}" --time-budget $(( ${ACC_SECS:-300} - 90 )) --out "$res/accuracy-$m" &
