@@ -50,13 +50,19 @@ run_step() {
                     --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants ;;
         profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
-        memory-triton) step memory-triton 240 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
+        memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton,e2former-v2 \
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
                     --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
-        twin)  # force-training step of E2Former-V2 with the materialised double-backward twin
-            step twin 150 env E2F_TRITON_TWIN=materialized $B --suite latency --full --impl e2former-v2 --sizes 1000 \
-                --out "$res/latency-twin-materialized" ;;
+        twin)  # E2Former-V2's force-training step through the chunked double-backward twin (the
+               # default before 'auto', which materialises at this size): run beside latency-v2
+            step twin 150 env E2F_TRITON_TWIN=chunked $B --suite latency --full --impl e2former-v2 --sizes 1000 \
+                --out "$res/latency-twin-chunked" ;;
+        kernel-layouts)  # v contiguous vs padded head rows, same inputs, first configuration only
+            step kernel-layouts "${LAYOUT_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py \
+                --out "$res/kernel-dev" --skip-check --value-layouts contiguous padded --sizes 16384 65536 --dtypes float32
+            step kernel-layouts-bf16 "${LAYOUT_BF16_SECS:-120}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py \
+                --out "$res/kernel-dev" --skip-check --value-layouts padded --sizes 65536 --dtypes bfloat16 --no-materialized ;;
         latency) step latency "${LATENCY_SECS:-240}" $B --suite latency --full --sizes 1000,10000 --out "$res/latency" \
                     $(seeded "$res/latency" latency) ;;
         memory) step memory "${MEMORY_SECS:-90}" $B --suite memory-scaling --full --sizes 1024,16384,65536 \

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from e2f.attention.core import attention_core_reference
+from e2f.attention.core import attention_core_reference, pad_value_rows
 from e2f.attention.triton.function import check, fused_attention_core, last_config
 from e2f.attention.workload import random_core_inputs
 
@@ -76,6 +76,7 @@ def emit(out_dir, kind, params, metrics):
 
 
 _CACHE: dict = {}
+_FIRST_OUT: dict = {}  # forward output of the first layout timed per (impl, N, dtype, K)
 
 
 def inputs(n, dtype=torch.float32, seed=0, k=32):
@@ -88,6 +89,16 @@ def inputs(n, dtype=torch.float32, seed=0, k=32):
                                          requires_grad=True, **DIMS)
     inp = _CACHE[key]
     return inp if dtype == torch.float32 else to_qkv(inp, dtype)
+
+
+def with_layout(inp, layout):
+    """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf)."""
+    if layout == "contiguous":
+        return inp
+    from e2f.attention.core import value_head_stride
+    with torch.no_grad():
+        v = pad_value_rows(inp.v.detach(), value_head_stride(inp.v.shape[-1]))
+    return inp.replace(v=v.requires_grad_(True))
 
 
 def to_qkv(inp, dtype):
@@ -166,33 +177,53 @@ def flops_gate(n, k, h, g, r):
     return n * k * (2 * r * g + 2 * g * 2 * h)
 
 
-def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True):
-    import triton.testing
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(fn):
+    """Peak bytes allocated above what was allocated before ``fn()`` (None on the CPU)."""
+    if DEV != "cuda":
+        fn()
+        return None
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True, layout="contiguous"):
     torch.set_float32_matmul_precision("high")
     fn = {"triton": fused_attention_core, "materialized": attention_core_reference}[impl]
-    torch.cuda.empty_cache()
-    inp = inputs(n, dtype, seed=3, k=k)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    inp = with_layout(inputs(n, dtype, seed=3, k=k), layout)
     h, dk, dv = inp.q.shape[1], inp.q.shape[2], inp.v.shape[-1]
     g, r = inp.w_radial.shape[1], inp.w_radial.shape[0]
-    dout = torch.randn(n, h, dv, device="cuda")
-    params = {"impl": impl, "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "gate_matmul": "tf32"}
+    dout = torch.randn(n, h, dv, device=DEV)
+    params = {"impl": impl, "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "gate_matmul": "tf32",
+              "value_layout": layout}
     fc, ft = flops_core(n, k, h, dk, dv), flops_core(n, k, h, dk, dv) + flops_gate(n, k, h, g, r)
     lv = leaves(inp)
     try:
         with torch.no_grad():
-            fn(inp)  # autotune / warm-up
-        torch.cuda.synchronize()
-        ms = triton.testing.do_bench(lambda: fn(inp), warmup=25, rep=100, return_mode="median") if timing else None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        o = fn(inp)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del o
+            first = fn(inp)  # autotune / warm-up
+        key = (impl, n, str(dtype), k)
+        if key in _FIRST_OUT:  # another layout of the same inputs: the same result
+            params["max_rel_vs_first_layout"] = max_rel(first, _FIRST_OUT[key])
+        else:
+            _FIRST_OUT[key] = first
+        del first
+        _sync()
+        ms = bench_ms(lambda: fn(inp)) if timing else None
+        peak = _peak_bytes(lambda: fn(inp))
         emit(out_dir, "time" if timing else "memory", {**params, "mode": "fwd"},
              {"latency_ms": ms, "tflops_core": fc / ms / 1e9 if ms else None, "tflops_total": ft / ms / 1e9 if ms else None,
-              "peak_bytes": peak, "bytes_per_atom": peak / n, "config": last_config() if impl == "triton" else None})
+              "peak_bytes": peak, "bytes_per_atom": peak / n if peak else None,
+              "config": last_config() if impl == "triton" else None})
     except torch.OutOfMemoryError as exc:
         emit(out_dir, "time", {**params, "mode": "fwd"}, {"status": "oom", "error": str(exc)[:200]})
         return
@@ -202,17 +233,12 @@ def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True):
         def step():
             torch.autograd.grad(fn(inp), lv, dout)
         step()
-        torch.cuda.synchronize()
-        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median") if timing else None
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        _sync()
+        ms = bench_ms(step) if timing else None
+        peak = _peak_bytes(step)
         emit(out_dir, "time" if timing else "memory", {**params, "mode": "fwd+bwd"},
-             {"latency_ms": ms, "tflops_core": 3 * fc / ms / 1e9 if ms else None, "peak_bytes": peak, "bytes_per_atom": peak / n,
-              "config": last_config() if impl == "triton" else None})
+             {"latency_ms": ms, "tflops_core": 3 * fc / ms / 1e9 if ms else None, "peak_bytes": peak,
+              "bytes_per_atom": peak / n if peak else None, "config": last_config() if impl == "triton" else None})
     except torch.OutOfMemoryError as exc:
         emit(out_dir, "time", {**params, "mode": "fwd+bwd"}, {"status": "oom", "error": str(exc)[:200]})
 
@@ -361,6 +387,9 @@ def main():
     ap.add_argument("--k-sweep", type=int, nargs="*", default=[], help="neighbour caps timed at N = 16,384 (fp32)")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
+    ap.add_argument("--value-layouts", nargs="*", default=["contiguous"], choices=["contiguous", "padded"],
+                    help="layouts of v timed back to back at every triton point (padded: head rows of "
+                         "value_head_stride numbers, what the model and the suites give the kernel)")
     ap.add_argument("--fwd-variants", nargs="*", default=None, metavar="CONFIG",
                     help="instead of the standard timing of --sizes: the forward of each forced configuration "
                          "(E2F_TRITON_FWD_CONFIG syntax; none given: DEFAULT_FWD_VARIANTS), checked against the first")
@@ -391,16 +420,18 @@ def main():
             print(f"[fwd variants {dt} {n} done {time.time() - t0:.0f}s]", flush=True)
     for n in args.sizes if args.fwd_variants is None else ():
         for dt in args.dtypes:
-            guarded(time_point, args.out, "triton", n, getattr(torch, dt))
-            print(f"[{dt} {n} done {time.time() - t0:.0f}s]", flush=True)
+            for layout in args.value_layouts:
+                guarded(time_point, args.out, "triton", n, getattr(torch, dt), layout=layout)
+                print(f"[{dt} {n} {layout} done {time.time() - t0:.0f}s]", flush=True)
         if n == 16384 and not args.no_materialized:
             guarded(time_point, args.out, "materialized", 16384, torch.float32, do_bwd=args.materialized_bwd)
             print(f"[materialized done {time.time() - t0:.0f}s]", flush=True)
+    layout = args.value_layouts[-1]
     for kk in args.k_sweep:
-        guarded(time_point, args.out, "triton", 16384, torch.float32, k=kk)
+        guarded(time_point, args.out, "triton", 16384, torch.float32, k=kk, layout=layout)
         print(f"[K={kk} done {time.time() - t0:.0f}s]", flush=True)
     for n in args.mem_sizes:
-        guarded(time_point, args.out, "triton", n, torch.float32, timing=False)
+        guarded(time_point, args.out, "triton", n, torch.float32, timing=False, layout=layout)
         print(f"[memory N={n} done {time.time() - t0:.0f}s]", flush=True)
     for n in args.fwd_only_sizes:
         for dt in args.dtypes:
@@ -413,9 +444,11 @@ def main():
         m = r["metrics"]
         if r["kind"] in ("time", "memory"):
             p = r["params"]
-            print(f"{p['impl']:12s} {p['dtype']:8s} N={p['n_atoms']:>8d} K={p['neighbors']:>3d} {p['mode']:8s} "
+            print(f"{p['impl']:12s} {p.get('value_layout', ''):10s} {p['dtype']:8s} N={p['n_atoms']:>8d} "
+                  f"K={p['neighbors']:>3d} {p['mode']:8s} "
                   f"{m.get('latency_ms') or float('nan'):9.3f} ms  core {m.get('tflops_core') or 0:6.2f} TF  "
-                  f"{m.get('bytes_per_atom', 0) / 1024:7.1f} KB/atom {m.get('status', '')}")
+                  f"{(m.get('bytes_per_atom') or 0) / 1024:7.1f} KB/atom {m.get('status', '')} "
+                  f"{p.get('max_rel_vs_first_layout', '')}")
         elif r["kind"] == "time-fwd-variant":
             p, c = r["params"], m.get("config") or {}
             print(f"fwd {p['dtype']:8s} N={p['n_atoms']:>8d} {p['forced']:40s} {m.get('latency_ms') or float('nan'):9.3f} ms  "

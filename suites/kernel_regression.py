@@ -568,8 +568,12 @@ class KernelRegression(Suite):
 
         p = point.params
         tf32 = workloads.speed_precision(cfg)  # as in kernel-tflops: the speed users get
+        from e2f.attention.backends import get_backend
+
         fn = resolve_backend(point.impl)
-        inp = timed_inputs(p["n_atoms"], p["dtype"], device=cfg.device, seed=cfg.seed, grad=p["mode"] != "fwd")
+        # in the layout the backend prefers (the model gives the triton backend padded value rows)
+        inp = workloads.prepared_inputs(get_backend(point.impl), timed_inputs(
+            p["n_atoms"], p["dtype"], device=cfg.device, seed=cfg.seed, grad=p["mode"] != "fwd"))
         fn(inp)  # precondition check, compilation and autotuning before anything is timed
 
         if p["mode"] == "fwd":
@@ -588,6 +592,7 @@ class KernelRegression(Suite):
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"], flops=flops,
                           dtype=p["dtype"], warmup=WARMUP, repeats=REPEATS)
         metrics["tf32_matmul"] = tf32
+        metrics["value_head_stride"] = inp.v.stride(1)
         return metrics
 
     def _check_invariants(self, backend: str, cfg: SweepConfig) -> dict:

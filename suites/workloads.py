@@ -119,15 +119,19 @@ def core_inputs(n_atoms: int, *, sizes: CoreSizes = PAPER_CORE, dtype: torch.dty
     """The ``attention-core`` inputs (``CoreInputs``) for ``n_atoms`` atoms at ``sizes``.
 
     Periodic by default so that every atom has a bulk neighbourhood (all K slots filled at
-    liquid density: about 52 atoms lie within 5 Å).
+    liquid density: about 52 atoms lie within 5 Å). ``v`` comes in padded head rows
+    (``value_head_stride``), the layout the model gives the fused kernel; every backend
+    reads it (the others gather through the strides).
     """
+    from e2f.attention.core import value_head_stride
     from e2f.attention.workload import random_core_inputs
 
     return random_core_inputs(
         n_atoms, density=sizes.density, cutoff=sizes.cutoff, max_neighbors=sizes.neighbors,
         num_heads=sizes.heads, head_dim=sizes.head_dim, dv=sizes.dv, gate_hidden=sizes.gate_hidden,
         num_rbf=sizes.num_rbf, dtype=dtype, device=device, seed=seed, requires_grad=requires_grad,
-        periodic=periodic)
+        periodic=periodic, value_head_stride=value_head_stride(sizes.dv))
+
 
 
 def core_host_bytes(n_atoms: int, sizes: CoreSizes = PAPER_CORE, periodic: bool = True,
@@ -280,11 +284,22 @@ def layer_call(name: str, config, batch, *, device, dtype=torch.float32, seed: i
     return forward, layer, inputs
 
 
+def prepared_inputs(impl, inp):
+    """``inp`` (leaves) in ``impl``'s preferred layout (``Backend.prepare``) as leaves again:
+    the timed backward stops at the same tensors, and a padded copy counts with the inputs."""
+    with torch.no_grad():
+        prepared = impl.prepare(inp.replace(v=inp.v.detach()))
+    if prepared.v.stride() == inp.v.stride():
+        return inp
+    return prepared.replace(v=prepared.v.requires_grad_(inp.v.requires_grad))
+
+
 def core_call(backend: str, inp):
     """``forward`` running attention-core ``backend`` on ``inp`` (preconditions checked once)."""
     from e2f.attention.backends import get_backend
 
     impl = get_backend(backend)
+    inp = prepared_inputs(impl, inp)
     impl.check(inp)
 
     def forward():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from e2f.attention.chunked import chunked_attention_core
-from e2f.attention.core import CoreInputs, attention_core_reference
+from e2f.attention.core import CoreInputs, attention_core_reference, pad_value_rows, value_head_stride
 
 
 def check_core_inputs(inp: CoreInputs) -> None:
@@ -78,6 +78,9 @@ class Backend:
         Backend-specific preconditions (``ValueError``).
     uses_spatial_order : bool
         The model sorts atoms along a Morton curve when this backend runs (cache reuse).
+    value_head_stride : callable, optional
+        ``dv -> head stride`` of the ``v`` layout this backend reads fastest
+        (:meth:`prepare` pads to it); None: any layout.
     """
 
     name: str
@@ -85,11 +88,18 @@ class Backend:
     extra_check: Callable[[CoreInputs], None] | None = None
     uses_spatial_order: bool = False
     description: str = field(default="")
+    value_head_stride: Callable[[int], int] | None = None
 
     def check(self, inp: CoreInputs) -> None:
         check_core_inputs(inp)
         if self.extra_check is not None:
             self.extra_check(inp)
+
+    def prepare(self, inp: CoreInputs) -> CoreInputs:
+        """``inp`` in this backend's preferred layout (the same function; differentiable)."""
+        if self.value_head_stride is None:
+            return inp
+        return inp.replace(v=pad_value_rows(inp.v, self.value_head_stride(inp.v.shape[-1])))
 
     def __call__(self, inp: CoreInputs) -> Tensor:
         return self.fn(inp)
@@ -123,6 +133,7 @@ def _triton_backend() -> Backend:
         extra_check=module.check,
         uses_spatial_order=True,
         description="fused Triton forward/backward kernels",
+        value_head_stride=value_head_stride,
     )
 
 
@@ -173,5 +184,6 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def attention_core(inp: CoreInputs, backend: str = "chunked") -> Tensor:
     """Check the preconditions of ``backend`` and run it: ``out [N, H, dv]``."""
     impl = get_backend(backend)
+    inp = impl.prepare(inp)
     impl.check(inp)
     return impl(inp)

@@ -74,6 +74,24 @@ class CoreInputs:
         return replace(self, **changes)
 
 
+def value_head_stride(dv: int) -> int:
+    """The head stride of ``v`` the fused kernel reads fastest: rows padded to a power of two
+    >= 16 numbers (64 for the paper's 58), 16-byte aligned and loaded unmasked."""
+    return max(16, 1 << max(0, dv - 1).bit_length())
+
+
+def pad_value_rows(v: Tensor, head_stride: int) -> Tensor:
+    """``v [M, H, dv]`` as a view of a zero-padded ``[M, H, head_stride]`` tensor (differentiable).
+
+    The same values in a layout some backends read faster (aligned head rows: the fused
+    kernel's ``value_head_stride``); ``v`` itself if ``head_stride <= dv``.
+    """
+    dv = v.shape[-1]
+    if head_stride <= dv:
+        return v
+    return torch.nn.functional.pad(v, (0, head_stride - dv))[..., :dv]
+
+
 def envelope(x: Tensor) -> Tensor:
     """Polynomial cutoff 1 - 6x^5 + 15x^4 - 10x^3, zero (with two zero derivatives) at x = 1."""
     x3 = x * x * x

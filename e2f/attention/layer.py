@@ -228,8 +228,8 @@ class E2Attention(torch.nn.Module):
         return torch.cat(parts).transpose(0, 1)
 
     def forward(self, x: Tensor, graph: Graph) -> Tensor:
-        inp = self.core_inputs(x, graph)
         backend = get_backend(self.backend)
+        inp = backend.prepare(self.core_inputs(x, graph))
         backend.check(inp)
         agg = heads_to_rows(backend(inp), self.table.rows_out + self.table.rows_in)
         agg_b, agg_v = agg.split([self.table.rows_out, self.table.rows_in], dim=1)

@@ -35,6 +35,7 @@ def random_core_inputs(
     requires_grad: bool = False,
     spatially_ordered: bool = True,
     periodic: bool = False,
+    value_head_stride: int | None = None,
 ) -> CoreInputs:
     """Random attention-core inputs for ``n_atoms`` atoms in a cube.
 
@@ -63,6 +64,10 @@ def random_core_inputs(
     periodic : bool
         Use a periodic cube: every atom sees a bulk environment and image slots appear
         after the atoms (M > N).
+    value_head_stride : int or None
+        If larger than ``dv``: ``v`` is a view of zero-padded ``[M, H, value_head_stride]``
+        rows (``e2f.attention.core.pad_value_rows``'s layout, the one the model gives the
+        fused kernel), filled on the device without a contiguous copy of ``v`` there.
 
     Returns
     -------
@@ -114,6 +119,20 @@ def random_core_inputs(
             out[name] = t.to(device)
             continue
         low_precision = dtype in (torch.bfloat16, torch.float16)
-        t = t.to(device=device, dtype=dtype if not low_precision or name in ("q", "k", "v") else torch.float32)
+        to = dict(device=device, dtype=dtype if not low_precision or name in ("q", "k", "v") else torch.float32)
+        if name == "v" and value_head_stride is not None and value_head_stride > dv:
+            t = _padded_rows(t, value_head_stride, **to)
+        else:
+            t = t.to(**to)
         out[name] = t.detach().requires_grad_(True) if requires_grad else t
     return CoreInputs(**out, rbf_gamma=gamma, cutoff=cutoff, eps=eps)
+
+
+def _padded_rows(host: torch.Tensor, head_stride: int, *, device, dtype, rows_per_copy: int = 1 << 16):
+    """``host [M, H, dv]`` on ``device`` as a view of zero-padded ``[M, H, head_stride]`` rows,
+    copied in slabs (a strided copy of the whole tensor would stage a contiguous one)."""
+    m, h, dv = host.shape
+    padded = torch.zeros(m, h, head_stride, device=device, dtype=dtype)
+    for start in range(0, m, rows_per_copy):
+        padded[start:start + rows_per_copy, :, :dv] = host[start:start + rows_per_copy].to(device=device, dtype=dtype)
+    return padded[..., :dv]

@@ -31,10 +31,10 @@ they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 
 (all three the same) and are accumulated in fp32. Everything else is float32.
 
 Backward is deterministic (no float atomics; fixed-order reductions). With
-``create_graph=True`` (force training) the backward routes through the differentiable
-chunked twin (``e2f.attention.chunked``), so double backward works;
-``E2F_TRITON_TWIN=materialized`` routes it through the materialised reference instead
-(faster where its O(E) memory fits; not timed yet).
+``create_graph=True`` (force training) the backward routes through a differentiable PyTorch
+twin, so double backward works: the materialised reference while one [E, H, dv] tensor has
+at most ``TWIN_MATERIALIZED_MAX_ELEMENTS`` numbers, else the chunked backend
+(``e2f.attention.chunked``, O(N) memory); ``E2F_TRITON_TWIN=chunked|materialized`` forces one.
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def check(inp: CoreInputs) -> None:
         x = t[name]
         if x.device != device:
             raise ValueError(f"backend 'triton': {name} is on {x.device}, q on {device}")
-        if not x.is_contiguous():
-            raise ValueError(f"backend 'triton': {name} must be contiguous")
+        if not x.is_contiguous() and not (name == "v" and _value_stride(x) is not None):
+            raise ValueError(f"backend 'triton': {name} must be contiguous"
+                             + (" or have padded head rows (e2f.attention.core.pad_value_rows)" if name == "v" else ""))
     if inp.q.dtype not in _QKV_DTYPES or inp.k.dtype != inp.q.dtype or inp.v.dtype != inp.q.dtype:
         raise ValueError("backend 'triton': q, k, v must share one dtype among float32, bfloat16, float16; got "
                          f"{inp.q.dtype}, {inp.k.dtype}, {inp.v.dtype}")
@@ -121,7 +122,17 @@ def check(inp: CoreInputs) -> None:
         raise ValueError("backend 'triton': needs cutoff > 0, eps >= 0, rbf_gamma >= 0")
 
 
-_KEY = ["K", "H", "DK", "DV", "G", "R", "PREC"]  # + the tensor dtypes (added by the autotuner)
+_KEY = ["K", "H", "DK", "DV", "G", "R", "PREC", "VS"]  # + the tensor dtypes (added by the autotuner)
+
+
+def _value_stride(v: Tensor) -> int | None:
+    """The head stride of ``v`` if its head rows are padded (strides ``(H VS, VS, 1)`` with
+    ``VS > dv``, as ``pad_value_rows`` makes them), else None."""
+    if v.dim() != 3:
+        return None
+    h, dv = v.shape[1:]
+    vs = v.stride(1)
+    return vs if v.stride(2) == 1 and vs > dv and v.stride(0) == h * vs else None
 
 
 def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
@@ -242,7 +253,7 @@ def _dims(t: dict) -> dict:
     g = t["gate_dst"].shape[-1]
     r = t["rbf_centers"].shape[0]
     return dict(N=n, K=kslots, H=h, DK=dk, DV=dv, G=g, R=r, BK=_pow2(kslots, 16), DKP=_pow2(dk, 2),
-                DVP=_pow2(dv, 16), GP=_pow2(g, 16), M=t["pos_src"].shape[0])
+                DVP=_pow2(dv, 16), GP=_pow2(g, 16), M=t["pos_src"].shape[0], VS=_value_stride(t["v"]) or 0)
 
 
 def _forward(t: dict, gamma: float, cutoff: float, eps: float):
@@ -260,7 +271,7 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
         t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
         n, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]),
-        DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+        DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("fwd", fwd, compiled)
     _last["precision"] = prec
     return out, m, s
@@ -328,14 +339,15 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
                   grads["q"], grads["gate_dst"], grads["pos_dst"], b_dot, dd_edge,
                   dwr_part, dwo_part, db_part, dc_part,
                   n, d["K"], h, d["G"], d["R"], *scal, nprog,
-                  DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+                  DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
+                  VS=d["VS"])
     _record("bwd_target", tgt)
     rowptr, edge_ids = _transposed(t["nbr"], mm)
     src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
               t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s, b_dot, dd_edge, rowptr, edge_ids,
               grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
               mm, d["K"], h, d["G"], d["R"], *scal,
-              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec)
+              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("bwd_source", src)
     grads["w_radial"] = dwr_part.sum(0)
     grads["w_out"] = dwo_part.sum(0)
@@ -350,20 +362,35 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
 #: sets the launch count: the CPU default of 2**24 gave ~35 blocks a layer at N = 1,000 and
 #: 11.5 s per training step on an H200.
 TWIN_BLOCK_ELEMENTS = 1 << 27
-#: ``chunked`` (default: O(N) memory) or ``materialized`` (plain autograd through every
-#: [E, H, dv] tensor: O(E) memory, one recompute instead of three), for timing experiments.
+#: ``auto`` (default), ``chunked`` (O(N) memory, three recomputes a layer) or
+#: ``materialized`` (plain autograd through every [E, H, dv] tensor: O(E) memory, one pass).
 TWIN_ENV = "E2F_TRITON_TWIN"
+#: ``auto`` materialises while one [E, H, dv] fp32 tensor has at most this many numbers (1 GiB:
+#: N = 1,000 atoms at K = 32, H = 128, dv = 58 is 0.24 G) and streams beyond. With the chunked
+#: twin, E2Former-V2's force-training step took 1.7-3.2 s at N = 1,000 on an H200 against
+#: 0.22-0.28 s for E2Former v1 (the same function), and reached 242 of 600 accuracy steps in
+#: the time v1 needed for 600.
+TWIN_MATERIALIZED_MAX_ELEMENTS = 1 << 28
+
+
+def twin_choice(inp: CoreInputs) -> str:
+    """The differentiable twin the second-order pass of ``inp`` goes through."""
+    twin = os.environ.get(TWIN_ENV, "auto")
+    if twin not in ("auto", "chunked", "materialized"):
+        raise ValueError(f"{TWIN_ENV} must be 'auto', 'chunked' or 'materialized', got {twin!r}")
+    if twin == "auto":
+        width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
+        twin = "materialized" if width <= TWIN_MATERIALIZED_MAX_ELEMENTS else "chunked"
+    return twin
 
 
 def _differentiable_twin(inp: CoreInputs) -> Tensor:
     """The same function through PyTorch ops (any order of differentiation)."""
-    twin = os.environ.get(TWIN_ENV, "chunked")
+    _last["twin"] = twin = twin_choice(inp)
     if twin == "materialized":
         from e2f.attention.core import attention_core_reference
 
         return attention_core_reference(inp)
-    if twin != "chunked":
-        raise ValueError(f"{TWIN_ENV} must be 'chunked' or 'materialized', got {twin!r}")
     from e2f.attention.chunked import chunked_attention_core
 
     if inp.q.device.type == "cuda":
@@ -410,5 +437,5 @@ def fused_attention_core(inp: CoreInputs) -> Tensor:
     float32, differentiable with respect to every tensor of ``inp``.
     """
     t = inp.tensors()
-    tensors = [t[name].contiguous() for name in TENSOR_NAMES]
+    tensors = [t[name] if name == "v" and _value_stride(t[name]) else t[name].contiguous() for name in TENSOR_NAMES]
     return _FusedCore.apply(float(inp.rbf_gamma), float(inp.cutoff), float(inp.eps), *tensors)

@@ -119,19 +119,31 @@ def _join4(a0, a1, b0, b1):
 
 
 @triton.jit
-def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
-    """[E, HA, DVP] float32 tile of a [*, H, DV] tensor: rows x heads hh x all DV numbers."""
+def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr = 0):
+    """[E, HA, DVP] float32 tile of a [*, H, DV] tensor with head stride ``VS`` (0: ``DV``):
+    rows x heads hh x all DV numbers, zero beyond DV.
+
+    With padded head rows (``VS >= DVP``) the load is not masked along the row, so it
+    vectorises to 16-byte accesses (rows of 58 numbers allow 8 bytes at best); the padding is
+    read and then replaced by zeros (it may hold anything).
+    """
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs_d = tl.arange(0, DVP)
-    ptr = base + rows[:, None, None] * (H * DV) + hh[None, :, None] * DV + offs_d[None, None, :]
+    ptr = base + rows[:, None, None] * (H * STRIDE) + hh[None, :, None] * STRIDE + offs_d[None, None, :]
+    if STRIDE >= DVP:
+        x = tl.load(ptr, mask=rmask[:, None, None] & hm[None, :, None], other=0.0).to(tl.float32)
+        return tl.where((offs_d < DV)[None, None, :], x, 0.0)
     mask = rmask[:, None, None] & hm[None, :, None] & (offs_d < DV)[None, None, :]
     return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
-    """[HA, DVP] float32 tile of one row of a [*, H, DV] tensor, and its pointers and mask."""
+def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr = 0):
+    """[HA, DVP] float32 tile of one row of a [*, H, DV] tensor with head stride ``VS`` (0:
+    ``DV``), and its pointers and mask."""
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs_d = tl.arange(0, DVP)
-    ptr = base + row * (H * DV) + hh[:, None] * DV + offs_d[None, :]
+    ptr = base + row * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :]
     mask = hm[:, None] & (offs_d < DV)[None, :]
     return tl.load(ptr, mask=mask, other=0.0).to(tl.float32), ptr, mask
 
@@ -187,8 +199,8 @@ def _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr
 
 
 @triton.jit
-def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.constexpr, AGG: tl.constexpr,
-               STEP: tl.constexpr, TB: tl.constexpr):
+def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr,
+               AGG: tl.constexpr, STEP: tl.constexpr, TB: tl.constexpr):
     """``out`` of the targets ``t0 ..`` for the heads ``hbase + STEP a`` from their weights ``w [TB * BK, HA]``.
 
     The targets' value gathers run back-to-back, so a neighbour row shared by consecutive
@@ -203,7 +215,7 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
         i = t0 + t
         src, ok = _slots(nbr, i, N, K, BK)
         if AGG:
-            vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
+            vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
         else:
             vt = tl.zeros([BK, HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
         o = tl.sum(_target_rows(w, t, TB)[:, :, None] * vt, axis=0)
@@ -217,7 +229,7 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
                N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-               PREC: tl.constexpr, TB: tl.constexpr = 1, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
+               PREC: tl.constexpr, VS: tl.constexpr = 0, TB: tl.constexpr = 1, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
                AGG: tl.constexpr = True):
     # TB (1, 2 or 4): consecutive targets per program (grid cdiv(N, TB)); edge row
     # e = t * BK + slot belongs to target t0 + t.
@@ -259,32 +271,33 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
         tl.store(s_out + stat, s, mask=stat_mask)
         w0, w2, w1, w3 = _split4(w)
         if GROUPS == 4:
-            _fwd_group(v, out, nbr, w0, t0, N, K, h0 + 0, H, DV, DVP, AGG, 4, TB)
-            _fwd_group(v, out, nbr, w1, t0, N, K, h0 + 1, H, DV, DVP, AGG, 4, TB)
-            _fwd_group(v, out, nbr, w2, t0, N, K, h0 + 2, H, DV, DVP, AGG, 4, TB)
-            _fwd_group(v, out, nbr, w3, t0, N, K, h0 + 3, H, DV, DVP, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w0, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w1, t0, N, K, h0 + 1, H, DV, DVP, VS, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w2, t0, N, K, h0 + 2, H, DV, DVP, VS, AGG, 4, TB)
+            _fwd_group(v, out, nbr, w3, t0, N, K, h0 + 3, H, DV, DVP, VS, AGG, 4, TB)
         else:
             # heads h0 + r + 8 a: w0 -> r = 0, 4; w2 -> 2, 6; w1 -> 1, 5; w3 -> 3, 7
             wa, wb = _split2(w0)
-            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 0, H, DV, DVP, AGG, 8, TB)
-            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 4, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 4, H, DV, DVP, VS, AGG, 8, TB)
             wa, wb = _split2(w2)
-            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 2, H, DV, DVP, AGG, 8, TB)
-            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 6, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 2, H, DV, DVP, VS, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 6, H, DV, DVP, VS, AGG, 8, TB)
             wa, wb = _split2(w1)
-            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 1, H, DV, DVP, AGG, 8, TB)
-            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 5, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 1, H, DV, DVP, VS, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 5, H, DV, DVP, VS, AGG, 8, TB)
             wa, wb = _split2(w3)
-            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 3, H, DV, DVP, AGG, 8, TB)
-            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 7, H, DV, DVP, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 3, H, DV, DVP, VS, AGG, 8, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 7, H, DV, DVP, VS, AGG, 8, TB)
 
 
 @triton.jit
-def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                     VS: tl.constexpr):
     """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
-    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP)
+    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
     gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
@@ -297,7 +310,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
                       N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0):
     HA: tl.constexpr = HC // 4
     pid = tl.program_id(0)
     offs_g = tl.arange(0, GP)
@@ -335,10 +348,10 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             e = tl.exp(logit - mx[None, :])
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s[None, :]
-            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP))
+            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
             bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
             tl.store(b_out_dot + i * H + offs_h, bsum, mask=hmask)
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
@@ -395,13 +408,13 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
 
 
 @triton.jit
-def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr):
+def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
     """For the heads hbase + 4 a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
     HA: tl.constexpr = w.shape[1]
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
     gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
-    vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP)
+    vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP, VS)
     acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
     acc += tl.sum(w[:, :, None] * gt, axis=0)
     tl.store(ptr, acc, mask=hm[:, None] & (tl.arange(0, DVP) < DV)[None, :])
@@ -415,7 +428,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
                       M, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0):
     j = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
@@ -459,10 +472,10 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s
             w0, w2, w1, w3 = _split4(w)
-            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP),
-                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP),
-                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP),
-                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP))
+            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS))
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum) / s, 0.0)
             dlogit = dp * p
             du = tl.where(lv, dw * p / s * inv_d[:, None], 0.0)

@@ -168,7 +168,7 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
-@pytest.mark.parametrize("twin", ["chunked", "materialized"])
+@pytest.mark.parametrize("twin", ["chunked", "materialized", "auto"])
 def test_double_backward_routes_through_the_twin(twin, monkeypatch):
     monkeypatch.setenv("E2F_TRITON_TWIN", twin)
     inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
@@ -183,12 +183,63 @@ def test_double_backward_routes_through_the_twin(twin, monkeypatch):
     assert rel(results[0][1], results[1][1]) < 1e-4
 
 
+def test_auto_twin_streams_above_its_bound(monkeypatch):
+    from e2f.attention.triton import function
+
+    inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
+    width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
+    monkeypatch.delenv("E2F_TRITON_TWIN", raising=False)
+    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width)
+    assert function.twin_choice(inp) == "materialized"
+    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width - 1)
+    assert function.twin_choice(inp) == "chunked"
+    energy = (fused_attention_core(inp) ** 2).sum()
+    torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
+    assert last_config()["twin"] == "chunked"
+
+
 def test_unknown_twin_is_rejected(monkeypatch):
     monkeypatch.setenv("E2F_TRITON_TWIN", "fast")
     inp = make_inputs(4, 4, 3, seed=18, drop=0.0)
     energy = (fused_attention_core(inp) ** 2).sum()
     with pytest.raises(ValueError, match="E2F_TRITON_TWIN"):
         torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
+
+
+def padded_leaf(v: torch.Tensor, head_stride: int, fill=float("nan")) -> torch.Tensor:
+    """``v`` as a leaf view of ``[M, H, head_stride]`` rows whose padding holds ``fill``."""
+    buf = torch.full((*v.shape[:2], head_stride), fill, dtype=v.dtype, device=v.device)
+    buf[..., :v.shape[-1]] = v.detach()
+    return buf[..., :v.shape[-1]].requires_grad_(True)
+
+
+@pytest.mark.parametrize("dv, head_stride", [(5, 16), (9, 16), (5, 8)])
+def test_padded_value_rows_are_read_and_the_padding_ignored(dv, head_stride):
+    # head stride 16 >= the padded tile width: unmasked (vectorised) row loads; 8 < 16 for
+    # dv = 5: the masked path with a stride. NaN padding must not leak into any result.
+    inp = make_inputs(13, 17, 6, dv=dv, empty_rows=(4,), seed=21)
+    padded = inp.replace(v=padded_leaf(inp.v, head_stride))
+    assert not padded.v.is_contiguous() and padded.v.stride(1) == head_stride
+    out, grads = compare(padded, 1e-5)
+    base, _ = value_and_grads(fused_attention_core, detached_copy(inp), torch.ones_like(out))
+    assert torch.equal(out, base), "the layout of v changed the forward result"
+
+
+def test_padded_value_rows_in_bf16_and_the_preferred_stride():
+    from e2f.attention.core import pad_value_rows
+    from e2f.attention.core import value_head_stride
+
+    assert value_head_stride(58) == 64 and value_head_stride(5) == 16 and value_head_stride(64) == 64
+    inp = make_inputs(11, 11, 5, dv=9, seed=22, qkv_dtype=torch.bfloat16)
+    padded = inp.replace(v=padded_leaf(inp.v, value_head_stride(9)))
+    compare(padded, 2e-2, ref_dtype=torch.float32)
+    # the differentiable helper keeps v's gradient flowing through the padding
+    v = inp.v.detach().float().requires_grad_(True)
+    view = pad_value_rows(v, 16)
+    assert view.stride(1) == 16 and torch.equal(view, v)
+    view.sum().backward()
+    assert torch.equal(v.grad, torch.ones_like(v))
+    assert pad_value_rows(v, 9) is v
 
 
 def test_check_rejects_unmet_preconditions():
@@ -199,6 +250,8 @@ def test_check_rejects_unmet_preconditions():
         check(inp.replace(k=inp.k.detach().bfloat16()))
     with pytest.raises(ValueError, match="contiguous"):
         check(inp.replace(q=inp.q.detach().transpose(1, 2).contiguous().transpose(1, 2)))
+    with pytest.raises(ValueError, match="padded head rows"):  # heads not evenly strided
+        check(inp.replace(v=inp.v.detach().transpose(0, 1).contiguous().transpose(0, 1)))
     with pytest.raises(ValueError, match="neighbour slots"):
         check(inp.replace(nbr=torch.full((5, 129), -1, device=DEVICE)))
     with pytest.raises(ValueError, match="shape"):
