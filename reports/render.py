@@ -400,8 +400,11 @@ def fig_accuracy(df: pd.DataFrame, paper: bool) -> Drawn | None:
     d = df[(df["suite"] == "accuracy") & (df["status"] == "ok")]
     if d.empty:
         return None
+    # steps asked (params) and steps done (metrics; fewer when the time budget stopped training)
+    d = d.rename(columns={"params.steps": "params.steps_asked", "metrics.steps": "metrics.steps_done"})
     metric_cols = [c for c in d.columns if c.startswith("metrics.") and d[c].notna().any()
-                   and pd.api.types.is_numeric_dtype(d[c]) and not c.endswith(("_ms", "repeats"))]
+                   and (pd.api.types.is_numeric_dtype(d[c]) or c == "metrics.time_budget_reached")
+                   and not c.endswith(("_ms", "repeats"))]
     param_cols = [c for c in _series_columns(d) if c != "params.dtype"] + (["params.dataset"] if "params.dataset" in d else [])
     cols = ["impl", *dict.fromkeys(param_cols), *metric_cols]
     table = _table(d, cols)

@@ -129,4 +129,6 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _bytes(tensors) -> int:
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+    """Bytes the tensors' storages hold (each storage once: a padded view counts its padding)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return int(sum(storages.values()))
