@@ -32,8 +32,8 @@ they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 
 
 Backward is deterministic (no float atomics; fixed-order reductions). With
 ``create_graph=True`` (force training) the backward routes through a differentiable PyTorch
-twin, so double backward works: the materialised reference while one [E, H, dv] tensor has
-at most ``TWIN_MATERIALIZED_MAX_ELEMENTS`` numbers, else the chunked backend
+twin, so double backward works: the materialised reference while one [E, H, dv] tensor takes
+at most ``TWIN_MATERIALIZED_FRACTION`` of the GPU's memory, else the chunked backend
 (``e2f.attention.chunked``, O(N) memory); ``E2F_TRITON_TWIN=chunked|materialized`` forces one.
 """
 from __future__ import annotations
@@ -374,12 +374,21 @@ TWIN_BLOCK_ELEMENTS = 1 << 27
 #: ``auto`` (default), ``chunked`` (O(N) memory, three recomputes a layer) or
 #: ``materialized`` (plain autograd through every [E, H, dv] tensor: O(E) memory, one pass).
 TWIN_ENV = "E2F_TRITON_TWIN"
-#: ``auto`` materialises while one [E, H, dv] fp32 tensor has at most this many numbers (1 GiB:
-#: N = 1,000 atoms at K = 32, H = 128, dv = 58 is 0.24 G) and streams beyond. With the chunked
-#: twin, E2Former-V2's force-training step took 1.7-3.2 s at N = 1,000 on an H200 against
-#: 0.22-0.28 s for E2Former v1 (the same function), and reached 242 of 600 accuracy steps in
-#: the time v1 needed for 600.
-TWIN_MATERIALIZED_MAX_ELEMENTS = 1 << 28
+#: ``auto`` materialises while one [E, H, dv] fp32 tensor takes at most 1/512 of the GPU's
+#: memory (``TWIN_MATERIALIZED_FRACTION``; on the CPU: ``TWIN_MATERIALIZED_CPU_ELEMENTS``
+#: numbers) and streams beyond. The materialised twin keeps ~16 such tensors a layer, so a
+#: 4-layer model at the bound holds about half the card: E2Former-V2 at N = 1,024 (K = 32,
+#: H = 128, dv = 58: 0.97 GB a tensor) took 61 MB an atom in its force-training step on an
+#: H200, against 18 MB with the chunked twin; the step took 0.73 s against 2.1 s (H200,
+#: 2026-11-26, same call). E2Former v1, the same function, takes 0.22-0.28 s.
+TWIN_MATERIALIZED_FRACTION = 1 / 512
+TWIN_MATERIALIZED_CPU_ELEMENTS = 1 << 26
+
+
+def _twin_materialized_max_elements(device: torch.device) -> int:
+    if device.type != "cuda":
+        return TWIN_MATERIALIZED_CPU_ELEMENTS
+    return int(torch.cuda.get_device_properties(device).total_memory * TWIN_MATERIALIZED_FRACTION) // 4
 
 
 def twin_choice(inp: CoreInputs) -> str:
@@ -389,7 +398,7 @@ def twin_choice(inp: CoreInputs) -> str:
         raise ValueError(f"{TWIN_ENV} must be 'auto', 'chunked' or 'materialized', got {twin!r}")
     if twin == "auto":
         width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
-        twin = "materialized" if width <= TWIN_MATERIALIZED_MAX_ELEMENTS else "chunked"
+        twin = "materialized" if width <= _twin_materialized_max_elements(inp.q.device) else "chunked"
     return twin
 
 

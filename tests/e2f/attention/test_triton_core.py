@@ -189,9 +189,9 @@ def test_auto_twin_streams_above_its_bound(monkeypatch):
     inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
     width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
     monkeypatch.delenv("E2F_TRITON_TWIN", raising=False)
-    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width)
+    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width)
     assert function.twin_choice(inp) == "materialized"
-    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width - 1)
+    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width - 1)
     assert function.twin_choice(inp) == "chunked"
     energy = (fused_attention_core(inp) ** 2).sum()
     torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
