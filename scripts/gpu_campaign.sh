@@ -58,6 +58,21 @@ run_step() {
                # default before 'auto', which materialises at this size): run beside latency-v2
             step twin 150 env E2F_TRITON_TWIN=chunked $B --suite latency --full --impl e2former-v2 --sizes 1000 \
                 --out "$res/latency-twin-chunked" ;;
+        ncu-fwd)  # hardware counters of one forward launch (Firecracker machines; clocks left alone)
+            step ncu-fwd "${NCU_SECS:-150}" ncu --clock-control none -k regex:fwd_kernel -c 1 \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+                env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/ncu" --ncu-fwd 16384 ;;
+        regression-vs)  # the committed baseline of this card against this code; saves a new baseline
+            step regression-vs "${REGVS_SECS:-180}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
+                --compare "reports/baselines/${BASELINE_NAME:-h200}.json" --allow-mismatch --save-baseline "$res/baseline.json"
+            step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json" ;;
+        memory-big)  # issue 4's largest points: core:triton fwd at 1,048,576 and fwd+bwd at 524,288
+            step memory-big "${MEMBIG_SECS:-200}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
+                --sizes 524288,1048576 --out "$res/memory-big" ;;
+        memory-k)  # fwd and fwd+bwd peak bytes for K = 16 and 64 from 1,024 to 262,144 atoms
+            step memory-k "${MEMK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev-k" \
+                --skip-check --sizes --value-layouts padded --mem-sizes 1024 16384 65536 262144 --mem-k 16 64 ;;
         kernel-layouts)  # v contiguous vs padded head rows, same inputs, first configuration only
             step kernel-layouts "${LAYOUT_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py \
                 --out "$res/kernel-dev" --skip-check --value-layouts contiguous padded --sizes 16384 65536 --dtypes float32

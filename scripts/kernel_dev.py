@@ -92,7 +92,10 @@ def inputs(n, dtype=torch.float32, seed=0, k=32):
 
 
 def with_layout(inp, layout):
-    """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf)."""
+    """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf);
+    the backward pads ``dout`` in the padded layout only (the kernels before padding: contiguous)."""
+    from e2f.attention.triton import function
+    function.PAD_DOUT = layout == "padded"
     if layout == "contiguous":
         return inp
     from e2f.attention.core import value_head_stride
@@ -384,6 +387,7 @@ def main():
     ap.add_argument("--fwd-only-sizes", type=int, nargs="*", default=[])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--mem-sizes", type=int, nargs="*", default=[], help="peak memory only (fp32)")
+    ap.add_argument("--mem-k", type=int, nargs="*", default=[32], help="neighbour caps of the --mem-sizes points")
     ap.add_argument("--k-sweep", type=int, nargs="*", default=[], help="neighbour caps timed at N = 16,384 (fp32)")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
@@ -430,9 +434,10 @@ def main():
     for kk in args.k_sweep:
         guarded(time_point, args.out, "triton", 16384, torch.float32, k=kk, layout=layout)
         print(f"[K={kk} done {time.time() - t0:.0f}s]", flush=True)
-    for n in args.mem_sizes:
-        guarded(time_point, args.out, "triton", n, torch.float32, timing=False, layout=layout)
-        print(f"[memory N={n} done {time.time() - t0:.0f}s]", flush=True)
+    for kk in args.mem_k:
+        for n in args.mem_sizes:
+            guarded(time_point, args.out, "triton", n, torch.float32, k=kk, timing=False, layout=layout)
+            print(f"[memory K={kk} N={n} done {time.time() - t0:.0f}s]", flush=True)
     for n in args.fwd_only_sizes:
         for dt in args.dtypes:
             guarded(time_point, args.out, "triton", n, getattr(torch, dt), do_bwd=False)

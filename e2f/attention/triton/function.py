@@ -32,8 +32,8 @@ they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 
 
 Backward is deterministic (no float atomics; fixed-order reductions). With
 ``create_graph=True`` (force training) the backward routes through a differentiable PyTorch
-twin, so double backward works: the materialised reference while one [E, H, dv] tensor has
-at most ``TWIN_MATERIALIZED_MAX_ELEMENTS`` numbers, else the chunked backend
+twin, so double backward works: the materialised reference while one [E, H, dv] tensor takes
+at most ``TWIN_MATERIALIZED_FRACTION`` of the GPU's memory, else the chunked backend
 (``e2f.attention.chunked``, O(N) memory); ``E2F_TRITON_TWIN=chunked|materialized`` forces one.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import os
 import torch
 from torch import Tensor
 
-from e2f.attention.core import CoreInputs
+from e2f.attention.core import CoreInputs, pad_value_rows, value_head_stride
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -220,9 +220,10 @@ def _configs():
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
         fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
     fwd = triton.autotune(fwd_cfgs, key=_KEY)(K.fwd_kernel)
-    tgt = triton.autotune(tgt_cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+    bwd_key = [*_KEY, "VSO"]
+    tgt = triton.autotune(tgt_cfgs, key=bwd_key, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
         K.bwd_target_kernel)
-    src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
+    src = triton.autotune(src_cfgs, key=bwd_key)(K.bwd_source_kernel)
     _kernels = (fwd, tgt, src)
     return _kernels
 
@@ -293,6 +294,11 @@ def _transposed(nbr: Tensor, m: int):
     return rowptr.to(torch.int64).contiguous(), edge_ids.to(torch.int64)
 
 
+#: The backward copies ``dout`` into padded head rows (``value_head_stride``: +10 % of its
+#: bytes at dv = 58, ~32 KB an atom while the backward runs) so that the source pass's
+#: per-edge ``dout`` gathers load in 16-byte vectors, as the forward's ``v`` gathers do.
+PAD_DOUT = True
+
 #: Targets per program of the persistent target pass below two programs per SM.
 TARGETS_PER_PROGRAM = 32
 
@@ -324,6 +330,9 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
+    if PAD_DOUT:
+        dout = pad_value_rows(dout, value_head_stride(d["DV"]))
+    vso = _value_stride(dout) or 0
     _, tgt, src = _configs()
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
@@ -340,14 +349,14 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
                   dwr_part, dwo_part, db_part, dc_part,
                   n, d["K"], h, d["G"], d["R"], *scal, nprog,
                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
-                  VS=d["VS"])
+                  VS=d["VS"], VSO=vso)
     _record("bwd_target", tgt)
     rowptr, edge_ids = _transposed(t["nbr"], mm)
     src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
               t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s, b_dot, dd_edge, rowptr, edge_ids,
               grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
               mm, d["K"], h, d["G"], d["R"], *scal,
-              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
+              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"], VSO=vso)
     _record("bwd_source", src)
     grads["w_radial"] = dwr_part.sum(0)
     grads["w_out"] = dwo_part.sum(0)
@@ -365,12 +374,21 @@ TWIN_BLOCK_ELEMENTS = 1 << 27
 #: ``auto`` (default), ``chunked`` (O(N) memory, three recomputes a layer) or
 #: ``materialized`` (plain autograd through every [E, H, dv] tensor: O(E) memory, one pass).
 TWIN_ENV = "E2F_TRITON_TWIN"
-#: ``auto`` materialises while one [E, H, dv] fp32 tensor has at most this many numbers (1 GiB:
-#: N = 1,000 atoms at K = 32, H = 128, dv = 58 is 0.24 G) and streams beyond. With the chunked
-#: twin, E2Former-V2's force-training step took 1.7-3.2 s at N = 1,000 on an H200 against
-#: 0.22-0.28 s for E2Former v1 (the same function), and reached 242 of 600 accuracy steps in
-#: the time v1 needed for 600.
-TWIN_MATERIALIZED_MAX_ELEMENTS = 1 << 28
+#: ``auto`` materialises while one [E, H, dv] fp32 tensor takes at most 1/512 of the GPU's
+#: memory (``TWIN_MATERIALIZED_FRACTION``; on the CPU: ``TWIN_MATERIALIZED_CPU_ELEMENTS``
+#: numbers) and streams beyond. The materialised twin keeps ~16 such tensors a layer, so a
+#: 4-layer model at the bound holds about half the card: E2Former-V2 at N = 1,024 (K = 32,
+#: H = 128, dv = 58: 0.97 GB a tensor) took 61 MB an atom in its force-training step on an
+#: H200, against 18 MB with the chunked twin; the step took 0.73 s against 2.1 s (H200,
+#: 2026-11-26, same call). E2Former v1, the same function, takes 0.22-0.28 s.
+TWIN_MATERIALIZED_FRACTION = 1 / 512
+TWIN_MATERIALIZED_CPU_ELEMENTS = 1 << 26
+
+
+def _twin_materialized_max_elements(device: torch.device) -> int:
+    if device.type != "cuda":
+        return TWIN_MATERIALIZED_CPU_ELEMENTS
+    return int(torch.cuda.get_device_properties(device).total_memory * TWIN_MATERIALIZED_FRACTION) // 4
 
 
 def twin_choice(inp: CoreInputs) -> str:
@@ -380,7 +398,7 @@ def twin_choice(inp: CoreInputs) -> str:
         raise ValueError(f"{TWIN_ENV} must be 'auto', 'chunked' or 'materialized', got {twin!r}")
     if twin == "auto":
         width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
-        twin = "materialized" if width <= TWIN_MATERIALIZED_MAX_ELEMENTS else "chunked"
+        twin = "materialized" if width <= _twin_materialized_max_elements(inp.q.device) else "chunked"
     return twin
 
 

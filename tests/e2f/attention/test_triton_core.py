@@ -189,9 +189,9 @@ def test_auto_twin_streams_above_its_bound(monkeypatch):
     inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
     width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
     monkeypatch.delenv("E2F_TRITON_TWIN", raising=False)
-    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width)
+    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width)
     assert function.twin_choice(inp) == "materialized"
-    monkeypatch.setattr(function, "TWIN_MATERIALIZED_MAX_ELEMENTS", width - 1)
+    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width - 1)
     assert function.twin_choice(inp) == "chunked"
     energy = (fused_attention_core(inp) ** 2).sum()
     torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
@@ -223,6 +223,19 @@ def test_padded_value_rows_are_read_and_the_padding_ignored(dv, head_stride):
     out, grads = compare(padded, 1e-5)
     base, _ = value_and_grads(fused_attention_core, detached_copy(inp), torch.ones_like(out))
     assert torch.equal(out, base), "the layout of v changed the forward result"
+
+
+def test_padded_dout_gives_the_same_gradients(monkeypatch):
+    from e2f.attention.triton import function
+
+    inp = make_inputs(13, 17, 6, dv=9, empty_rows=(4,), seed=23)
+    dout = torch.randn(13, 3, 9, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    runs = []
+    for pad in (True, False):
+        monkeypatch.setattr(function, "PAD_DOUT", pad)
+        runs.append(value_and_grads(fused_attention_core, detached_copy(inp), dout)[1])
+    for name in FLOATS:
+        assert torch.equal(runs[0][name], runs[1][name]), name
 
 
 def test_padded_value_rows_in_bf16_and_the_preferred_stride():
