@@ -92,10 +92,7 @@ def inputs(n, dtype=torch.float32, seed=0, k=32):
 
 
 def with_layout(inp, layout):
-    """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf);
-    the backward pads ``dout`` in the padded layout only (the kernels before padding: contiguous)."""
-    from e2f.attention.triton import function
-    function.PAD_DOUT = layout == "padded"
+    """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf)."""
     if layout == "contiguous":
         return inp
     from e2f.attention.core import value_head_stride

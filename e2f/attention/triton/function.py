@@ -44,7 +44,7 @@ import os
 import torch
 from torch import Tensor
 
-from e2f.attention.core import CoreInputs, pad_value_rows, value_head_stride
+from e2f.attention.core import CoreInputs
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -220,10 +220,9 @@ def _configs():
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
         fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
     fwd = triton.autotune(fwd_cfgs, key=_KEY)(K.fwd_kernel)
-    bwd_key = [*_KEY, "VSO"]
-    tgt = triton.autotune(tgt_cfgs, key=bwd_key, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+    tgt = triton.autotune(tgt_cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
         K.bwd_target_kernel)
-    src = triton.autotune(src_cfgs, key=bwd_key)(K.bwd_source_kernel)
+    src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
     _kernels = (fwd, tgt, src)
     return _kernels
 
@@ -294,11 +293,6 @@ def _transposed(nbr: Tensor, m: int):
     return rowptr.to(torch.int64).contiguous(), edge_ids.to(torch.int64)
 
 
-#: The backward copies ``dout`` into padded head rows (``value_head_stride``: +10 % of its
-#: bytes at dv = 58, ~32 KB an atom while the backward runs) so that the source pass's
-#: per-edge ``dout`` gathers load in 16-byte vectors, as the forward's ``v`` gathers do.
-PAD_DOUT = True
-
 #: Targets per program of the persistent target pass below two programs per SM.
 TARGETS_PER_PROGRAM = 32
 
@@ -330,9 +324,6 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    if PAD_DOUT:
-        dout = pad_value_rows(dout, value_head_stride(d["DV"]))
-    vso = _value_stride(dout) or 0
     _, tgt, src = _configs()
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
@@ -349,14 +340,14 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
                   dwr_part, dwo_part, db_part, dc_part,
                   n, d["K"], h, d["G"], d["R"], *scal, nprog,
                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
-                  VS=d["VS"], VSO=vso)
+                  VS=d["VS"])
     _record("bwd_target", tgt)
     rowptr, edge_ids = _transposed(t["nbr"], mm)
     src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
               t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s, b_dot, dd_edge, rowptr, edge_ids,
               grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
               mm, d["K"], h, d["G"], d["R"], *scal,
-              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"], VSO=vso)
+              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("bwd_source", src)
     grads["w_radial"] = dwr_part.sum(0)
     grads["w_out"] = dwo_part.sum(0)

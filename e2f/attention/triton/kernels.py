@@ -26,9 +26,6 @@ with every batch, and divisibility-by-16 variants would recompile every autotune
   list, CSR by source) in chunks of ``BKS``; recomputes each edge and writes ``dk``, ``dv``,
   ``dgate_src``, ``dpos_src``.
 
-``VS`` / ``VSO``: head strides of ``v`` / ``dout`` (0: contiguous rows of ``DV``); rows padded
-to ``DVP`` numbers load unmasked in 16-byte vectors (``_value_tile``).
-
 Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
 four (forward: ``GROUPS`` = 4 or 8) groups of heads ``h0 + r + 4 i``, and each group moves a
@@ -296,12 +293,12 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
 
 @triton.jit
 def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     VS: tl.constexpr, VSO: tl.constexpr):
+                     VS: tl.constexpr):
     """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
     vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
-    gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP, VSO)
+    gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
@@ -313,7 +310,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
                       N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0, VSO: tl.constexpr = 0):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0):
     HA: tl.constexpr = HC // 4
     pid = tl.program_id(0)
     offs_g = tl.arange(0, GP)
@@ -351,10 +348,10 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             e = tl.exp(logit - mx[None, :])
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s[None, :]
-            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS, VSO),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS, VSO),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS, VSO),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS, VSO))
+            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
             bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
             tl.store(b_out_dot + i * H + offs_h, bsum, mask=hmask)
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
@@ -411,13 +408,12 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
 
 
 @triton.jit
-def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr,
-               VSO: tl.constexpr):
+def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
     """For the heads hbase + 4 a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
     HA: tl.constexpr = w.shape[1]
     hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
-    gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP, VSO)
+    gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
     vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP, VS)
     acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
     acc += tl.sum(w[:, :, None] * gt, axis=0)
@@ -432,7 +428,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
                       M, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0, VSO: tl.constexpr = 0):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0):
     j = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
@@ -476,10 +472,10 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s
             w0, w2, w1, w3 = _split4(w)
-            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS, VSO),
-                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS, VSO),
-                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS, VSO),
-                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS, VSO))
+            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS),
+                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS))
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum) / s, 0.0)
             dlogit = dp * p
             du = tl.where(lv, dw * p / s * inv_d[:, None], 0.0)

@@ -225,19 +225,6 @@ def test_padded_value_rows_are_read_and_the_padding_ignored(dv, head_stride):
     assert torch.equal(out, base), "the layout of v changed the forward result"
 
 
-def test_padded_dout_gives_the_same_gradients(monkeypatch):
-    from e2f.attention.triton import function
-
-    inp = make_inputs(13, 17, 6, dv=9, empty_rows=(4,), seed=23)
-    dout = torch.randn(13, 3, 9, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    runs = []
-    for pad in (True, False):
-        monkeypatch.setattr(function, "PAD_DOUT", pad)
-        runs.append(value_and_grads(fused_attention_core, detached_copy(inp), dout)[1])
-    for name in FLOATS:
-        assert torch.equal(runs[0][name], runs[1][name]), name
-
-
 def test_padded_value_rows_in_bf16_and_the_preferred_stride():
     from e2f.attention.core import pad_value_rows
     from e2f.attention.core import value_head_stride
