@@ -156,7 +156,7 @@ class KernelTflops(Suite):
         dtype = workloads.torch_dtype(p["dtype"])
         tf32 = workloads.speed_precision(cfg)
         inp = workloads.cached_core_inputs(p["n_atoms"], sizes=sizes, dtype=dtype, device=cfg.device, seed=cfg.seed,
-                                           requires_grad=p["mode"] != "fwd")
+                                           requires_grad=p["mode"] != "fwd", backend=point.impl)
         forward = workloads.core_call(point.impl, inp)
         n_edges = workloads.num_edges(inp.nbr)
         nbytes = core_bytes(inp, p["mode"])

@@ -96,7 +96,7 @@ class MemoryScaling(Suite):
         if what == "core":
             sizes = workloads.QUICK_CORE if cfg.quick else workloads.PAPER_CORE
             inp = workloads.cached_core_inputs(n, sizes=sizes, dtype=dtype, device=cfg.device, seed=cfg.seed,
-                                               requires_grad=True)
+                                               requires_grad=True, backend=name)
             forward = workloads.core_call(name, inp)
             extra = {"n_edges": workloads.num_edges(inp.nbr), "input_bytes": _bytes(inp.tensors().values())}
         else:

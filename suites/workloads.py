@@ -115,22 +115,30 @@ def molecule_batch(name: str = "C6H6", copies: int = 1, *, seed: int = 0, device
 
 
 def core_inputs(n_atoms: int, *, sizes: CoreSizes = PAPER_CORE, dtype: torch.dtype = torch.float32, device="cpu",
-                seed: int = 0, requires_grad: bool = False, periodic: bool = True):
+                seed: int = 0, requires_grad: bool = False, periodic: bool = True, value_head_stride: int | None = None):
     """The ``attention-core`` inputs (``CoreInputs``) for ``n_atoms`` atoms at ``sizes``.
 
     Periodic by default so that every atom has a bulk neighbourhood (all K slots filled at
-    liquid density: about 52 atoms lie within 5 Å). ``v`` comes in padded head rows
-    (``value_head_stride``), the layout the model gives the fused kernel; every backend
-    reads it (the others gather through the strides).
+    liquid density: about 52 atoms lie within 5 Å). ``value_head_stride``: ``v`` in padded
+    head rows (``Backend.prepare``'s layout for the fused kernel), drawn so on the device.
     """
-    from e2f.attention.core import value_head_stride
     from e2f.attention.workload import random_core_inputs
 
     return random_core_inputs(
         n_atoms, density=sizes.density, cutoff=sizes.cutoff, max_neighbors=sizes.neighbors,
         num_heads=sizes.heads, head_dim=sizes.head_dim, dv=sizes.dv, gate_hidden=sizes.gate_hidden,
         num_rbf=sizes.num_rbf, dtype=dtype, device=device, seed=seed, requires_grad=requires_grad,
-        periodic=periodic, value_head_stride=value_head_stride(sizes.dv))
+        periodic=periodic, value_head_stride=value_head_stride)
+
+
+def backend_value_stride(backend: str, dv: int) -> int | None:
+    """Head stride of ``v`` that attention-core ``backend`` prefers (None: contiguous rows)."""
+    from e2f.attention.backends import get_backend, unavailable_reason
+
+    if unavailable_reason(backend) is not None:
+        return None
+    preferred = get_backend(backend).value_head_stride
+    return preferred(dv) if preferred is not None else None
 
 
 
@@ -165,9 +173,11 @@ _CORE_CACHE: dict[tuple, object] = {}
 
 
 def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, device, seed: int,
-                       requires_grad: bool, periodic: bool = True):
+                       requires_grad: bool, periodic: bool = True, backend: str | None = None):
     """:func:`core_inputs`, drawn once per (N, sizes, dtype, device, seed); every call gets
-    fresh leaf tensors (shared storage) with ``requires_grad`` as asked.
+    fresh leaf tensors (shared storage) with ``requires_grad`` as asked, and ``v`` in the
+    layout ``backend`` prefers (:func:`backend_value_stride`): the cached ``v`` is converted
+    in place of the other layout, so one copy of it stays on the device.
 
     Raises ``suites.core.runner.SkipPoint`` when drawing the inputs would need more host RAM
     than is available (the whole process would be killed, losing the sweep).
@@ -175,6 +185,7 @@ def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, de
     from suites.core.runner import SkipPoint
 
     key = (n_atoms, sizes, dtype, str(device), seed, periodic)
+    stride = backend_value_stride(backend, sizes.dv) if backend is not None else None
     inp = _CORE_CACHE.get(key)
     if inp is None:
         _CORE_CACHE.clear()
@@ -183,8 +194,14 @@ def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, de
         if have is not None and need > 0.8 * have:
             raise SkipPoint(f"drawing the inputs needs ~{need / 2**30:.0f} GiB of host RAM, "
                             f"{have / 2**30:.0f} GiB available (e2f.attention.workload draws the inputs on the CPU)")
-        inp = core_inputs(n_atoms, sizes=sizes, dtype=dtype, device=device, seed=seed, requires_grad=False, periodic=periodic)
+        inp = core_inputs(n_atoms, sizes=sizes, dtype=dtype, device=device, seed=seed, requires_grad=False,
+                          periodic=periodic, value_head_stride=stride)
         _CORE_CACHE[key] = inp
+    if inp.v.stride(1) != (stride or sizes.dv):
+        from e2f.attention.core import pad_value_rows
+
+        inp = inp.replace(v=pad_value_rows(inp.v, stride) if stride else inp.v.contiguous())
+        _CORE_CACHE[key] = inp  # the other layout is freed here
     fresh = {k: (t.detach().requires_grad_(requires_grad) if t.is_floating_point() else t) for k, t in inp.tensors().items()}
     return inp.replace(**fresh)
 

@@ -3,6 +3,7 @@ that leaves the other points of the sweep intact."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from suites import kernel_tflops, workloads
 from suites.core.runner import SweepConfig, run_suite
@@ -57,3 +58,21 @@ def test_dense_reference_is_capped(tmp_path):
     res = run_suite("kernel-tflops", cfg, log=lambda m: None)
     assert {r["status"] for r in res.records} == {"skipped"}
     assert "cap" in res.records[0]["error"]
+
+
+def test_cached_core_inputs_give_each_backend_its_value_layout(monkeypatch):
+    import dataclasses
+
+    from suites import workloads
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the triton backend counts as available on the CPU
+    workloads.clear_cache()
+    sizes = dataclasses.replace(workloads.QUICK_CORE, dv=6)
+    common = dict(sizes=sizes, dtype=torch.float32, device="cpu", seed=0, requires_grad=True)
+    fused = workloads.cached_core_inputs(40, backend="triton", **common)
+    plain = workloads.cached_core_inputs(40, backend="materialized", **common)
+    again = workloads.cached_core_inputs(40, backend="triton", **common)
+    assert fused.v.stride(1) == again.v.stride(1) == 16 and plain.v.is_contiguous()
+    assert fused.v.is_leaf and fused.v.requires_grad
+    assert torch.equal(fused.v, plain.v) and torch.equal(again.v, plain.v)
+    workloads.clear_cache()
