@@ -70,6 +70,9 @@ run_step() {
         memory-big)  # issue 4's largest points: core:triton fwd at 1,048,576 and fwd+bwd at 524,288
             step memory-big "${MEMBIG_SECS:-200}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
                 --sizes 524288,1048576 --out "$res/memory-big" ;;
+        memory-1m)  # issue 4's forward at 1,048,576 atoms alone (the host draws ~40 GB of inputs first)
+            step memory-1m "${MEM1M_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
+                --sizes 1048576 --out "$res/memory-1m" ;;
         memory-k)  # fwd and fwd+bwd peak bytes for K = 16 and 64 from 1,024 to 262,144 atoms
             step memory-k "${MEMK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev-k" \
                 --skip-check --sizes --value-layouts padded --mem-sizes 1024 16384 65536 262144 --mem-k 16 64 ;;
