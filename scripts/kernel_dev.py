@@ -404,7 +404,7 @@ def main():
     t0 = time.time()
     if args.ncu_fwd:
         torch.set_float32_matmul_precision("high")
-        inp = inputs(args.ncu_fwd)
+        inp = with_layout(inputs(args.ncu_fwd), args.value_layouts[-1])
         with torch.no_grad():
             fused_attention_core(inp)
         torch.cuda.synchronize()
