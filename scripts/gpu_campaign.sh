@@ -62,6 +62,7 @@ run_step() {
             step ncu-fwd "${NCU_SECS:-150}" ncu --clock-control none -k regex:fwd_kernel -c 1 \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                 --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+                --section SourceCounters --section MemoryWorkloadAnalysis_Tables \
                 env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded --ncu-fwd 16384 ;;
         regression-vs)  # the committed baseline of this card against this code; saves a new baseline
             step regression-vs "${REGVS_SECS:-180}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
