@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from e2f.attention.core import attention_core_reference, pad_value_rows
+from e2f.attention.core import attention_core_reference
 from e2f.attention.triton.function import check, fused_attention_core, last_config
 from e2f.attention.workload import random_core_inputs
 
@@ -95,10 +95,9 @@ def with_layout(inp, layout):
     """``inp`` with ``v`` contiguous (as drawn) or in the kernel's padded head rows (a new leaf)."""
     if layout == "contiguous":
         return inp
-    from e2f.attention.core import value_head_stride
-    with torch.no_grad():
-        v = pad_value_rows(inp.v.detach(), value_head_stride(inp.v.shape[-1]))
-    return inp.replace(v=v.requires_grad_(True))
+    from e2f.attention.backends import get_backend
+    from suites.workloads import prepared_inputs
+    return prepared_inputs(get_backend("triton"), inp)
 
 
 def to_qkv(inp, dtype):

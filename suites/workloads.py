@@ -141,7 +141,6 @@ def backend_value_stride(backend: str, dv: int) -> int | None:
     return preferred(dv) if preferred is not None else None
 
 
-
 def core_host_bytes(n_atoms: int, sizes: CoreSizes = PAPER_CORE, periodic: bool = True,
                     itemsize: int = 4) -> float:
     """Host bytes ``random_core_inputs`` needs at its peak (it draws every tensor on the CPU,

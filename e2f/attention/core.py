@@ -80,14 +80,25 @@ def value_head_stride(dv: int) -> int:
     return max(16, 1 << max(0, dv - 1).bit_length())
 
 
+def padded_head_stride(v: Tensor) -> int | None:
+    """The head stride of ``v [M, H, dv]`` if its head rows are padded (strides
+    ``(H VS, VS, 1)`` with ``VS > dv``, as :func:`pad_value_rows` makes them), else None."""
+    if v.dim() != 3:
+        return None
+    h, dv = v.shape[1:]
+    vs = v.stride(1)
+    return vs if v.stride(2) == 1 and vs > dv and v.stride(0) == h * vs else None
+
+
 def pad_value_rows(v: Tensor, head_stride: int) -> Tensor:
     """``v [M, H, dv]`` as a view of a zero-padded ``[M, H, head_stride]`` tensor (differentiable).
 
     The same values in a layout some backends read faster (aligned head rows: the fused
-    kernel's ``value_head_stride``); ``v`` itself if ``head_stride <= dv``.
+    kernel's ``value_head_stride``); ``v`` itself if ``head_stride <= dv`` or ``v`` already
+    has that layout.
     """
     dv = v.shape[-1]
-    if head_stride <= dv:
+    if head_stride <= dv or padded_head_stride(v) == head_stride:
         return v
     return torch.nn.functional.pad(v, (0, head_stride - dv))[..., :dv]
 

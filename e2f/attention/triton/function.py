@@ -44,7 +44,7 @@ import os
 import torch
 from torch import Tensor
 
-from e2f.attention.core import CoreInputs
+from e2f.attention.core import CoreInputs, padded_head_stride
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -85,7 +85,7 @@ def check(inp: CoreInputs) -> None:
         x = t[name]
         if x.device != device:
             raise ValueError(f"backend 'triton': {name} is on {x.device}, q on {device}")
-        if not x.is_contiguous() and not (name == "v" and _value_stride(x) is not None):
+        if not x.is_contiguous() and not (name == "v" and padded_head_stride(x) is not None):
             raise ValueError(f"backend 'triton': {name} must be contiguous"
                              + (" or have padded head rows (e2f.attention.core.pad_value_rows)" if name == "v" else ""))
     if inp.q.dtype not in _QKV_DTYPES or inp.k.dtype != inp.q.dtype or inp.v.dtype != inp.q.dtype:
@@ -123,16 +123,6 @@ def check(inp: CoreInputs) -> None:
 
 
 _KEY = ["K", "H", "DK", "DV", "G", "R", "PREC", "VS"]  # + the tensor dtypes (added by the autotuner)
-
-
-def _value_stride(v: Tensor) -> int | None:
-    """The head stride of ``v`` if its head rows are padded (strides ``(H VS, VS, 1)`` with
-    ``VS > dv``, as ``pad_value_rows`` makes them), else None."""
-    if v.dim() != 3:
-        return None
-    h, dv = v.shape[1:]
-    vs = v.stride(1)
-    return vs if v.stride(2) == 1 and vs > dv and v.stride(0) == h * vs else None
 
 
 def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
@@ -253,7 +243,8 @@ def _dims(t: dict) -> dict:
     g = t["gate_dst"].shape[-1]
     r = t["rbf_centers"].shape[0]
     return dict(N=n, K=kslots, H=h, DK=dk, DV=dv, G=g, R=r, BK=_pow2(kslots, 16), DKP=_pow2(dk, 2),
-                DVP=_pow2(dv, 16), GP=_pow2(g, 16), M=t["pos_src"].shape[0], VS=_value_stride(t["v"]) or 0)
+                DVP=_pow2(dv, 16), GP=_pow2(g, 16), M=t["pos_src"].shape[0],
+                VS=padded_head_stride(t["v"]) or 0)
 
 
 def _forward(t: dict, gamma: float, cutoff: float, eps: float):
@@ -446,5 +437,7 @@ def fused_attention_core(inp: CoreInputs) -> Tensor:
     float32, differentiable with respect to every tensor of ``inp``.
     """
     t = inp.tensors()
-    tensors = [t[name] if name == "v" and _value_stride(t[name]) else t[name].contiguous() for name in TENSOR_NAMES]
+    # a padded v (pad_value_rows) is read through its strides; everything else contiguous
+    tensors = [t[name] if name == "v" and padded_head_stride(t[name]) else t[name].contiguous()
+               for name in TENSOR_NAMES]
     return _FusedCore.apply(float(inp.rbf_gamma), float(inp.cutoff), float(inp.eps), *tensors)
