@@ -48,6 +48,14 @@ run_step() {
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
         fwd-variants) step fwd-variants 240 python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
                     --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants ;;
+        fwd-groups)  # forward head-group layouts (GROUPS=2: contiguous heads, warps own heads) against the default
+            step fwd-groups "${GROUPS_SECS:-240}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
+                --value-layouts padded --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants \
+                "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4" "GROUPS=2" "GROUPS=2,num_warps=8" "GROUPS=2,HC=32,num_warps=8" \
+                "GROUPS=2,HC=8" "GROUPS=8" ;;
+        big-check)  # triton against chunked at N = 65,536, forward and every gradient (fp32, TF32 off)
+            step big-check "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev" \
+                --skip-check --sizes --value-layouts padded --big-check ;;
         profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \

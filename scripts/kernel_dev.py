@@ -152,16 +152,16 @@ def correctness(out_dir, n=2048):
         torch.cuda.empty_cache()
 
 
-def big_check(out_dir, n=65536):
+def big_check(out_dir, n=65536, layout="contiguous"):
     from e2f.attention.chunked import chunked_attention_core
     torch.set_float32_matmul_precision("highest")
-    inp = inputs(n, seed=2)
+    inp = with_layout(inputs(n, seed=2), layout)
     dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device=DEV, generator=torch.Generator(DEV).manual_seed(0))
     out, g = grads_of(fused_attention_core, inp, dout)
     t0 = time.time()
     ref, rg = grads_of(chunked_attention_core, detached(inp), dout)
     errs = {"out": rel(out, ref), **{k: rel(g[k], rg[k]) for k in FLOATS}}
-    emit(out_dir, "check-fp32-ieee-vs-chunked", {"n_atoms": n}, {"max_rel": max(errs.values()), **errs,
+    emit(out_dir, "check-fp32-ieee-vs-chunked", {"n_atoms": n, "value_layout": layout}, {"max_rel": max(errs.values()), **errs,
                                                                    "pass": max(errs.values()) < 1e-5,
                                                                    "chunked_s": time.time() - t0})
     del inp, out, g, ref, rg
@@ -270,14 +270,15 @@ def bench_ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def fwd_variants(out_dir, n, dtype, variants, k=32):
+def fwd_variants(out_dir, n, dtype, variants, k=32, layout="contiguous"):
     """Forward latency of each forced configuration at one N and q/k/v dtype (TF32 gate
     products), after checking its out, m and s against the first configuration's."""
     from e2f.attention.triton import function as F
     torch.set_float32_matmul_precision("high")
-    inp = inputs(n, dtype, seed=3, k=k)
+    inp = with_layout(inputs(n, dtype, seed=3, k=k), layout)
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
-    params = {"impl": "triton", "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "mode": "fwd"}
+    params = {"impl": "triton", "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "mode": "fwd",
+              "value_layout": layout}
     reference = reference_name = None
     try:
         for text in variants:
@@ -416,7 +417,8 @@ def main():
         print(f"[check done {time.time() - t0:.0f}s]", flush=True)
     for n in args.sizes if args.fwd_variants is not None else ():
         for dt in args.dtypes:
-            guarded(fwd_variants, args.out, n, getattr(torch, dt), args.fwd_variants or DEFAULT_FWD_VARIANTS)
+            guarded(fwd_variants, args.out, n, getattr(torch, dt), args.fwd_variants or DEFAULT_FWD_VARIANTS,
+                    layout=args.value_layouts[-1])
             print(f"[fwd variants {dt} {n} done {time.time() - t0:.0f}s]", flush=True)
     for n in args.sizes if args.fwd_variants is None else ():
         for dt in args.dtypes:
@@ -438,7 +440,7 @@ def main():
         for dt in args.dtypes:
             guarded(time_point, args.out, "triton", n, getattr(torch, dt), do_bwd=False)
     if args.big_check:
-        guarded(big_check, args.out)
+        guarded(big_check, args.out, layout=args.value_layouts[-1])
         print(f"[big check done {time.time() - t0:.0f}s]", flush=True)
     print("\n==== summary ====")
     for r in ROWS:

@@ -3,10 +3,11 @@
 Triton lowers to PTX and runs its bundled ``ptxas`` without a device, so the main risk of a
 forward-kernel change, register pressure, can be checked before spending GPU time::
 
-    PYTHONPATH=. python scripts/kernel_regs.py "TB=1" "TB=2,num_warps=8,maxnreg=128" "TB=4,num_warps=8,qkv=bf16"
+    PYTHONPATH=. python scripts/kernel_regs.py "TB=1,vs=64" "GROUPS=2,vs=64" "TB=4,num_warps=8,qkv=bf16"
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
-keep the first autotune configuration's values), optionally with ``qkv=bf16`` or
+keep the first autotune configuration's values), optionally with ``vs=64`` (padded value rows, as
+the library passes them) and ``qkv=bf16`` or
 ``qkv=fp16``. Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
 R = 256) with TF32 gate products, and the arguments specialised as Triton does on the GPU
 (pointers and sizes divisible by 16). The numbers depend on the Triton version: run it with
@@ -36,13 +37,17 @@ SIZES = dict(N=16384, K=32, H=128, G=128, R=256)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
 FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk")
 DIVISIBLE = [["tt.divisibility", 16]]
+# what the layout of a tile costs, counted in the PTX: barriers, shared-memory round trips, shuffles
+SYNC_AND_SHARED = {"bar.sync": r"\bbar\.sync\b", "ld.shared": r"\bld\.shared", "st.shared": r"\bst\.shared",
+                   "shfl": r"\bshfl\.sync", "ld.global.v4": r"\bld\.global(?:\.\w+)*\.v4"}
 
 
-def compile_fwd(config, qkv: str = "fp32", arch: int = 90):
-    """The compiled forward kernel of one ``triton.Config`` (its PTX and metadata)."""
+def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0):
+    """The compiled forward kernel of one ``triton.Config`` (its PTX and metadata); ``vs``: the
+    value head stride (0: contiguous rows, 64: the padded rows the library passes)."""
     fn = kernels.fwd_kernel
     signature, attrs = {}, {}
-    constants = {**PADDED, "PREC": "tf32", **config.kwargs}
+    constants = {**PADDED, "PREC": "tf32", "VS": vs, **config.kwargs}
     for index, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
@@ -85,12 +90,14 @@ def main():
     print(f"triton {triton.__version__}, sm_90a")
     for text in args.configs:
         items = [item.strip() for item in text.split(",")]
-        qkv = next((item.split("=", 1)[1] for item in items if item.startswith("qkv=")), "fp32")
-        config = parse_fwd_config(",".join(item for item in items if not item.startswith("qkv=")))
+        extra = dict(item.split("=", 1) for item in items if item.startswith(("qkv=", "vs=")))
+        config = parse_fwd_config(",".join(item for item in items if not item.startswith(("qkv=", "vs="))))
         start = time.perf_counter()
-        compiled = compile_fwd(config, qkv)
+        compiled = compile_fwd(config, extra.get("qkv", "fp32"), vs=int(extra.get("vs", 0)))
         seconds = time.perf_counter() - start
-        print(f"{text:45s} {resources(compiled.asm['ptx'])}  shared {compiled.metadata.shared} B  "
+        ptx = compiled.asm["ptx"]
+        counts = {name: len(re.findall(pattern, ptx)) for name, pattern in SYNC_AND_SHARED.items()}
+        print(f"{text:45s} {resources(ptx)}  shared {compiled.metadata.shared} B  {counts}  "
               f"compile {seconds:.1f} s", flush=True)
 
 

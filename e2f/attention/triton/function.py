@@ -166,8 +166,8 @@ def parse_fwd_config(text: str):
             meta[name] = int(value)
         except ValueError:
             raise ValueError(f"{FWD_CONFIG_ENV}: {name} needs an integer, got {value.strip()!r}") from None
-    if meta["TB"] not in (1, 2, 4) or meta["GROUPS"] not in (4, 8):
-        raise ValueError(f"{FWD_CONFIG_ENV}: needs TB in (1, 2, 4) and GROUPS in (4, 8), got {text!r}")
+    if meta["TB"] not in (1, 2, 4) or meta["GROUPS"] not in (2, 4, 8):
+        raise ValueError(f"{FWD_CONFIG_ENV}: needs TB in (1, 2, 4) and GROUPS in (2, 4, 8), got {text!r}")
     for name in ("HC", "RC", "num_warps"):
         if meta[name] < 1 or meta[name] & (meta[name] - 1):
             raise ValueError(f"{FWD_CONFIG_ENV}: {name} must be a power of two, got {meta[name]}")

@@ -101,6 +101,14 @@ def _split4(x):
 
 
 @triton.jit
+def _halves(x):
+    """[E, C] -> the first and the second C/2 columns."""
+    E: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, (E, 2, C // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def _split2(x):
     """[E, C] -> the even and the odd columns."""
     E: tl.constexpr = x.shape[0]
@@ -135,6 +143,23 @@ def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexp
         return tl.where((offs_d < DV)[None, None, :], x, 0.0)
     mask = rmask[:, None, None] & hm[None, :, None] & (offs_d < DV)[None, None, :]
     return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _value_rows(base, rows, rmask, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """[E, HA, DVP] float32 tile of the padded ``[*, H, DVP]`` rows of the heads
+    ``hbase .. hbase + HA - 1``, zero beyond DV.
+
+    Loaded as one contiguous ``[E, HA * DVP]`` block per row, so the compiler spreads threads
+    and warps along the row (the warps own heads) and keeps each edge of a thread's column in
+    that thread: a sum over edges needs no shared memory. The reshape to heads keeps that
+    distribution.
+    """
+    offs = tl.arange(0, HA * DVP)
+    ptr = base + rows[:, None] * (H * DVP) + hbase * DVP + offs[None, :]
+    x = tl.load(ptr, mask=rmask[:, None] & (offs < (H - hbase) * DVP)[None, :], other=0.0).to(tl.float32)
+    x = tl.reshape(x, (rows.shape[0], HA, DVP))
+    return tl.where((tl.arange(0, DVP) < DV)[None, None, :], x, 0.0)
 
 
 @triton.jit
@@ -214,7 +239,9 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
     for t in tl.static_range(TB):
         i = t0 + t
         src, ok = _slots(nbr, i, N, K, BK)
-        if AGG:
+        if AGG and STEP == 1 and VS == DVP:
+            vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP)
+        elif AGG:
             vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
         else:
             vt = tl.zeros([BK, HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
@@ -269,13 +296,19 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
         stat_mask = (rows < N)[:, None] & hmask[None, :]
         tl.store(m_out + stat, mx, mask=stat_mask)
         tl.store(s_out + stat, s, mask=stat_mask)
+        if GROUPS == 2:
+            # heads h0 .. h0 + HC/2 - 1 contiguous in one tile: the compiler can then give each
+            # warp its own heads, so the sum over edges stays inside a thread
+            wa, wb = _halves(w)
+            _fwd_group(v, out, nbr, wa, t0, N, K, h0, H, DV, DVP, VS, AGG, 1, TB)
+            _fwd_group(v, out, nbr, wb, t0, N, K, h0 + HC // 2, H, DV, DVP, VS, AGG, 1, TB)
         w0, w2, w1, w3 = _split4(w)
         if GROUPS == 4:
             _fwd_group(v, out, nbr, w0, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w1, t0, N, K, h0 + 1, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w2, t0, N, K, h0 + 2, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w3, t0, N, K, h0 + 3, H, DV, DVP, VS, AGG, 4, TB)
-        else:
+        elif GROUPS == 8:
             # heads h0 + r + 8 a: w0 -> r = 0, 4; w2 -> 2, 6; w1 -> 1, 5; w3 -> 3, 7
             wa, wb = _split2(w0)
             _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 8, TB)

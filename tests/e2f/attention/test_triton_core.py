@@ -273,19 +273,29 @@ def test_workload_inputs_in_spatial_order():
     compare(inp, 1e-5)
 
 
-def test_forward_kernel_with_eight_head_groups():
-    # the autotuner may pick GROUPS=8 (values moved in eight head groups) on the GPU; the
-    # interpreter configuration uses 4, so the other layout is checked here on the raw kernel
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_kernel_head_groups(padded):
+    # the autotuner may pick GROUPS=8 (values moved in eight head groups) or GROUPS=2 (two
+    # groups of contiguous heads, read as whole padded rows) on the GPU; the interpreter
+    # configuration uses 4, so the other layouts are checked here on the raw kernel
     import math
 
+    from e2f.attention.core import padded_head_stride, value_head_stride
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
     inp = make_inputs(5, 6, 4, h=19, seed=23)
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    if padded:
+        # NaN in the padding: the kernel reads it unmasked and must drop it
+        rows = torch.full((*t["v"].shape[:2], value_head_stride(t["v"].shape[-1])), float("nan"), device=DEVICE)
+        rows[..., :t["v"].shape[-1]] = t["v"]
+        t["v"] = rows[..., :t["v"].shape[-1]]
     d = F._dims(t)
+    vs = padded_head_stride(t["v"]) or 0
+    assert vs == (d["DVP"] if padded else 0)  # padded: the contiguous-row path of GROUPS=2
     ref = attention_core_reference(detached_copy(inp))
-    for groups in (4, 8):
+    for groups in (2, 4, 8):
         out = torch.full((d["N"], d["H"], d["DV"]), float("nan"), device=DEVICE)
         m = torch.empty(d["N"], d["H"], device=DEVICE)
         s = torch.empty_like(m)
@@ -293,7 +303,7 @@ def test_forward_kernel_with_eight_head_groups():
                                 t["gate_src"], t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
                                 d["N"], d["K"], d["H"], d["G"], d["R"], inp.rbf_gamma, inp.cutoff, inp.eps,
                                 1 / math.sqrt(d["DK"]), DK=d["DK"], DV=d["DV"], BK=d["BK"], HC=16, DKP=d["DKP"],
-                                DVP=d["DVP"], GP=d["GP"], RC=16, PREC="ieee", GROUPS=groups)
+                                DVP=d["DVP"], GP=d["GP"], RC=16, PREC="ieee", VS=vs, GROUPS=groups)
         assert rel(out, ref) < 1e-5, groups
 
 
