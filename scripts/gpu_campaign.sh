@@ -39,6 +39,9 @@ gate="--suite kernel-regression --impl triton"
 run_step() {
     case $1 in
         smoke) step smoke 45 $B --suite smoke --full --out "$res/smoke" ;;
+        regression-save)  # a new baseline of this card (first kernel configuration only)
+            step regression-base "${REGSAVE_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" \
+                --save-baseline "$res/baseline.json" ;;
         regression)  # first kernel configuration only (no autotuning): same config in every run
             step regression-base 180 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" --save-baseline "$res/baseline.json"
             step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json"
@@ -60,7 +63,7 @@ run_step() {
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
-        kernel) step kernel-tflops 150 $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
+        kernel) step kernel-tflops "${KERNEL_SECS:-150}" $B --suite kernel-tflops --full --impl triton,materialized,sdpa-dense \
                     --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
         twin)  # E2Former-V2's force-training step through the chunked double-backward twin (the
                # default before 'auto', which materialises at this size): run beside latency-v2
@@ -92,9 +95,12 @@ run_step() {
                 --out "$res/kernel-dev" --skip-check --value-layouts padded --sizes 65536 --dtypes bfloat16 --no-materialized ;;
         latency) step latency "${LATENCY_SECS:-240}" $B --suite latency --full --sizes 1000,10000 --out "$res/latency" \
                     $(seeded "$res/latency" latency) ;;
-        memory) step memory "${MEMORY_SECS:-90}" $B --suite memory-scaling --full --sizes 1024,16384,65536 \
-                    --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
-                    --out "$res/memory-scaling" $(seeded "$res/memory-scaling" memory-scaling) ;;
+        memory)  # one process an implementation: memory a failed point leaves allocated (seen on an
+                 # H100 after E2Former-V2's OOM at 65,536) cannot shrink another's budget
+            seeded "$res/memory-scaling" memory-scaling >/dev/null
+            step memory "${MEMORY_SECS:-90}" bash -c "for impl in core:triton core:chunked core:materialized e2former-v2 \
+                e2former-v1 escn-md dense-tp; do $B --suite memory-scaling --full --sizes 1024,16384,65536 --impl \$impl \
+                --out $res/memory-scaling --resume; done" ;;
         lmax) step lmax "${LMAX_SECS:-400}" $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" \
                     $(seeded "$res/lmax-sweep" lmax-sweep) ;;
         accuracy)  # every model in its own process on this lane's GPU, in the background (the

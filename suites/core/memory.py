@@ -36,6 +36,23 @@ def free_memory(device=None) -> None:
         torch.cuda.empty_cache()
 
 
+def held_tensors(device, *, top: int = 4) -> tuple[int, list[str]]:
+    """CUDA bytes of the live tensors ``gc`` can see on ``device``, and a line for each of the
+    ``top`` largest naming the types of the objects that refer to it (what keeps it alive
+    after a failed sweep point)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = [o for o in gc.get_objects() if isinstance(o, Tensor) and o.is_cuda and o.device.index == index]
+    storages = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), t) for t in found}
+    largest = sorted(storages.values(), key=lambda item: -item[0])[:top]
+    lines = []
+    for nbytes, t in largest:
+        holders = sorted({type(r).__name__ for r in gc.get_referrers(t) if r is not found})
+        lines.append(f"{tuple(t.shape)} {t.dtype} {nbytes / 2**20:.0f} MiB held by {', '.join(holders) or '?'}")
+    del found, largest
+    return sum(nbytes for nbytes, _ in storages.values()), lines
+
+
 def peak_bytes_above_inputs(fn: Callable[..., Any], *, device, setup: Callable[[], Any] | None = None) -> int | None:
     """Peak CUDA bytes allocated during ``fn`` above those allocated before it.
 

@@ -46,7 +46,7 @@ import torch
 
 from suites.core import records as rec
 from suites.core.env import environment
-from suites.core.memory import free_memory
+from suites.core.memory import free_memory, held_tensors
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {
@@ -373,6 +373,8 @@ def _run_point(suite: Suite, point: Point, cfg: SweepConfig, env: dict, unavaila
 
     _seed_everything(cfg.seed)
     status, metrics, error = "ok", None, None
+    cuda = torch.device(cfg.device).type == "cuda" and torch.cuda.is_available()
+    allocated_before = torch.cuda.memory_allocated(cfg.device) if cuda else 0
     try:
         metrics = suite.measure(point, cfg)
         if not isinstance(metrics, dict):
@@ -386,7 +388,20 @@ def _run_point(suite: Suite, point: Point, cfg: SweepConfig, env: dict, unavaila
         del exc  # drop the traceback (and the tensors its frames hold) before freeing
     if status != "ok":
         free_memory(cfg.device)
+        if cuda:
+            error += _held_after_failure(cfg.device, allocated_before)
     return record(status, metrics=metrics, error=error)
+
+
+def _held_after_failure(device, allocated_before: int, threshold: int = 256 * 2**20) -> str:
+    """A note for the error text when a failed point leaves CUDA memory allocated (the
+    points after it would measure with less memory), naming what holds it."""
+    held = torch.cuda.memory_allocated(device) - allocated_before
+    if held <= threshold:
+        return ""
+    seen, lines = held_tensors(device)
+    return (f" [{held / 2**30:.2f} GiB stayed allocated after this failure ({seen / 2**30:.2f} GiB in tensors "
+            f"gc sees): {'; '.join(lines)}]")
 
 
 # --------------------------------------------------------------------------- summary

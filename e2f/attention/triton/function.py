@@ -21,7 +21,7 @@ Environment:
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
     ``RC`` (radial basis functions per product), ``GROUPS`` (head groups the values move
-    in: 4 or 8), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
+    in: 2, 4 or 8; see ``kernels``), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
     more programs share an SM; spills beyond it); a key left out keeps the value of the
     first configuration (no cap). Unset or empty: autotuned as above.
 
@@ -132,14 +132,16 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
 
 
 def _fwd_candidates() -> list:
-    """Forward configurations, the one-target-per-program default first."""
+    """Forward configurations, the default first."""
     if _interpreting():
-        return [_cfg(16, 16, 4, TB=1, GROUPS=4)]
-    # TB > 1 (several targets a program: 64-128-row gate products, weights read once per TB
-    # targets) stays a forced-configuration experiment: on an H200 every TB > 1 variant was
-    # slower (fp32 N = 65,536: TB=1 30.7 ms, TB=2 34.8-69.2 ms, TB=4 68.4 ms; perf-notes
-    # section 6), so autotuning it would only add compile time.
-    return [_cfg(16, 32, 4, TB=1, GROUPS=4), _cfg(16, 32, 4, TB=1, GROUPS=8), _cfg(16, 16, 4, TB=1, GROUPS=8)]
+        return [_cfg(16, 16, 4, TB=1, GROUPS=2)]
+    # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers)
+    # first: on an H100, fp32 N = 65,536, 29.5 ms (GROUPS=4) -> 22.7 (GROUPS=2) / 21.6 ms
+    # (GROUPS=2, HC=8); bf16 38.1 -> 23.1 ms (HC=8 spills in bf16: 34.6). GROUPS=8 was
+    # slower than 4 (33.5 ms). TB > 1 (several targets a program) stays a
+    # forced-configuration experiment: every TB > 1 variant was slower on an H200 (30.7 ms
+    # against 34.8-69.2 ms; perf-notes sections 6 and 9).
+    return [_cfg(16, 32, 4, TB=1, GROUPS=2), _cfg(8, 32, 4, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=4)]
 
 
 def parse_fwd_config(text: str):
@@ -205,8 +207,11 @@ def _configs():
         tgt_cfgs = [_cfg(16, 16, 4)]
         src_cfgs = [_cfg(16, 16, 4, BKS=16)]
     else:
-        tgt_cfgs = [_cfg(16, 32, 4)]
-        src_cfgs = [_cfg(16, 32, 4, BKS=16), _cfg(16, 32, 4, BKS=32)]
+        # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
+        # 4 warps, 488 B at 8; source pass 232 B at 4 warps and BKS=16 (1,288 B at BKS=32),
+        # 8 B at 8 warps, where SG=2 also halves its barriers (perf-notes section 9)
+        tgt_cfgs = [_cfg(16, 32, 4), _cfg(16, 32, 8)]
+        src_cfgs = [_cfg(16, 32, 4, BKS=16), _cfg(16, 32, 8, BKS=16), _cfg(16, 32, 8, BKS=16, SG=2)]
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
         fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
     fwd = triton.autotune(fwd_cfgs, key=_KEY)(K.fwd_kernel)

@@ -28,8 +28,15 @@ with every batch, and divisibility-by-16 variants would recompile every autotune
 
 Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
-four (forward: ``GROUPS`` = 4 or 8) groups of heads ``h0 + r + 4 i``, and each group moves a
-``[BK, HC / 4, DVP]`` tile whose reduction over the edges stays inside each thread.
+groups of heads, and each group moves one value tile. Two tile shapes exist:
+
+* ``GROUPS`` = 4 or 8 (forward), ``SG`` = 4 (source pass): heads ``h0 + r + 4 i``, a
+  ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
+  over edges ends in a cross-warp reduction through shared memory and a barrier.
+* ``GROUPS`` = 2, ``SG`` = 2: two groups of contiguous heads, each read as one
+  ``[BK, HC / 2 * DVP]`` block a row (``_value_rows``) and reshaped to heads. The warps then
+  own heads and each thread holds all edges of its columns: the sum over edges stays in
+  registers (perf-notes section 9).
 Performance notes and measurements: ``docs/perf-notes.md``.
 """
 from __future__ import annotations
@@ -109,6 +116,14 @@ def _halves(x):
 
 
 @triton.jit
+def _join_halves(a, b):
+    """Inverse of ``_halves``."""
+    E: tl.constexpr = a.shape[0]
+    HA: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (E, 2 * HA))
+
+
+@triton.jit
 def _split2(x):
     """[E, C] -> the even and the odd columns."""
     E: tl.constexpr = x.shape[0]
@@ -146,20 +161,29 @@ def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexp
 
 
 @triton.jit
-def _value_rows(base, rows, rmask, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-    """[E, HA, DVP] float32 tile of the padded ``[*, H, DVP]`` rows of the heads
-    ``hbase .. hbase + HA - 1``, zero beyond DV.
+def _value_rows(base, rows, rmask, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                VS: tl.constexpr = 0):
+    """[E, HA, DVP] float32 tile of a [*, H, DV] tensor with head stride ``VS`` (0: ``DV``) for
+    the contiguous heads ``hbase .. hbase + HA - 1``, zero beyond DV.
 
-    Loaded as one contiguous ``[E, HA * DVP]`` block per row, so the compiler spreads threads
-    and warps along the row (the warps own heads) and keeps each edge of a thread's column in
-    that thread: a sum over edges needs no shared memory. The reshape to heads keeps that
-    distribution.
+    Loaded as one ``[E, HA * DVP]`` block a row, so the compiler spreads threads and warps
+    along the row (the warps own heads) and keeps all edges of a thread's columns in that
+    thread: a sum over edges needs no shared memory. The reshape to heads keeps that
+    distribution. Padded rows (``VS == DVP``) are one contiguous block, read unmasked along
+    the row in 16-byte vectors and the padding replaced by zeros.
     """
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs = tl.arange(0, HA * DVP)
-    ptr = base + rows[:, None] * (H * DVP) + hbase * DVP + offs[None, :]
-    x = tl.load(ptr, mask=rmask[:, None] & (offs < (H - hbase) * DVP)[None, :], other=0.0).to(tl.float32)
-    x = tl.reshape(x, (rows.shape[0], HA, DVP))
-    return tl.where((tl.arange(0, DVP) < DV)[None, None, :], x, 0.0)
+    if STRIDE == DVP:
+        ptr = base + rows[:, None] * (H * DVP) + hbase * DVP + offs[None, :]
+        x = tl.load(ptr, mask=rmask[:, None] & (offs < (H - hbase) * DVP)[None, :], other=0.0).to(tl.float32)
+        x = tl.reshape(x, (rows.shape[0], HA, DVP))
+        return tl.where((tl.arange(0, DVP) < DV)[None, None, :], x, 0.0)
+    col = offs % DVP
+    head = hbase + offs // DVP
+    ptr = base + rows[:, None] * (H * STRIDE) + head[None, :] * STRIDE + col[None, :]
+    x = tl.load(ptr, mask=rmask[:, None] & ((head < H) & (col < DV))[None, :], other=0.0).to(tl.float32)
+    return tl.reshape(x, (rows.shape[0], HA, DVP))
 
 
 @triton.jit
@@ -239,8 +263,8 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
     for t in tl.static_range(TB):
         i = t0 + t
         src, ok = _slots(nbr, i, N, K, BK)
-        if AGG and STEP == 1 and VS == DVP:
-            vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP)
+        if AGG and STEP == 1:
+            vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP, VS)
         elif AGG:
             vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
         else:
@@ -260,7 +284,7 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
                AGG: tl.constexpr = True):
     # TB (1, 2 or 4): consecutive targets per program (grid cdiv(N, TB)); edge row
     # e = t * BK + slot belongs to target t0 + t.
-    # GROUPS (4 or 8): head groups a chunk's values move in (smaller tiles, fewer registers).
+    # GROUPS (2, 4 or 8): head groups a chunk's values move in (module docstring).
     # GATE / AGG: profiling switches (False skips the gate MLP products / the value
     # gathers); the library always runs with both on.
     E: tl.constexpr = TB * BK
@@ -302,14 +326,15 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
             wa, wb = _halves(w)
             _fwd_group(v, out, nbr, wa, t0, N, K, h0, H, DV, DVP, VS, AGG, 1, TB)
             _fwd_group(v, out, nbr, wb, t0, N, K, h0 + HC // 2, H, DV, DVP, VS, AGG, 1, TB)
-        w0, w2, w1, w3 = _split4(w)
-        if GROUPS == 4:
+        elif GROUPS == 4:
+            w0, w2, w1, w3 = _split4(w)
             _fwd_group(v, out, nbr, w0, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w1, t0, N, K, h0 + 1, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w2, t0, N, K, h0 + 2, H, DV, DVP, VS, AGG, 4, TB)
             _fwd_group(v, out, nbr, w3, t0, N, K, h0 + 3, H, DV, DVP, VS, AGG, 4, TB)
         elif GROUPS == 8:
             # heads h0 + r + 8 a: w0 -> r = 0, 4; w2 -> 2, 6; w1 -> 1, 5; w3 -> 3, 7
+            w0, w2, w1, w3 = _split4(w)
             wa, wb = _split2(w0)
             _fwd_group(v, out, nbr, wa, t0, N, K, h0 + 0, H, DV, DVP, VS, AGG, 8, TB)
             _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 4, H, DV, DVP, VS, AGG, 8, TB)
@@ -441,12 +466,16 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
 
 
 @triton.jit
-def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
-    """For the heads hbase + 4 a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
+def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr,
+               STEP: tl.constexpr = 4):
+    """For the heads hbase + STEP a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
     HA: tl.constexpr = w.shape[1]
-    hh = hbase + 4 * tl.arange(0, HA)
+    hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
-    gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
+    if STEP == 1:
+        gt = _value_rows(dout, tgt, ok, hbase, H, HA, DV, DVP)
+    else:
+        gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
     vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP, VS)
     acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
     acc += tl.sum(w[:, :, None] * gt, axis=0)
@@ -461,7 +490,9 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
                       M, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0, SG: tl.constexpr = 4):
+    # SG (2 or 4): head groups a chunk's dout rows move in; 2: two groups of contiguous heads
+    # (warps own heads, the sum over a source's edges stays inside a thread)
     j = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
@@ -504,11 +535,16 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
             e = tl.exp(logit - mx)
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s
-            w0, w2, w1, w3 = _split4(w)
-            dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS),
-                        _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS),
-                        _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS),
-                        _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS))
+            if SG == 2:
+                wa, wb = _halves(w)
+                dw = _join_halves(_src_group(dout, v, dv, wa, tgt, ok, j, h0, H, c0, DV, DVP, VS, 1),
+                                  _src_group(dout, v, dv, wb, tgt, ok, j, h0 + HC // 2, H, c0, DV, DVP, VS, 1))
+            else:
+                w0, w2, w1, w3 = _split4(w)
+                dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS),
+                            _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS),
+                            _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS),
+                            _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS))
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum) / s, 0.0)
             dlogit = dp * p
             du = tl.where(lv, dw * p / s * inv_d[:, None], 0.0)

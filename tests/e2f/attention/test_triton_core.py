@@ -275,9 +275,9 @@ def test_workload_inputs_in_spatial_order():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_forward_kernel_head_groups(padded):
-    # the autotuner may pick GROUPS=8 (values moved in eight head groups) or GROUPS=2 (two
-    # groups of contiguous heads, read as whole padded rows) on the GPU; the interpreter
-    # configuration uses 4, so the other layouts are checked here on the raw kernel
+    # the default GROUPS=2 (two groups of contiguous heads, read as whole rows) and the
+    # other layouts the forced configurations can pick (4 or 8 groups of strided heads), on
+    # the raw kernel with contiguous and padded (NaN-filled) value rows
     import math
 
     from e2f.attention.core import padded_head_stride, value_head_stride
@@ -305,6 +305,27 @@ def test_forward_kernel_head_groups(padded):
                                 1 / math.sqrt(d["DK"]), DK=d["DK"], DV=d["DV"], BK=d["BK"], HC=16, DKP=d["DKP"],
                                 DVP=d["DVP"], GP=d["GP"], RC=16, PREC="ieee", VS=vs, GROUPS=groups)
         assert rel(out, ref) < 1e-5, groups
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_source_pass_contiguous_head_groups(monkeypatch, padded):
+    # SG=2 (two groups of contiguous heads, dout rows read as one block) is an autotune
+    # candidate on the GPU; the interpreter's single configuration uses SG=4
+    import triton
+
+    from e2f.attention.backends import get_backend
+    from e2f.attention.triton import function as F
+    from e2f.attention.triton import kernels as K
+
+    fwd, tgt, _ = F._configs()
+    src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
+    monkeypatch.setattr(F, "_kernels", (fwd, tgt, src))
+    # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
+    inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
+    if padded:
+        inp = get_backend("triton").prepare(inp)
+    compare(inp, 1e-5)
+    assert last_config()["bwd_source"]["SG"] == 2
 
 
 # Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
@@ -381,6 +402,6 @@ def test_forced_forward_configuration_parsing():
     cfg = parse_fwd_config(" TB=4, num_warps=8 ,GROUPS=8")
     assert cfg.kwargs == {**first.kwargs, "TB": 4, "GROUPS": 8} and cfg.num_warps == 8 and cfg.maxnreg is None
     assert parse_fwd_config("TB=2,maxnreg=128").maxnreg == 128
-    for bad in ("TB=3", "GROUPS=2", "HC=12", "XB=1", "TB", "TB=two", "maxnreg=0"):
+    for bad in ("TB=3", "GROUPS=3", "HC=12", "XB=1", "TB", "TB=two", "maxnreg=0"):
         with pytest.raises(ValueError, match="E2F_TRITON_FWD_CONFIG"):
             parse_fwd_config(bad)
