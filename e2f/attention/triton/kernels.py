@@ -30,10 +30,10 @@ Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contig
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
 groups of heads, and each group moves one value tile. Two tile shapes exist:
 
-* ``GROUPS`` = 4 or 8 (forward), ``SG`` = 4 (source pass): heads ``h0 + r + 4 i``, a
+* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass), ``SG`` = 4 (source pass): heads ``h0 + r + 4 i``, a
   ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
   over edges ends in a cross-warp reduction through shared memory and a barrier.
-* ``GROUPS`` = 2, ``SG`` = 2: two groups of contiguous heads, each read as one
+* ``GROUPS`` = 2, ``TG`` = 2, ``SG`` = 2: two groups of contiguous heads, each read as one
   ``[BK, HC / 2 * DVP]`` block a row (``_value_rows``) and reshaped to heads. The warps then
   own heads and each thread holds all edges of its columns: the sum over edges stays in
   registers (perf-notes section 9).
@@ -351,11 +351,14 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
 
 @triton.jit
 def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     VS: tl.constexpr):
-    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
-    hh = hbase + 4 * tl.arange(0, HA)
+                     VS: tl.constexpr, STEP: tl.constexpr = 4):
+    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + STEP a."""
+    hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
-    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
+    if STEP == 1:
+        vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP, VS)
+    else:
+        vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
     gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
@@ -368,7 +371,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
                       N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0):
+                      PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4):
+    # TG (2 or 4): head groups a chunk's value rows move in (module docstring)
     HA: tl.constexpr = HC // 4
     pid = tl.program_id(0)
     offs_g = tl.arange(0, GP)
@@ -406,10 +410,14 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             e = tl.exp(logit - mx[None, :])
             p = env[:, None] * e
             w = u * p * inv_d[:, None] / s[None, :]
-            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
+            if TG == 2:
+                dw = _join_halves(_dw_target_group(v, dout, src, ok, i, h0, H, HC // 2, DV, DVP, VS, 1),
+                                  _dw_target_group(v, dout, src, ok, i, h0 + HC // 2, H, HC // 2, DV, DVP, VS, 1))
+            else:
+                dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
+                            _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
+                            _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
+                            _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
             bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
             tl.store(b_out_dot + i * H + offs_h, bsum, mask=hmask)
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)

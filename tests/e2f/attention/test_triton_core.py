@@ -308,24 +308,30 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_source_pass_contiguous_head_groups(monkeypatch, padded):
-    # SG=2 (two groups of contiguous heads, dout rows read as one block) is an autotune
-    # candidate on the GPU; the interpreter's single configuration uses SG=4
+@pytest.mark.parametrize("backward_pass", ["target", "source"])
+def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
+    # TG=2 / SG=2 (two groups of contiguous heads, read as whole rows) are autotune candidates
+    # of the two backward passes on the GPU; the interpreter's single configurations use 4
     import triton
 
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
-    fwd, tgt, _ = F._configs()
-    src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
+    fwd, tgt, src = F._configs()
+    if backward_pass == "target":
+        tgt = triton.autotune([F._cfg(16, 16, 4, TG=2)], key=F._KEY,
+                              reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
+    else:
+        src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
     monkeypatch.setattr(F, "_kernels", (fwd, tgt, src))
     # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
     if padded:
         inp = get_backend("triton").prepare(inp)
     compare(inp, 1e-5)
-    assert last_config()["bwd_source"]["SG"] == 2
+    chosen = last_config()["bwd_" + backward_pass]
+    assert chosen["TG" if backward_pass == "target" else "SG"] == 2
 
 
 # Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
