@@ -56,6 +56,11 @@ run_step() {
                 --value-layouts padded --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants \
                 "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4" "GROUPS=2" "GROUPS=2,num_warps=8" "GROUPS=2,HC=32,num_warps=8" \
                 "GROUPS=2,HC=8" "GROUPS=8" ;;
+        leak-v2)  # what keeps ~60 GiB allocated after E2Former-V2's forward runs out of memory (80 GB cards)
+            step leak-v2 "${LEAK_SECS:-120}" $B --suite memory-scaling --full --impl e2former-v2 --sizes 65536,1024 \
+                --out "$res/leak-v2" ;;
+        probe)  # forward time split (no value gathers / no gate products) and a profiler breakdown of fwd+bwd
+            step probe "${PROBE_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check --sizes --probe ;;
         big-check)  # triton against chunked at N = 65,536, forward and every gradient (fp32, TF32 off)
             step big-check "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev" \
                 --skip-check --sizes --value-layouts padded --big-check ;;

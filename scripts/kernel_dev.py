@@ -302,11 +302,15 @@ def fwd_variants(out_dir, n, dtype, variants, k=32, layout="contiguous"):
         os.environ.pop(F.FWD_CONFIG_ENV, None)
 
 
+# raw forward variants of the probe (padded value rows): the default, then the profiling
+# switches that skip the value gathers (AGG) and the gate MLP products (GATE), which split
+# the forward's time between the aggregation and the rest; then the previous default
 FWD_VARIANTS = [
-    dict(HC=16, RC=32, num_warps=4),
-    dict(HC=16, RC=32, num_warps=4, AGG=False),
-    dict(HC=16, RC=32, num_warps=8),
-    dict(HC=32, RC=32, num_warps=8),
+    dict(HC=16, RC=32, num_warps=4, GROUPS=2),
+    dict(HC=16, RC=32, num_warps=4, GROUPS=2, AGG=False),
+    dict(HC=16, RC=32, num_warps=4, GROUPS=2, GATE=False),
+    dict(HC=16, RC=32, num_warps=4, GROUPS=2, GATE=False, AGG=False),
+    dict(HC=16, RC=32, num_warps=4, GROUPS=4),
 ]
 
 
@@ -319,7 +323,7 @@ def probe(out_dir, n=16384, variants=None):
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
     torch.set_float32_matmul_precision("high")
-    inp = inputs(n)
+    inp = with_layout(inputs(n), "padded")
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
     d = F._dims(t)
     out = torch.empty(n, d["H"], d["DV"], device=DEV)
@@ -333,7 +337,8 @@ def probe(out_dir, n=16384, variants=None):
                                       t["gate_src"], t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
                                       n, d["K"], d["H"], d["G"], d["R"], float(inp.rbf_gamma),
                                       float(inp.cutoff), float(inp.eps), 1.0 / d["DK"] ** 0.5, DK=d["DK"], DV=d["DV"],
-                                      BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC="tf32", **var)
+                                      BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC="tf32", VS=d["VS"],
+                                      **var)
         try:
             ck = run()
             torch.cuda.synchronize()

@@ -15,9 +15,13 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+import sys
 import threading
 import time
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,21 +40,52 @@ def free_memory(device=None) -> None:
         torch.cuda.empty_cache()
 
 
-def held_tensors(device, *, top: int = 4) -> tuple[int, list[str]]:
+def _describe(obj) -> str:
+    if inspect.isframe(obj):
+        return f"frame {obj.f_code.co_name} ({os.path.basename(obj.f_code.co_filename)}:{obj.f_lineno})"
+    if isinstance(obj, types.TracebackType):
+        return "traceback"
+    if isinstance(obj, BaseException):
+        return f"exception {type(obj).__name__}"
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{type(obj).__name__} {obj.__qualname__}"
+    return type(obj).__name__
+
+
+def holder_chain(obj, ignore: set | None = None, depth: int = 6) -> str:
+    """The first chain of objects that keep ``obj`` alive, nearest first, e.g.
+    ``list <- frame forward (model.py:88) <- traceback <- exception OutOfMemoryError``."""
+    ignore = set(ignore or ()) | {id(sys._getframe())}
+    chain = []
+    for _ in range(depth):
+        above = gc.get_referrers(obj)
+        ignore.add(id(above))
+        above = [r for r in above if id(r) not in ignore]
+        if not above:
+            break
+        obj = above[0]
+        ignore.add(id(obj))
+        chain.append(_describe(obj))
+    return " <- ".join(chain) or "?"
+
+
+def held_tensors(device, *, top: int = 3) -> tuple[int, list[str]]:
     """CUDA bytes of the live tensors ``gc`` can see on ``device``, and a line for each of the
-    ``top`` largest naming the types of the objects that refer to it (what keeps it alive
-    after a failed sweep point)."""
+    ``top`` largest with the chain of objects that keeps it alive (what holds memory after a
+    failed sweep point)."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    found = [o for o in gc.get_objects() if isinstance(o, Tensor) and o.is_cuda and o.device.index == index]
+    with warnings.catch_warnings():  # isinstance() on every object touches deprecated torch aliases
+        warnings.simplefilter("ignore")
+        found = [o for o in gc.get_objects() if isinstance(o, Tensor) and o.is_cuda and o.device.index == index]
     storages = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), t) for t in found}
     largest = sorted(storages.values(), key=lambda item: -item[0])[:top]
-    lines = []
-    for nbytes, t in largest:
-        holders = sorted({type(r).__name__ for r in gc.get_referrers(t) if r is not found})
-        lines.append(f"{tuple(t.shape)} {t.dtype} {nbytes / 2**20:.0f} MiB held by {', '.join(holders) or '?'}")
-    del found, largest
-    return sum(nbytes for nbytes, _ in storages.values()), lines
+    ignore = {id(found), id(storages), id(largest), id(sys._getframe())}
+    lines = [f"{tuple(t.shape)} {t.dtype} {nbytes / 2**20:.0f} MiB held by {holder_chain(t, ignore)}"
+             for nbytes, t in largest]
+    total = sum(nbytes for nbytes, _ in storages.values())
+    del found, largest, storages
+    return total, lines
 
 
 def peak_bytes_above_inputs(fn: Callable[..., Any], *, device, setup: Callable[[], Any] | None = None) -> int | None:

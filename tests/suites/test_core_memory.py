@@ -56,3 +56,27 @@ def test_peak_bytes_above_inputs_cuda():
     x = torch.randn(1024, 1024, device="cuda")  # 4 MiB input, not counted
     peak = memory.peak_bytes_above_inputs(lambda: x * 2, device="cuda")
     assert 4 * 1024**2 <= peak < 8 * 1024**2
+
+
+_KEPT: dict = {}
+
+
+def test_holder_chain_names_what_keeps_a_tensor_alive():
+    import sys
+
+    def fail():
+        big = torch.ones(5)  # noqa: F841 -- kept alive by the traceback below
+        raise RuntimeError("out of memory")
+
+    try:
+        fail()
+    except RuntimeError as exc:
+        _KEPT["exc"] = exc  # the mistake the chain must reveal: a stored exception
+    leaked = next(o for o in memory.gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == (5,))
+    chain = memory.holder_chain(leaked, ignore={id(sys._getframe())})
+    assert chain.startswith("frame fail (test_core_memory.py:")
+    assert "traceback" in chain and "exception RuntimeError" in chain
+    _KEPT.clear()
+    kept = torch.zeros(2)
+    _KEPT["list"] = [kept]
+    assert memory.holder_chain(kept, ignore={id(sys._getframe())}).startswith("list <- dict")
