@@ -54,17 +54,18 @@ def _describe(obj) -> str:
 
 def holder_chain(obj, ignore: set | None = None, depth: int = 6) -> str:
     """The first chain of objects that keep ``obj`` alive, nearest first, e.g.
-    ``list <- frame forward (model.py:88) <- traceback <- exception OutOfMemoryError``."""
+    ``frame backward (function.py:412) <- traceback <- exception OutOfMemoryError``."""
     ignore = set(ignore or ()) | {id(sys._getframe())}
     chain = []
     for _ in range(depth):
-        above = gc.get_referrers(obj)
-        ignore.add(id(above))
-        above = [r for r in above if id(r) not in ignore]
-        if not above:
+        referrers = gc.get_referrers(obj)
+        ignore.add(id(referrers))
+        nxt = next((r for r in referrers if id(r) not in ignore), None)
+        del referrers  # no list of ours may hold the next object when its referrers are asked
+        if nxt is None:
             break
-        obj = above[0]
         ignore.add(id(obj))
+        obj = nxt
         chain.append(_describe(obj))
     return " <- ".join(chain) or "?"
 

@@ -385,12 +385,26 @@ def _run_point(suite: Suite, point: Point, cfg: SweepConfig, env: dict, unavaila
         status = "oom" if is_oom(exc) else "error"
         error = _error_text(exc)
         metrics = None
-        del exc  # drop the traceback (and the tensors its frames hold) before freeing
+        _clear_frames(exc)
+        del exc
     if status != "ok":
         free_memory(cfg.device)
         if cuda:
             error += _held_after_failure(cfg.device, allocated_before)
     return record(status, metrics=metrics, error=error)
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of every finished frame in ``exc``'s tracebacks (its context and
+    cause included), so the tensors of the failed call are freed even where something else
+    keeps the exception: after an out-of-memory error inside a CUDA backward, PyTorch's
+    autograd engine does (pytorch/pytorch#82218; ~63 GiB stayed allocated after
+    E2Former-V2's energy + forces ran out of memory on an H100)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _held_after_failure(device, allocated_before: int, threshold: int = 256 * 2**20) -> str:

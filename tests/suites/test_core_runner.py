@@ -63,6 +63,29 @@ def test_oom_is_stored_as_data_and_the_sweep_continues(fresh_suite_registry, tmp
     assert len(stored) == 6 and stored == result.records
 
 
+def test_a_failed_point_frees_its_tensors_even_if_the_exception_is_kept(fresh_suite_registry, tmp_path):
+    # PyTorch's autograd engine keeps the exception of a CUDA backward that ran out of memory
+    # (pytorch/pytorch#82218); the runner must still free what the failed call's frames held
+    import weakref
+
+    kept_exceptions, freed = [], []
+
+    def deep(point):
+        activations = torch.ones(256, 256)
+        freed.append(weakref.ref(activations))
+        exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        kept_exceptions.append(exc)
+        raise exc
+
+    def measure(point):
+        return deep(point)
+
+    _fake_suite(fresh_suite_registry, "fake-kept", measure, impls=("a",), sizes=(10,))
+    result = run_suite("fake-kept", _cfg(tmp_path))
+    assert result.records[0]["status"] == "oom"
+    assert kept_exceptions and all(ref() is None for ref in freed)
+
+
 def test_errors_are_recorded_and_the_sweep_continues(fresh_suite_registry, tmp_path):
     def measure(point):
         if point.impl == "a":
