@@ -214,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         from suites.core.records import export_csv
         from suites.core.runner import run_suites
 
-        results = run_suites(suites_asked, cfg)
+        from suites.core.runner import DeviceMemoryLost
+
+        try:
+            results = run_suites(suites_asked, cfg)
+        except DeviceMemoryLost as exc:
+            return _restart_resumed(argv, exc)
         for res in results:
             run_records.extend(res.records)
             csv = export_csv(res.records, res.path.with_suffix(".csv"))
@@ -249,6 +254,31 @@ def main(argv: list[str] | None = None) -> int:
             return _usage_error(str(exc))
         rc = max(rc, int(compare_cli(args.compare, run_records, args.threshold, args.allow_mismatch) or 0))
     return rc
+
+
+#: How often one command restarts itself after a point left GPU memory it cannot free.
+MAX_RESTARTS = 4
+RESTARTS_ENV = "E2F_SWEEP_RESTARTS"
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """The same command line with ``--resume`` (added once)."""
+    return list(argv) if "--resume" in argv else [*argv, "--resume"]
+
+
+def _restart_resumed(argv: list[str] | None, exc: Exception) -> int:
+    """Run this command again in a fresh process, resuming: the failed point is stored, and
+    every point after it needs the GPU memory this process lost (``DeviceMemoryLost``)."""
+    restarts = int(os.environ.get(RESTARTS_ENV, "0"))
+    if restarts >= MAX_RESTARTS:
+        print(f"run_bench.py: error: {exc}; already restarted {restarts} times, stopping", file=sys.stderr)
+        return 1
+    args = resume_argv(sys.argv[1:] if argv is None else argv)
+    print(f"run_bench.py: {exc}; restarting with --resume ({restarts + 1} of {MAX_RESTARTS})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.environ[RESTARTS_ENV] = str(restarts + 1)
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *args])
 
 
 def _report_after_run(paths: list[str], out_dir: Path, paper: bool) -> int:

@@ -69,3 +69,24 @@ def test_smoke_end_to_end_then_resume(tmp_path, capsys):
     assert run_bench.main([*args, "--resume"]) == 0
     assert rec.load_records(out / "smoke.jsonl") == records  # nothing measured again
     assert "4 point(s) already stored" in capsys.readouterr().err
+
+
+def test_a_run_that_loses_gpu_memory_restarts_itself_resuming(tmp_path, monkeypatch, capsys):
+    from suites.core import runner
+
+    def lose(*_args, **_kwargs):
+        raise runner.DeviceMemoryLost("smoke: matmul n_atoms=16", 3 * 2**30)
+
+    execs = []
+    monkeypatch.setattr(runner, "run_suites", lose)
+    monkeypatch.setattr(run_bench.os, "execv", lambda exe, argv: execs.append(argv))
+    monkeypatch.delenv(run_bench.RESTARTS_ENV, raising=False)
+    args = ["--suite", "smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
+    run_bench.main(args)
+    assert execs and execs[0][2:] == [*args, "--resume"]
+    assert run_bench.os.environ[run_bench.RESTARTS_ENV] == "1"
+    assert "restarting with --resume (1 of" in capsys.readouterr().err
+    monkeypatch.setenv(run_bench.RESTARTS_ENV, str(run_bench.MAX_RESTARTS))
+    assert run_bench.main(args) == 1  # no endless restarts
+    assert len(execs) == 1
+    assert run_bench.resume_argv(["--resume", "--suite", "x"]) == ["--resume", "--suite", "x"]

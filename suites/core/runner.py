@@ -352,6 +352,11 @@ def run_suite(
         if record["status"] in ("error", "oom"):
             msg = f"{suite.name}: {point.label()}: {record['status']}: {record['error']}"
             (bar.write(msg, file=sys.stderr) if bar is not None else say(msg))
+            held = (record.get("metrics") or {}).get("held_after_failure_bytes", 0)
+            if held > HELD_LIMIT_BYTES:
+                if bar is not None:
+                    bar.close()
+                raise DeviceMemoryLost(f"{suite.name}: {point.label()}", held)
     if bar is not None:
         bar.close()
     if resumed:
@@ -373,8 +378,7 @@ def _run_point(suite: Suite, point: Point, cfg: SweepConfig, env: dict, unavaila
 
     _seed_everything(cfg.seed)
     status, metrics, error = "ok", None, None
-    cuda = torch.device(cfg.device).type == "cuda" and torch.cuda.is_available()
-    allocated_before = torch.cuda.memory_allocated(cfg.device) if cuda else 0
+    allocated_before = _allocated(cfg.device)
     try:
         metrics = suite.measure(point, cfg)
         if not isinstance(metrics, dict):
@@ -389,17 +393,18 @@ def _run_point(suite: Suite, point: Point, cfg: SweepConfig, env: dict, unavaila
         del exc
     if status != "ok":
         free_memory(cfg.device)
-        if cuda:
-            error += _held_after_failure(cfg.device, allocated_before)
+        held = _allocated(cfg.device) - allocated_before
+        if held > HELD_NOTE_BYTES:
+            error += _held_note(cfg.device, held)
+            metrics = {"held_after_failure_bytes": held}
     return record(status, metrics=metrics, error=error)
 
 
 def _clear_frames(exc: BaseException) -> None:
     """Drop the locals of every finished frame in ``exc``'s tracebacks (its context and
-    cause included), so the tensors of the failed call are freed even where something else
-    keeps the exception: after an out-of-memory error inside a CUDA backward, PyTorch's
-    autograd engine does (pytorch/pytorch#82218; ~63 GiB stayed allocated after
-    E2Former-V2's energy + forces ran out of memory on an H100)."""
+    cause included), so the tensors of the failed call are freed even if something else keeps
+    the exception object. (Memory that PyTorch's C++ autograd engine keeps after an OOM in a
+    CUDA backward is out of reach: :class:`DeviceMemoryLost`.)"""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -407,13 +412,38 @@ def _clear_frames(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-def _held_after_failure(device, allocated_before: int, threshold: int = 256 * 2**20) -> str:
-    """A note for the error text when a failed point leaves CUDA memory allocated (the
-    points after it would measure with less memory), naming what holds it."""
-    held = torch.cuda.memory_allocated(device) - allocated_before
-    if held <= threshold:
-        return ""
-    seen, lines = held_tensors(device)
+#: A failed point that leaves more than this allocated gets a note naming what holds it.
+HELD_NOTE_BYTES = 256 * 2**20
+#: ... and more than this ends the process's sweep (:class:`DeviceMemoryLost`): the points
+#: after it would run with that much less memory and fail or measure wrongly.
+HELD_LIMIT_BYTES = 2 * 2**30
+
+
+class DeviceMemoryLost(RuntimeError):
+    """A failed point left GPU memory allocated that this process cannot get back.
+
+    Seen after an out-of-memory error inside a CUDA backward: PyTorch's autograd engine keeps
+    the failed graph (pytorch/pytorch#82218; 63 GiB after E2Former-V2's energy + forces at
+    N = 65,536 on an H100). The point's record is stored; ``run_bench.py`` restarts itself
+    with ``--resume`` so the remaining points run in a fresh process.
+    """
+
+    def __init__(self, label: str, held: int):
+        super().__init__(f"{label} left {held / 2**30:.1f} GiB of GPU memory allocated after failing; the points "
+                         f"after it need a fresh process (rerun with --resume)")
+        self.held = held
+
+
+def _allocated(device) -> int:
+    """CUDA bytes allocated on ``device`` (0 elsewhere)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.memory_allocated(device)
+
+
+def _held_note(device, held: int) -> str:
+    """The error-text note for a failed point that left ``held`` bytes allocated."""
+    seen, lines = held_tensors(device) if torch.device(device).type == "cuda" else (0, [])
     return (f" [{held / 2**30:.2f} GiB stayed allocated after this failure ({seen / 2**30:.2f} GiB in tensors "
             f"gc sees): {'; '.join(lines)}]")
 

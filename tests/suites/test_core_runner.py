@@ -86,6 +86,32 @@ def test_a_failed_point_frees_its_tensors_even_if_the_exception_is_kept(fresh_su
     assert kept_exceptions and all(ref() is None for ref in freed)
 
 
+def test_a_point_that_loses_gpu_memory_ends_the_process_sweep(fresh_suite_registry, tmp_path, monkeypatch):
+    # after an OOM inside a CUDA backward PyTorch may keep the failed graph: the points after
+    # it must not run in that process (run_bench.py restarts itself with --resume)
+    from suites.core import runner
+
+    lost = {"bytes": 0}
+    monkeypatch.setattr(runner, "_allocated", lambda device: lost["bytes"])
+
+    def measure(point):
+        if point.params["n_atoms"] == 20:
+            lost["bytes"] = 3 * 2**30
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"latency_ms": 1.0}
+
+    _fake_suite(fresh_suite_registry, "fake-lost", measure, impls=("a",))
+    with pytest.raises(runner.DeviceMemoryLost, match="3.0 GiB"):
+        run_suite("fake-lost", _cfg(tmp_path))
+    stored = {r["params"]["n_atoms"]: r for r in rec.load_records(tmp_path / "fake-lost.jsonl")}
+    assert stored[10]["status"] == "ok" and stored[20]["status"] == "oom" and 40 not in stored
+    assert stored[20]["metrics"]["held_after_failure_bytes"] == 3 * 2**30
+    assert "3.00 GiB stayed allocated" in stored[20]["error"]
+    lost["bytes"] = 0  # the fresh process
+    result = run_suite("fake-lost", _cfg(tmp_path, resume=True))
+    assert result.resumed == 2 and {r["params"]["n_atoms"]: r["status"] for r in result.records}[40] == "skipped"
+
+
 def test_errors_are_recorded_and_the_sweep_continues(fresh_suite_registry, tmp_path):
     def measure(point):
         if point.impl == "a":
