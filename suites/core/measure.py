@@ -106,7 +106,8 @@ def measure(
     fn, setup = timing.mode_callables(forward, mode)
     # cached blocks left by building the inputs are returned first: a 1,048,576-atom forward
     # on an H100 asked for 29.0 GiB with 28.65 GiB free and 4.8 GiB cached but unusable
-    memory.free_memory(device)
+    if cuda:
+        memory.free_memory(device)
     result = timing.benchmark(fn, device=device, warmup=warmup, repeats=repeats, setup=setup, flush_l2=flush_l2)
     metrics: dict[str, Any] = result.as_metrics()
 
