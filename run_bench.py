@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     run_records: list[dict] = []
     if suites_asked:
         from suites.core.records import export_csv
-        from suites.core.runner import run_suites
-
-        from suites.core.runner import DeviceMemoryLost
+        from suites.core.runner import DeviceMemoryLost, run_suites
 
         try:
             results = run_suites(suites_asked, cfg)

@@ -43,7 +43,7 @@ run_step() {
             step regression-base "${REGSAVE_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" \
                 --save-baseline "$res/baseline.json" ;;
         regression)  # first kernel configuration only (no autotuning): same config in every run
-            step regression-base 180 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-base" --save-baseline "$res/baseline.json"
+            REGSAVE_SECS=${REGSAVE_SECS:-180} run_step regression-save
             step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json"
             step regression-compare2 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun2" --compare "$res/baseline.json" ;;
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
@@ -100,12 +100,9 @@ run_step() {
                 --out "$res/kernel-dev" --skip-check --value-layouts padded --sizes 65536 --dtypes bfloat16 --no-materialized ;;
         latency) step latency "${LATENCY_SECS:-240}" $B --suite latency --full --sizes 1000,10000 --out "$res/latency" \
                     $(seeded "$res/latency" latency) ;;
-        memory)  # one process an implementation: memory a failed point leaves allocated (seen on an
-                 # H100 after E2Former-V2's OOM at 65,536) cannot shrink another's budget
-            seeded "$res/memory-scaling" memory-scaling >/dev/null
-            step memory "${MEMORY_SECS:-90}" bash -c "for impl in core:triton core:chunked core:materialized e2former-v2 \
-                e2former-v1 escn-md dense-tp; do $B --suite memory-scaling --full --sizes 1024,16384,65536 --impl \$impl \
-                --out $res/memory-scaling --resume; done" ;;
+        memory) step memory "${MEMORY_SECS:-90}" $B --suite memory-scaling --full --sizes 1024,16384,65536 \
+                    --impl core:triton,core:chunked,core:materialized,e2former-v2,e2former-v1,escn-md,dense-tp \
+                    --out "$res/memory-scaling" $(seeded "$res/memory-scaling" memory-scaling) ;;
         lmax) step lmax "${LMAX_SECS:-400}" $B --suite lmax-sweep --full --sizes 1000 --lmax 1-6 --out "$res/lmax-sweep" \
                     $(seeded "$res/lmax-sweep" lmax-sweep) ;;
         accuracy)  # every model in its own process on this lane's GPU, in the background (the

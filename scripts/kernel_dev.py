@@ -41,6 +41,7 @@ import torch
 from e2f.attention.core import attention_core_reference
 from e2f.attention.triton.function import check, fused_attention_core, last_config
 from e2f.attention.workload import random_core_inputs
+from suites.core.memory import free_memory, peak_bytes_above_inputs
 
 FLOATS = ("pos_dst", "pos_src", "q", "k", "v", "gate_dst", "gate_src", "rbf_centers", "w_radial", "w_out", "b_out")
 ROWS: list[dict] = []
@@ -182,16 +183,10 @@ def _sync():
 
 
 def _peak_bytes(fn):
-    """Peak bytes allocated above what was allocated before ``fn()`` (None on the CPU)."""
-    if DEV != "cuda":
-        fn()
-        return None
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    """Peak bytes allocated above what was allocated before ``fn()``, cached blocks returned
+    first (None on the CPU)."""
+    free_memory(DEV)
+    return peak_bytes_above_inputs(fn, device=DEV)
 
 
 def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True, layout="contiguous"):

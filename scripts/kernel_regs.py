@@ -6,9 +6,8 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
     PYTHONPATH=. python scripts/kernel_regs.py "TB=1,vs=64" "GROUPS=2,vs=64" "TB=4,num_warps=8,qkv=bf16"
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
-keep the first autotune configuration's values), optionally with ``vs=64`` (padded value rows, as
-the library passes them) and ``qkv=bf16`` or
-``qkv=fp16``. Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
+keep the first autotune configuration's values), optionally with ``vs=64`` (padded value rows,
+as the library passes them) and ``qkv=bf16`` or ``qkv=fp16``. Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
 R = 256) with TF32 gate products, and the arguments specialised as Triton does on the GPU
 (pointers and sizes divisible by 16). The numbers depend on the Triton version: run it with
 the GPU box's (3.6), e.g. from a virtual environment made with ``--system-site-packages``

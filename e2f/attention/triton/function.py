@@ -297,7 +297,7 @@ TARGETS_PER_PROGRAM = 32
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
-    """Programs of the persistent target pass: two per SM (its occupancy), and at small N one
+    """Programs of the persistent target pass: two per SM, and at small N one
     per ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G +
     2 H G + 2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One
     per 64 targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a

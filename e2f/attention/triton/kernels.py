@@ -30,8 +30,8 @@ Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contig
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
 groups of heads, and each group moves one value tile. Two tile shapes exist:
 
-* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass), ``SG`` = 4 (source pass): heads ``h0 + r + 4 i``, a
-  ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
+* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass), ``SG`` = 4 (source pass): heads
+  ``h0 + r + 4 i``, a ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
   over edges ends in a cross-warp reduction through shared memory and a barrier.
 * ``GROUPS`` = 2, ``TG`` = 2, ``SG`` = 2: two groups of contiguous heads, each read as one
   ``[BK, HC / 2 * DVP]`` block a row (``_value_rows``) and reshaped to heads. The warps then
@@ -187,6 +187,16 @@ def _value_rows(base, rows, rmask, hbase, H, HA: tl.constexpr, DV: tl.constexpr,
 
 
 @triton.jit
+def _group_tile(base, rows, rmask, hbase, hh, hm, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                VS: tl.constexpr, STEP: tl.constexpr):
+    """The ``[E, HA, DVP]`` tile of the heads ``hh = hbase + STEP a``: contiguous heads
+    (``STEP == 1``) as whole rows (``_value_rows``), strided ones head by head (``_value_tile``)."""
+    if STEP == 1:
+        return _value_rows(base, rows, rmask, hbase, H, HA, DV, DVP, VS)
+    return _value_tile(base, rows, rmask, hh, hm, H, DV, DVP, VS)
+
+
+@triton.jit
 def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr = 0):
     """[HA, DVP] float32 tile of one row of a [*, H, DV] tensor with head stride ``VS`` (0:
     ``DV``), and its pointers and mask."""
@@ -263,10 +273,8 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
     for t in tl.static_range(TB):
         i = t0 + t
         src, ok = _slots(nbr, i, N, K, BK)
-        if AGG and STEP == 1:
-            vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP, VS)
-        elif AGG:
-            vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
+        if AGG:
+            vt = _group_tile(v, src, ok, hbase, hh, hm, H, HA, DV, DVP, VS, STEP)
         else:
             vt = tl.zeros([BK, HA, DVP], dtype=tl.float32) + src[:, None, None].to(tl.float32)
         o = tl.sum(_target_rows(w, t, TB)[:, :, None] * vt, axis=0)
@@ -355,10 +363,7 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + STEP a."""
     hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
-    if STEP == 1:
-        vt = _value_rows(v, src, ok, hbase, H, HA, DV, DVP, VS)
-    else:
-        vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
+    vt = _group_tile(v, src, ok, hbase, hh, hm, H, HA, DV, DVP, VS, STEP)
     gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
@@ -480,10 +485,7 @@ def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DV
     HA: tl.constexpr = w.shape[1]
     hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
-    if STEP == 1:
-        gt = _value_rows(dout, tgt, ok, hbase, H, HA, DV, DVP)
-    else:
-        gt = _value_tile(dout, tgt, ok, hh, hm, H, DV, DVP)
+    gt = _group_tile(dout, tgt, ok, hbase, hh, hm, H, HA, DV, DVP, 0, STEP)
     vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP, VS)
     acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
     acc += tl.sum(w[:, :, None] * gt, axis=0)
