@@ -51,11 +51,14 @@ run_step() {
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
         fwd-variants) step fwd-variants 240 python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
                     --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants ;;
-        fwd-groups)  # forward head-group layouts (GROUPS=2: contiguous heads, warps own heads) against the default
+        fwd-groups)  # forward configurations (FWD_VARIANTS, space-separated) against the default, the first one
+            # shellcheck disable=SC2086  # one argument per variant
             step fwd-groups "${GROUPS_SECS:-240}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
                 --value-layouts padded --sizes 16384 65536 --dtypes float32 bfloat16 --fwd-variants \
-                "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4" "GROUPS=2" "GROUPS=2,num_warps=8" "GROUPS=2,HC=32,num_warps=8" \
-                "GROUPS=2,HC=8" "GROUPS=8" ;;
+                ${FWD_VARIANTS:-GROUPS=2 GROUPS=2,HC=8 GROUPS=2,HC=8,maxnreg=128 GROUPS=2,HC=8,num_warps=8,maxnreg=128} ;;
+        bwd-configs)  # every backward configuration at K = 64 (and 32), one process each, against chunked
+            step bwd-configs "${BWDCFG_SECS:-240}" python3 scripts/bwd_config_check.py --out "$res/kernel-dev" \
+                --k ${BWDCFG_K:-64} --no-mma-v3 ${BWDCFG_FLAGS:-} ;;
         leak-v2)  # what keeps ~60 GiB allocated after E2Former-V2's forward runs out of memory (80 GB cards)
             step leak-v2 "${LEAK_SECS:-120}" $B --suite memory-scaling --full --impl e2former-v2 --sizes 65536,1024 \
                 --out "$res/leak-v2" ;;

@@ -356,7 +356,10 @@ def probe(out_dir, n=16384, variants=None):
     print(table, flush=True)
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
         f.write(table)
-    for name, kern in zip(("fwd", "bwd_target", "bwd_source"), F._configs()):
+    fwd, tgt, src = F._configs()
+    kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in fwd.items()},
+               "bwd_target": tgt, "bwd_source": src}
+    for name, kern in kernels.items():
         try:
             for ck in kern.fn.device_caches[0][0].values():
                 print(name, "regs", ck.n_regs, "spills", ck.n_spills, "shared", ck.metadata.shared, flush=True)

@@ -1,4 +1,4 @@
-"""Registers and spills of the forward kernel on sm_90a, compiled on a machine without a GPU.
+"""Registers and spills of the fused kernels on sm_90a, compiled on a machine without a GPU.
 
 Triton lowers to PTX and runs its bundled ``ptxas`` without a device, so the main risk of a
 forward-kernel change, register pressure, can be checked before spending GPU time::
@@ -7,7 +7,9 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep the first autotune configuration's values), optionally with ``vs=64`` (padded value rows,
-as the library passes them) and ``qkv=bf16`` or ``qkv=fp16``. Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
+as the library passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target`` or
+``kernel=source`` for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``,
+``TG``, ``SG``, ``BKS``, ``num_warps``; the forward's defaults otherwise). Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
 R = 256) with TF32 gate products, and the arguments specialised as Triton does on the GPU
 (pointers and sizes divisible by 16). The numbers depend on the Triton version: run it with
 the GPU box's (3.6), e.g. from a virtual environment made with ``--system-site-packages``
@@ -32,7 +34,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from e2f.attention.triton import kernels  # noqa: E402
 from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
 
-SIZES = dict(N=16384, K=32, H=128, G=128, R=256)
+SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256, NPROG=264)
+KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "source": "bwd_source_kernel"}
+INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
 FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk")
 DIVISIBLE = [["tt.divisibility", 16]]
@@ -41,10 +45,11 @@ SYNC_AND_SHARED = {"bar.sync": r"\bbar\.sync\b", "ld.shared": r"\bld\.shared", "
                    "shfl": r"\bshfl\.sync", "ld.global.v4": r"\bld\.global(?:\.\w+)*\.v4"}
 
 
-def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0):
-    """The compiled forward kernel of one ``triton.Config`` (its PTX and metadata); ``vs``: the
-    value head stride (0: contiguous rows, 64: the padded rows the library passes)."""
-    fn = kernels.fwd_kernel
+def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0, kernel: str = "fwd"):
+    """The compiled kernel (``fwd``, ``target`` or ``source`` pass) of one ``triton.Config`` (its
+    PTX and metadata); ``vs``: the value head stride (0: contiguous rows, 64: the padded rows
+    the library passes)."""
+    fn = getattr(kernels, KERNELS[kernel])
     signature, attrs = {}, {}
     constants = {**PADDED, "PREC": "tf32", "VS": vs, **config.kwargs}
     for index, param in enumerate(fn.params):
@@ -58,9 +63,10 @@ def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0):
             signature[name] = "i32"
             attrs[(index,)] = DIVISIBLE
         else:
-            signature[name] = "*i64" if name == "nbr" else f"*{qkv}" if name in ("q", "k", "v") else "*fp32"
+            signature[name] = "*i64" if name in INDEX_POINTERS else f"*{qkv}" if name in ("q", "k", "v") else "*fp32"
             attrs[(index,)] = DIVISIBLE
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()
+                                                  if k in fn.arg_names},
                        attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None:
@@ -82,22 +88,61 @@ def resources(ptx: str, arch: int = 90) -> dict:
     return {key: int(m.group(1)) if m else None for key, m in found.items()}
 
 
+def parse_config(text: str):
+    """``(config, qkv, vs, kernel)`` from one command-line argument (module docstring)."""
+    from triton import Config
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    extra = dict(item.split("=", 1) for item in items if item.startswith(("qkv=", "vs=", "kernel=")))
+    rest = [item for item in items if not item.startswith(("qkv=", "vs=", "kernel="))]
+    kernel = extra.get("kernel", "fwd")
+    if kernel not in KERNELS:
+        raise SystemExit(f"kernel= must be one of {sorted(KERNELS)}, got {kernel!r}")
+    if kernel == "fwd":
+        config = parse_fwd_config(",".join(rest))
+    else:
+        meta = {"HC": 16, "RC": 32, "num_warps": 8, **({"BKS": 16, "SG": 2} if kernel == "source" else {})}
+        meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
+        warps = meta.pop("num_warps")
+        config = Config(meta, num_warps=warps, num_stages=1)
+    return config, extra.get("qkv", "fp32"), int(extra.get("vs", 0)), kernel
+
+
+def largest_loop(cubin: bytes, arch: int = 90) -> int:
+    """SASS instructions in the longest loop body (``nvdisasm``; for the forward that is one
+    head chunk, so it approximates the instructions a thread issues per chunk)."""
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    labels, body = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(body)
+        elif re.match(r"\s+/\*[0-9a-f]{4}\*/", line):
+            body.append(line)
+    sizes = [i + 1 - labels[m.group(1)] for i, line in enumerate(body)
+             if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)) and labels.get(m.group(1), len(body)) <= i]
+    return max(sizes, default=0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="+", help='e.g. "TB=2,num_warps=8" or "TB=2,num_warps=8,qkv=bf16"')
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90a")
     for text in args.configs:
-        items = [item.strip() for item in text.split(",")]
-        extra = dict(item.split("=", 1) for item in items if item.startswith(("qkv=", "vs=")))
-        config = parse_fwd_config(",".join(item for item in items if not item.startswith(("qkv=", "vs="))))
+        config, qkv, vs, kernel = parse_config(text)
         start = time.perf_counter()
-        compiled = compile_fwd(config, extra.get("qkv", "fp32"), vs=int(extra.get("vs", 0)))
+        compiled = compile_fwd(config, qkv, vs=vs, kernel=kernel)
         seconds = time.perf_counter() - start
         ptx = compiled.asm["ptx"]
         counts = {name: len(re.findall(pattern, ptx)) for name, pattern in SYNC_AND_SHARED.items()}
         print(f"{text:45s} {resources(ptx)}  shared {compiled.metadata.shared} B  {counts}  "
-              f"compile {seconds:.1f} s", flush=True)
+              f"loop {largest_loop(compiled.asm['cubin'])} SASS  compile {seconds:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ Environment:
 
 ``E2F_TRITON_AUTOTUNE=0``
     Every kernel runs its first configuration only (no tuning; quick runs and the
-    regression gate). The forward's first configuration is one target per program.
+    regression gate). The forward has one candidate list for float32 q/k/v and one for
+    16-bit q/k/v (``_fwd_candidates``), each with its own first configuration.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
     ``RC`` (radial basis functions per product), ``GROUPS`` (head groups the values move
     in: 2, 4 or 8; see ``kernels``), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
-    more programs share an SM; spills beyond it); a key left out keeps the value of the
-    first configuration (no cap). Unset or empty: autotuned as above.
+    more programs share an SM; spills beyond it); a key left out keeps its ``FWD_BASE``
+    value (no cap). Unset or empty: autotuned as above.
 
 Precision: the gate MLP's products run on tensor cores in TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
@@ -131,17 +132,38 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _fwd_candidates() -> list:
-    """Forward configurations, the default first."""
+#: Meta-parameters a forced forward configuration starts from (``E2F_TRITON_FWD_CONFIG``).
+FWD_BASE = dict(HC=16, RC=32, TB=1, GROUPS=2, num_warps=4, num_stages=1, maxnreg=None)
+
+
+def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
+    """Forward configurations for q/k/v of ``dtype``, the default first."""
     if _interpreting():
         return [_cfg(16, 16, 4, TB=1, GROUPS=2)]
-    # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers)
-    # first: on an H100, fp32 N = 65,536, 29.5 ms (GROUPS=4) -> 22.7 (GROUPS=2) / 21.6 ms
-    # (GROUPS=2, HC=8); bf16 38.1 -> 23.1 ms (HC=8 spills in bf16: 34.6). GROUPS=8 was
-    # slower than 4 (33.5 ms). TB > 1 (several targets a program) stays a
-    # forced-configuration experiment: every TB > 1 variant was slower on an H200 (30.7 ms
-    # against 34.8-69.2 ms; perf-notes sections 6 and 9).
-    return [_cfg(16, 32, 4, TB=1, GROUPS=2), _cfg(8, 32, 4, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=4)]
+    # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers).
+    # On an H100 (N = 65,536, ms; perf-notes sections 9 and 11): fp32 GROUPS=4 29.5 -> GROUPS=2
+    # 22.3, HC=8 21.9, HC=8 capped at 128 registers (four programs an SM, 8 B spilled) 19.8;
+    # bf16 GROUPS=2 19.5 against 32.8-38.2 for HC=8 or 4 and 36.4 for 8 warps. GROUPS=8 and
+    # TB > 1 (several targets a program) were slower and stay forced-configuration experiments.
+    if dtype == torch.float32:
+        return [_cfg(8, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=2),
+                _cfg(8, 32, 4, TB=1, GROUPS=2)]
+    return [_cfg(16, 32, 4, TB=1, GROUPS=2), _cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2),
+            _cfg(16, 32, 4, TB=1, GROUPS=4)]
+
+
+def _bwd_candidates() -> tuple[list, list]:
+    """Target-pass and source-pass configurations, the defaults first."""
+    if _interpreting():
+        return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, BKS=16)]
+    # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
+    # 4 warps, 488 B at 8; source pass 232 B at 4 warps (BKS=16), 32 B at 8 warps with
+    # SG=2, which also halves its barriers. Autotuned on an H100 (fp32, N = 4,096; ms):
+    # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
+    # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
+    # candidate, not the default (perf-notes section 9).
+    return ([_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)],
+            [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)])
 
 
 def parse_fwd_config(text: str):
@@ -155,10 +177,9 @@ def parse_fwd_config(text: str):
     Returns
     -------
     triton.Config
-        The first forward configuration with the named values replaced.
+        ``FWD_BASE`` with the named values replaced.
     """
-    first = _fwd_candidates()[0]
-    meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages, "maxnreg": first.maxnreg}
+    meta = dict(FWD_BASE)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip()
@@ -179,11 +200,12 @@ def parse_fwd_config(text: str):
     return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
 
 
-def _fwd_kernel():
-    """The forward kernel: the forced configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
+def _fwd_kernel(dtype: torch.dtype):
+    """The forward kernel for q/k/v of ``dtype``: the forced configuration if
+    ``E2F_TRITON_FWD_CONFIG`` names one."""
     text = os.environ.get(FWD_CONFIG_ENV, "").strip()
     if not text:
-        return _configs()[0]
+        return _configs()[0][dtype == torch.float32]
     if text not in _forced_fwd:
         import triton
 
@@ -194,7 +216,8 @@ def _fwd_kernel():
 
 
 def _configs():
-    """Autotuned kernels (built once: the interpreter gets a single configuration)."""
+    """Autotuned kernels (built once: the interpreter gets a single configuration): the
+    forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass, the source pass."""
     global _kernels
     if _kernels is not None:
         return _kernels
@@ -202,22 +225,12 @@ def _configs():
 
     from e2f.attention.triton import kernels as K
 
-    fwd_cfgs = _fwd_candidates()
-    if _interpreting():
-        tgt_cfgs = [_cfg(16, 16, 4)]
-        src_cfgs = [_cfg(16, 16, 4, BKS=16)]
-    else:
-        # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
-        # 4 warps, 488 B at 8; source pass 232 B at 4 warps (BKS=16), 32 B at 8 warps with
-        # SG=2, which also halves its barriers. Autotuned on an H100 (fp32, N = 4,096; ms):
-        # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
-        # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
-        # candidate, not the default (perf-notes section 9).
-        tgt_cfgs = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
-        src_cfgs = [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)]
+    fwd_cfgs = {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)}
+    tgt_cfgs, src_cfgs = _bwd_candidates()
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
-        fwd_cfgs, tgt_cfgs, src_cfgs = fwd_cfgs[:1], tgt_cfgs[:1], src_cfgs[:1]
-    fwd = triton.autotune(fwd_cfgs, key=_KEY)(K.fwd_kernel)
+        fwd_cfgs = {fp32: cfgs[:1] for fp32, cfgs in fwd_cfgs.items()}
+        tgt_cfgs, src_cfgs = tgt_cfgs[:1], src_cfgs[:1]
+    fwd = {fp32: triton.autotune(cfgs, key=_KEY)(K.fwd_kernel) for fp32, cfgs in fwd_cfgs.items()}
     tgt = triton.autotune(tgt_cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
         K.bwd_target_kernel)
     src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
@@ -263,7 +276,7 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
     if d["N"] == 0 or d["M"] == 0:
         return out, m, s
-    fwd = _fwd_kernel()
+    fwd = _fwd_kernel(t["q"].dtype)
     prec = _gate_precision()
     n = d["N"]
     compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](

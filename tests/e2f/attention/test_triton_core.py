@@ -121,6 +121,13 @@ def test_wider_tiles_and_multi_chunk_sources():
     compare(inp, 1e-5)
 
 
+def test_slot_tiles_of_64():
+    # K = 40 neighbour slots: BK = 64-row edge tiles (on Hopper, the gate products' M reaches
+    # wgmma's 64), with the slots beyond 40 masked
+    inp = make_inputs(44, 48, 40, drop=0.1, box=3.0, cutoff=4.0, seed=4)
+    compare(inp, 1e-5)
+
+
 def test_against_float64():
     inp = make_inputs(9, 11, 5, seed=5)
     dout = torch.randn(9, 3, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)

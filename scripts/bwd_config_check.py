@@ -1,0 +1,102 @@
+"""Every backward-pass configuration of the fused core, one process each, against ``chunked``.
+
+An illegal memory access poisons the CUDA context for the rest of a process, so each
+(neighbour cap K, target-pass configuration, source-pass configuration, MMA v3 allowed or not)
+runs in a child process; the parent records what each one did::
+
+    PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048]
+
+Each child runs the forward (first configuration) and the backward with exactly one target and
+one source configuration from ``e2f.attention.triton.function._bwd_candidates`` on the paper
+sizes (padded value rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to
+different kernels, only TF32 ones use tensor cores) and compares ``out`` and every gradient with the
+``chunked`` backend. ``--no-mma-v3`` adds a child of the first two configurations with
+``DISABLE_MMA_V3=1`` (Triton then lowers every ``tl.dot`` to ``mma.sync``, never ``wgmma``). One JSON line per child in
+``<out>/bwd-config-check.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
+    import torch
+    import triton
+
+    from e2f.attention.chunked import chunked_attention_core
+    from e2f.attention.triton import function as F
+    from e2f.attention.triton import kernels as K
+    from e2f.attention.workload import random_core_inputs
+
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    tgt_cfg = F._bwd_candidates()[0][tgt_index]
+    src_cfg = F._bwd_candidates()[1][src_index]
+    F._kernels = ({True: triton.autotune(F._fwd_candidates()[:1], key=F._KEY)(K.fwd_kernel)},
+                  triton.autotune([tgt_cfg], key=F._KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+                      K.bwd_target_kernel),
+                  triton.autotune([src_cfg], key=F._KEY)(K.bwd_source_kernel))
+    inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
+    names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]
+    leaves = [inp.tensors()[name] for name in names]
+    out = F.fused_attention_core(inp)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    torch.cuda.synchronize()
+    ref = chunked_attention_core(inp)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    errors = {"out": rel(out, ref), **{name: rel(a, b) for name, a, b in zip(names, grads, ref_grads)}}
+    return {"target_config": str(tgt_cfg), "source_config": str(src_cfg), "max_rel": max(errors.values()),
+            "rel": errors, "configs": {name: cfg for name, cfg in F.last_config().items() if name != "precision"}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--k", type=int, nargs="*", default=[32, 64])
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--no-mma-v3", action="store_true", help="also run the default pair with DISABLE_MMA_V3=1")
+    ap.add_argument("--tf32", action="store_true", help="TF32 gate products (the library's GPU default)")
+    ap.add_argument("--child", nargs=5, type=int, metavar=("K", "N", "TGT", "SRC", "TF32"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        return
+    from e2f.attention.triton.function import _bwd_candidates
+
+    n_tgt, n_src = (len(c) for c in _bwd_candidates())
+    cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
+    cases += [(0, 0, True)] if args.no_mma_v3 else []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bwd-config-check.jsonl")
+    for k in args.k:
+        for t, s, no_v3 in cases:
+            env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", **({"DISABLE_MMA_V3": "1"} if no_v3 else {})}
+            start = time.time()
+            argv = [sys.executable, __file__, "--child", str(k), str(args.n), str(t), str(s), str(int(args.tf32))]
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+            found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            record = {"k": k, "n": args.n, "target_index": t, "source_index": s, "disable_mma_v3": no_v3,
+                      "tf32": args.tf32, "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+            if found:
+                record.update(json.loads(found[0]))
+            else:
+                record["error"] = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+                record["illegal_address"] = "illegal memory access" in proc.stderr
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"K={k} tgt={t} src={s} no_mma_v3={no_v3}: rc={proc.returncode} "
+                  f"max_rel={record.get('max_rel')} error={record.get('error')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
