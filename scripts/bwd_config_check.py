@@ -55,7 +55,8 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
     errors = {"out": rel(out, ref), **{name: rel(a, b) for name, a, b in zip(names, grads, ref_grads)}}
-    return {"target_config": str(tgt_cfg), "source_config": str(src_cfg), "max_rel": max(errors.values()),
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "target_config": str(tgt_cfg), "source_config": str(src_cfg), "max_rel": max(errors.values()),
             "rel": errors, "configs": {name: cfg for name, cfg in F.last_config().items() if name != "precision"}}
 
 
@@ -76,6 +77,7 @@ def main():
     n_tgt, n_src = (len(c) for c in _bwd_candidates())
     cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
     cases += [(0, 0, True)] if args.no_mma_v3 else []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")
     for k in args.k:
@@ -86,7 +88,7 @@ def main():
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
             found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             record = {"k": k, "n": args.n, "target_index": t, "source_index": s, "disable_mma_v3": no_v3,
-                      "tf32": args.tf32, "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+                      "tf32": args.tf32, "git_commit": commit or None, "date": time.strftime("%Y-%m-%d"), "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
             if found:
                 record.update(json.loads(found[0]))
             else:
