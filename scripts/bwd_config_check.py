@@ -7,11 +7,13 @@ runs in a child process; the parent records what each one did::
     PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048]
 
 Each child runs the forward (first configuration) and the backward with exactly one target and
-one source configuration from ``e2f.attention.triton.function._bwd_candidates`` on the paper
-sizes (padded value rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to
-different kernels, only TF32 ones use tensor cores) and compares ``out`` and every gradient with the
-``chunked`` backend. ``--no-mma-v3`` adds a child of the first two configurations with
-``DISABLE_MMA_V3=1`` (Triton then lowers every ``tl.dot`` to ``mma.sync``, never ``wgmma``). One JSON line per child in
+one source configuration from ``e2f.attention.triton.function._bwd_candidates`` (the full
+target list, so at K = 64 also the configurations the library leaves out there), or, as the
+last case of each K, the library's own autotuned choice; on the paper sizes (padded value
+rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to different kernels, only
+TF32 ones use tensor cores) it compares ``out`` and every gradient with the ``chunked``
+backend. ``--no-mma-v3`` adds a child of the default pair with ``DISABLE_MMA_V3=1`` (Triton
+then lowers every ``tl.dot`` to ``mma.sync``, never ``wgmma``). One JSON line per child in
 ``<out>/bwd-config-check.jsonl``.
 """
 from __future__ import annotations
@@ -34,12 +36,13 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
     from e2f.attention.workload import random_core_inputs
 
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    tgt_cfg = F._bwd_candidates()[0][tgt_index]
-    src_cfg = F._bwd_candidates()[1][src_index]
-    F._kernels = ({True: triton.autotune(F._fwd_candidates()[:1], key=F._KEY)(K.fwd_kernel)},
-                  triton.autotune([tgt_cfg], key=F._KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
-                      K.bwd_target_kernel),
-                  triton.autotune([src_cfg], key=F._KEY)(K.bwd_source_kernel))
+    if tgt_index >= 0:  # one configuration each; otherwise the library's autotuned kernels
+        tgt_cfg = F._bwd_candidates()[0][tgt_index]  # every one, also those left out for BK > 32
+        src_cfg = F._bwd_candidates()[1][src_index]
+        target = triton.autotune([tgt_cfg], key=F._KEY,
+                                 reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
+        F._kernels = ({True: triton.autotune(F._fwd_candidates()[:1], key=F._KEY)(K.fwd_kernel)},
+                      {False: target, True: target}, triton.autotune([src_cfg], key=F._KEY)(K.bwd_source_kernel))
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
     names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]
     leaves = [inp.tensors()[name] for name in names]
@@ -56,8 +59,7 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
 
     errors = {"out": rel(out, ref), **{name: rel(a, b) for name, a, b in zip(names, grads, ref_grads)}}
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "target_config": str(tgt_cfg), "source_config": str(src_cfg), "max_rel": max(errors.values()),
-            "rel": errors, "configs": {name: cfg for name, cfg in F.last_config().items() if name != "precision"}}
+            "max_rel": max(errors.values()), "rel": errors, "configs": {name: cfg for name, cfg in F.last_config().items() if name != "precision"}}
 
 
 def main():
@@ -77,6 +79,7 @@ def main():
     n_tgt, n_src = (len(c) for c in _bwd_candidates())
     cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
     cases += [(0, 0, True)] if args.no_mma_v3 else []
+    cases += [(-1, -1, False)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")

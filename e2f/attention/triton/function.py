@@ -140,20 +140,21 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     """Forward configurations for q/k/v of ``dtype``, the default first."""
     if _interpreting():
         return [_cfg(16, 16, 4, TB=1, GROUPS=2)]
-    # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers).
-    # On an H100 (N = 65,536, ms; perf-notes sections 9 and 11): fp32 GROUPS=4 29.5 -> GROUPS=2
-    # 22.3, HC=8 21.9, HC=8 capped at 128 registers (four programs an SM, 8 B spilled) 19.8;
-    # bf16 GROUPS=2 19.5 against 32.8-38.2 for HC=8 or 4 and 36.4 for 8 warps. GROUPS=8 and
-    # TB > 1 (several targets a program) were slower and stay forced-configuration experiments.
+    # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers),
+    # capped at 128 registers a thread so that four programs share an SM (latency-bound: more
+    # warps in flight beat the spills). On an H100, N = 65,536 (ms; perf-notes sections 9, 11):
+    # fp32 GROUPS=4 29.5, GROUPS=2 22.2, capped 17.5 (50 B spilled), HC=8 capped at 96 18.9;
+    # bf16 GROUPS=2 19.6, capped 17.6, HC=8 32.6-34.7. GROUPS=8, 8 warps and TB > 1 (several
+    # targets a program) were slower and stay forced-configuration experiments.
     if dtype == torch.float32:
-        return [_cfg(8, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=2),
-                _cfg(8, 32, 4, TB=1, GROUPS=2)]
-    return [_cfg(16, 32, 4, TB=1, GROUPS=2), _cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2),
-            _cfg(16, 32, 4, TB=1, GROUPS=4)]
+        return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(8, 32, 4, maxnreg=96, TB=1, GROUPS=2),
+                _cfg(16, 32, 4, TB=1, GROUPS=2)]
+    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
-def _bwd_candidates() -> tuple[list, list]:
-    """Target-pass and source-pass configurations, the defaults first."""
+def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
+    """Target-pass and source-pass configurations, the defaults first; ``wide``: edge tiles
+    of more than 32 neighbour slots (``BK > 32``)."""
     if _interpreting():
         return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, BKS=16)]
     # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
@@ -162,8 +163,14 @@ def _bwd_candidates() -> tuple[list, list]:
     # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
     # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
     # candidate, not the default (perf-notes section 9).
-    return ([_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)],
-            [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)])
+    target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
+    if wide:
+        # Triton 3.6 on an H100: 8-warp target passes with 64-row edge tiles (K = 64, TF32
+        # products, which then lower to wgmma) stop with an illegal memory access; the 4-warp
+        # one and DISABLE_MMA_V3=1 run and match chunked (scripts/bwd_config_check.py,
+        # perf-notes section 11)
+        target = [c for c in target if c.num_warps == 4]
+    return target, [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)]
 
 
 def parse_fwd_config(text: str):
@@ -217,7 +224,8 @@ def _fwd_kernel(dtype: torch.dtype):
 
 def _configs():
     """Autotuned kernels (built once: the interpreter gets a single configuration): the
-    forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass, the source pass."""
+    forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass as ``{BK > 32: ...}``,
+    the source pass."""
     global _kernels
     if _kernels is not None:
         return _kernels
@@ -226,13 +234,15 @@ def _configs():
     from e2f.attention.triton import kernels as K
 
     fwd_cfgs = {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)}
-    tgt_cfgs, src_cfgs = _bwd_candidates()
+    tgt_cfgs = {wide: _bwd_candidates(wide)[0] for wide in (False, True)}
+    src_cfgs = _bwd_candidates()[1]
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
         fwd_cfgs = {fp32: cfgs[:1] for fp32, cfgs in fwd_cfgs.items()}
-        tgt_cfgs, src_cfgs = tgt_cfgs[:1], src_cfgs[:1]
+        tgt_cfgs = {wide: cfgs[:1] for wide, cfgs in tgt_cfgs.items()}
+        src_cfgs = src_cfgs[:1]
     fwd = {fp32: triton.autotune(cfgs, key=_KEY)(K.fwd_kernel) for fp32, cfgs in fwd_cfgs.items()}
-    tgt = triton.autotune(tgt_cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
-        K.bwd_target_kernel)
+    tgt = {wide: triton.autotune(cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
+        K.bwd_target_kernel) for wide, cfgs in tgt_cfgs.items()}
     src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
     _kernels = (fwd, tgt, src)
     return _kernels
@@ -336,7 +346,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    _, tgt, src = _configs()
+    _, targets, src = _configs()
+    tgt = targets[d["BK"] > 32]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
     dwr_part = torch.zeros(nprog, d["R"], d["G"], **f32)

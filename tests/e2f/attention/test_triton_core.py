@@ -327,8 +327,9 @@ def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
 
     fwd, tgt, src = F._configs()
     if backward_pass == "target":
-        tgt = triton.autotune([F._cfg(16, 16, 4, TG=2)], key=F._KEY,
-                              reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
+        narrow = triton.autotune([F._cfg(16, 16, 4, TG=2)], key=F._KEY,
+                                 reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
+        tgt = {False: narrow, True: narrow}
     else:
         src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
     monkeypatch.setattr(F, "_kernels", (fwd, tgt, src))
