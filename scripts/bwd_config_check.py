@@ -80,7 +80,9 @@ def main():
     cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
     cases += [(0, 0, True)] if args.no_mma_v3 else []
     cases += [(-1, -1, False)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from suites.core.env import git_state
+
+    commit, dirty = git_state()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")
     for k in args.k:
@@ -91,7 +93,7 @@ def main():
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
             found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             record = {"k": k, "n": args.n, "target_index": t, "source_index": s, "disable_mma_v3": no_v3,
-                      "tf32": args.tf32, "git_commit": commit or None, "date": time.strftime("%Y-%m-%d"), "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+                      "tf32": args.tf32, "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%d"), "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
             if found:
                 record.update(json.loads(found[0]))
             else:

@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,7 @@ import torch
 from e2f.attention.core import attention_core_reference
 from e2f.attention.triton.function import check, fused_attention_core, last_config
 from e2f.attention.workload import random_core_inputs
+from suites.core.env import git_state
 from suites.core.memory import free_memory, peak_bytes_above_inputs
 
 FLOATS = ("pos_dst", "pos_src", "q", "k", "v", "gate_dst", "gate_src", "rbf_centers", "w_radial", "w_out", "b_out")
@@ -52,14 +52,11 @@ DEV = "cuda"
 
 def env() -> dict:
     import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    commit, dirty = git_state()
     p = torch.cuda.get_device_properties(0) if DEV == "cuda" else None
     return {"gpu_name": p.name if p else "cpu", "sms": p.multi_processor_count if p else 0, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
-            "command": " ".join(sys.argv)}
+            "git_dirty": dirty, "command": " ".join(sys.argv)}
 
 
 ENV: dict = {}

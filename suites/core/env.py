@@ -113,8 +113,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
+#: Names the commit when the checkout's git metadata does not (a copied working tree whose
+#: ``.git`` is older than its files, as on the lent GPU machines); ``git_dirty`` is then None.
+GIT_COMMIT_ENV = "E2F_GIT_COMMIT"
+
+
 def git_state(root: Path = REPO_ROOT) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout at ``root``; ``(None, None)`` outside git."""
+    """``(commit, dirty)`` of the checkout at ``root``; ``(None, None)`` outside git;
+    ``(E2F_GIT_COMMIT, None)`` when that variable is set."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV], None
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
