@@ -39,3 +39,9 @@ def test_gpu_info_without_pynvml(monkeypatch):
 
 def test_git_state_outside_a_checkout(tmp_path):
     assert envmod.git_state(tmp_path) == (None, None)
+
+
+def test_git_commit_named_by_the_environment(monkeypatch, tmp_path):
+    # a copied checkout whose .git is older than its files names its commit instead
+    monkeypatch.setenv(envmod.GIT_COMMIT_ENV, "e143fcd")
+    assert envmod.git_state(tmp_path) == ("e143fcd", None)

@@ -143,13 +143,15 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers),
     # capped at 128 registers a thread so that four programs share an SM (latency-bound: more
     # warps in flight beat the spills). On an H100, N = 65,536 (ms; perf-notes sections 9, 11):
-    # fp32 GROUPS=4 29.5, GROUPS=2 22.2, capped 17.5 (50 B spilled), HC=8 capped at 96 18.9;
-    # bf16 GROUPS=2 19.6, capped 17.6, HC=8 32.6-34.7. GROUPS=8, 8 warps and TB > 1 (several
-    # targets a program) were slower and stay forced-configuration experiments.
+    # fp32 GROUPS=4 29.5, GROUPS=2 22.2, capped at 128 17.5 (50 B spilled), at 96 20.2, HC=8
+    # capped at 96 18.9; bf16 GROUPS=2 19.6, capped at 128 17.6, at 96 17.3, HC=8 32-35.
+    # GROUPS=8, 8 warps and TB > 1 (several targets a program) were slower and stay
+    # forced-configuration experiments.
     if dtype == torch.float32:
         return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(8, 32, 4, maxnreg=96, TB=1, GROUPS=2),
                 _cfg(16, 32, 4, TB=1, GROUPS=2)]
-    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, TB=1, GROUPS=2)]
+    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, maxnreg=96, TB=1, GROUPS=2),
+            _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
 def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
