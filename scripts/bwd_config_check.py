@@ -58,8 +58,9 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
     errors = {"out": rel(out, ref), **{name: rel(a, b) for name, a, b in zip(names, grads, ref_grads)}}
+    configs = {name: cfg for name, cfg in F.last_config().items() if name != "precision"}
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "max_rel": max(errors.values()), "rel": errors, "configs": {name: cfg for name, cfg in F.last_config().items() if name != "precision"}}
+            "max_rel": max(errors.values()), "rel": errors, "configs": configs}
 
 
 def main():
@@ -75,13 +76,12 @@ def main():
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
         return
     from e2f.attention.triton.function import _bwd_candidates
+    from suites.core.env import git_state
 
     n_tgt, n_src = (len(c) for c in _bwd_candidates())
     cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
     cases += [(0, 0, True)] if args.no_mma_v3 else []
     cases += [(-1, -1, False)]
-    from suites.core.env import git_state
-
     commit, dirty = git_state()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")
@@ -93,7 +93,8 @@ def main():
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
             found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             record = {"k": k, "n": args.n, "target_index": t, "source_index": s, "disable_mma_v3": no_v3,
-                      "tf32": args.tf32, "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%d"), "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+                      "tf32": args.tf32, "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%d"),
+                      "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
             if found:
                 record.update(json.loads(found[0]))
             else:

@@ -6,14 +6,16 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
     PYTHONPATH=. python scripts/kernel_regs.py "TB=1,vs=64" "GROUPS=2,vs=64" "TB=4,num_warps=8,qkv=bf16"
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
-keep the first autotune configuration's values), optionally with ``vs=64`` (padded value rows,
-as the library passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target`` or
-``kernel=source`` for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``,
-``TG``, ``SG``, ``BKS``, ``num_warps``; the forward's defaults otherwise). Shapes are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128,
-R = 256) with TF32 gate products, and the arguments specialised as Triton does on the GPU
-(pointers and sizes divisible by 16). The numbers depend on the Triton version: run it with
-the GPU box's (3.6), e.g. from a virtual environment made with ``--system-site-packages``
-that installs ``triton==3.6.0``.
+keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
+passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target`` or ``kernel=source`` for a
+backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG``, ``SG``,
+``BKS``, ``num_warps``; the backward's first configuration otherwise). Shapes are the paper
+sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
+arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
+registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
+size of the longest loop (``nvdisasm``; in the forward, one head chunk). The numbers depend on
+the Triton version: run it with the GPU box's (3.6), e.g. from a virtual environment made with
+``--system-site-packages`` that installs ``triton==3.6.0``.
 """
 from __future__ import annotations
 
