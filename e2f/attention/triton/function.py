@@ -165,14 +165,14 @@ def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
     # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
     # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
     # candidate, not the default (perf-notes section 9).
-    target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2), _cfg(16, 32, 8, maxnreg=128)]
+    target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
     if wide:
         # Triton 3.6 on an H100: 8-warp target passes with 64-row edge tiles (K = 64, TF32
         # products, which then lower to wgmma) stop with an illegal memory access; the 4-warp
         # one and DISABLE_MMA_V3=1 run and match chunked (scripts/bwd_config_check.py,
         # perf-notes section 11)
         target = [c for c in target if c.num_warps == 4]
-    return target, [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16), _cfg(16, 32, 8, maxnreg=128, BKS=16, SG=2)]
+    return target, [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)]
 
 
 def parse_fwd_config(text: str):
