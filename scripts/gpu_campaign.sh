@@ -72,7 +72,7 @@ run_step() {
         memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
                     --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
         kernel) step kernel-tflops "${KERNEL_SECS:-150}" $B --suite kernel-tflops --full --impl "${KERNEL_IMPLS:-triton,materialized,sdpa-dense}" \
-                    --sizes 4096,16384,65536 --out "$res/kernel-tflops" ;;
+                    --sizes "${KERNEL_SIZES:-4096,16384,65536}" --out "$res/kernel-tflops" ;;
         twin)  # E2Former-V2's force-training step through the chunked double-backward twin (the
                # default before 'auto', which materialises at this size): run beside latency-v2
             step twin 150 env E2F_TRITON_TWIN=chunked $B --suite latency --full --impl e2former-v2 --sizes 1000 \
