@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from e2f.attention.triton import kernels  # noqa: E402
 from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
 
-SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256)
+SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256, NPROG=264)
 KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "source": "bwd_source_kernel"}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
@@ -103,7 +103,7 @@ def parse_config(text: str):
     if kernel == "fwd":
         config = parse_fwd_config(",".join(rest))
     else:
-        meta = {"HC": 16, "RC": 32, "num_warps": 8, **({"BKS": 16, "SG": 2} if kernel == "source" else {"PPS": 1})}
+        meta = {"HC": 16, "RC": 32, "num_warps": 8, **({"BKS": 16, "SG": 2} if kernel == "source" else {})}
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
         warps = meta.pop("num_warps")
         config = Config(meta, num_warps=warps, num_stages=1)

@@ -158,16 +158,14 @@ def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
     """Target-pass and source-pass configurations, the defaults first; ``wide``: edge tiles
     of more than 32 neighbour slots (``BK > 32``)."""
     if _interpreting():
-        return [_cfg(16, 16, 4, PPS=2)], [_cfg(16, 16, 4, BKS=16)]
+        return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, BKS=16)]
     # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
     # 4 warps, 488 B at 8; source pass 232 B at 4 warps (BKS=16), 32 B at 8 warps with
     # SG=2, which also halves its barriers. Autotuned on an H100 (fp32, N = 4,096; ms):
     # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
     # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
     # candidate, not the default (perf-notes section 9).
-    # PPS: target programs an SM the grid is sized for. 8 warps at 255 registers fit one an SM,
-    # 4 warps two; PPS = 2 at 8 warps (session 4) ran in two waves with twice the partials
-    target = [_cfg(16, 32, 8, PPS=1), _cfg(16, 32, 8, PPS=2), _cfg(16, 32, 4, PPS=2), _cfg(16, 32, 8, TG=2, PPS=1)]
+    target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
     if wide:
         # Triton 3.6 on an H100: 8-warp target passes with 64-row edge tiles (K = 64, TF32
         # products, which then lower to wgmma) stop with an illegal memory access; the 4-warp
@@ -323,16 +321,16 @@ def _transposed(nbr: Tensor, m: int):
 TARGETS_PER_PROGRAM = 32
 
 
-def _num_programs(device: torch.device, n_rows: int, per_sm: int = 2) -> int:
-    """Programs of the persistent target pass: ``per_sm`` per SM, and at small N one per
-    ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G + 2 H G +
-    2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One per 64
-    targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a call with
-    IEEE gate products, on an H200."""
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the persistent target pass: two per SM, and at small N one
+    per ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G +
+    2 H G + 2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One
+    per 64 targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a
+    call with IEEE gate products, on an H200."""
     if _interpreting():
         return max(1, min(3, n_rows))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(per_sm * sms, triton_cdiv(n_rows, TARGETS_PER_PROGRAM)))
+    return max(1, min(2 * sms, triton_cdiv(n_rows, TARGETS_PER_PROGRAM)))
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
@@ -353,7 +351,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     _, targets, src = _configs()
     tgt = targets[d["BK"] > 32]
     prec = _gate_precision()
-    nprog = _num_programs(dev, n, max(c.kwargs["PPS"] for c in _bwd_candidates()[0]))
+    nprog = _num_programs(dev, n)
     dwr_part = torch.zeros(nprog, d["R"], d["G"], **f32)
     dwo_part = torch.zeros(nprog, d["G"], 2 * h, **f32)
     db_part = torch.zeros(nprog, 2 * h, **f32)
@@ -361,11 +359,11 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     b_dot = torch.empty(n, h, **f32)
     dd_edge = torch.empty(n * d["K"], **f32)
     scal = (float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]))
-    tgt[lambda meta: (_num_programs(dev, n, meta["PPS"]),)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+    tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
                   grads["q"], grads["gate_dst"], grads["pos_dst"], b_dot, dd_edge,
                   dwr_part, dwo_part, db_part, dc_part,
-                  n, d["K"], h, d["G"], d["R"], *scal,
+                  n, d["K"], h, d["G"], d["R"], *scal, nprog,
                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
                   VS=d["VS"])
     _record("bwd_target", tgt)

@@ -2,7 +2,7 @@
 
 Three kernels; a program owns one row (a target, or a source) and its edges, so every
 output row is written by exactly one program (bitwise reproducible, no atomics). The row
-counts (``N``, ``M``) are not specialised on: a training run meets a new count
+counts (``N``, ``M``, ``NPROG``) are not specialised on: a training run meets a new count
 with every batch, and divisibility-by-16 variants would recompile every autotune candidate.
 
 * ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
@@ -376,20 +376,17 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "NPROG"])
 def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in,
                       dq, dgate_dst, dpos_dst, b_out_dot, dd_edge,
                       dwr_part, dwo_part, db_part, dc_part,
-                      N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+                      N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4, PPS: tl.constexpr = 2):
-    # TG (2 or 4): head groups a chunk's value rows move in (module docstring).
-    # PPS: programs per SM the launch grid is sized for (read by the grid, not here): as many as
-    # fit at once, so that every program's weight-gradient partials are live together in L2.
+                      PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4):
+    # TG (2 or 4): head groups a chunk's value rows move in (module docstring)
     HA: tl.constexpr = HC // 4
-    NPROG = tl.num_programs(0)
     pid = tl.program_id(0)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G

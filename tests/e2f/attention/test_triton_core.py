@@ -327,7 +327,7 @@ def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
 
     fwd, tgt, src = F._configs()
     if backward_pass == "target":
-        narrow = triton.autotune([F._cfg(16, 16, 4, TG=2, PPS=2)], key=F._KEY,
+        narrow = triton.autotune([F._cfg(16, 16, 4, TG=2)], key=F._KEY,
                                  reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
         tgt = {False: narrow, True: narrow}
     else:
