@@ -14,6 +14,9 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
 
 Environment:
 
+Autotuning runs outside any timed region, once per ``size_bucket`` of the atom count (factors
+of 4 from 4,096) and shape key.
+
 ``E2F_TRITON_AUTOTUNE=0``
     Every kernel runs its first configuration only (no tuning; quick runs and the
     regression gate). The forward has one candidate list for float32 q/k/v and one for
@@ -53,7 +56,7 @@ MAX_NEIGHBORS = 128
 _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FWD_CONFIG_ENV = "E2F_TRITON_FWD_CONFIG"
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
-_kernels = None
+_kernels: dict = {}
 _forced_fwd: dict = {}
 _last: dict = {}
 
@@ -209,12 +212,12 @@ def parse_fwd_config(text: str):
     return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
 
 
-def _fwd_kernel(dtype: torch.dtype):
-    """The forward kernel for q/k/v of ``dtype``: the forced configuration if
-    ``E2F_TRITON_FWD_CONFIG`` names one."""
+def _fwd_kernel(dtype: torch.dtype, n_rows: int):
+    """The forward kernel for q/k/v of ``dtype`` and ``n_rows`` targets: the forced
+    configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
     text = os.environ.get(FWD_CONFIG_ENV, "").strip()
     if not text:
-        return _configs()[0][dtype == torch.float32]
+        return _configs(size_bucket(n_rows))[0][dtype == torch.float32]
     if text not in _forced_fwd:
         import triton
 
@@ -224,13 +227,23 @@ def _fwd_kernel(dtype: torch.dtype):
     return _forced_fwd[text]
 
 
-def _configs():
-    """Autotuned kernels (built once: the interpreter gets a single configuration): the
-    forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass as ``{BK > 32: ...}``,
-    the source pass."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
+def size_bucket(n_rows: int) -> int:
+    """The autotuning bucket of ``n_rows`` atoms: 0 up to 4,096, then one per factor of 4.
+
+    Triton's autotuner keys on ``_KEY`` (shapes other than the atom count, and the dtypes), so
+    a training run does not retune for every batch; the best configuration does change with the
+    atom count, though (H100, bf16: an 8-warp target pass wins at 4,096, a 4-warp one by 15 % at
+    65,536), so each bucket has autotuners of its own.
+    """
+    return max(0, (max(int(n_rows), 1) - 1).bit_length() - 12 + 1) // 2
+
+
+def _configs(bucket: int = 0):
+    """Autotuned kernels of one ``size_bucket`` (built once each; the interpreter gets a single
+    configuration): the forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass as
+    ``{BK > 32: ...}``, the source pass."""
+    if bucket in _kernels:
+        return _kernels[bucket]
     import triton
 
     from e2f.attention.triton import kernels as K
@@ -246,8 +259,8 @@ def _configs():
     tgt = {wide: triton.autotune(cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
         K.bwd_target_kernel) for wide, cfgs in tgt_cfgs.items()}
     src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
-    _kernels = (fwd, tgt, src)
-    return _kernels
+    _kernels[bucket] = (fwd, tgt, src)
+    return _kernels[bucket]
 
 
 def last_config() -> dict:
@@ -288,7 +301,7 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
     if d["N"] == 0 or d["M"] == 0:
         return out, m, s
-    fwd = _fwd_kernel(t["q"].dtype)
+    fwd = _fwd_kernel(t["q"].dtype, d["N"])
     prec = _gate_precision()
     n = d["N"]
     compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](
@@ -348,7 +361,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    _, targets, src = _configs()
+    _, targets, src = _configs(size_bucket(n))
     tgt = targets[d["BK"] > 32]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)

@@ -332,7 +332,7 @@ def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
         tgt = {False: narrow, True: narrow}
     else:
         src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
-    monkeypatch.setattr(F, "_kernels", (fwd, tgt, src))
+    monkeypatch.setattr(F, "_configs", lambda bucket=0: (fwd, tgt, src))
     # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
     if padded:
