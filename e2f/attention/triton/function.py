@@ -11,11 +11,13 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     meta-parameters, ``TB`` targets per forward program included, and warps; for the
     forward also the registers and spills the GPU driver reports), and the gate-MLP matmul
     precision used; the suites record it.
-
-Environment:
+``size_bucket(n_rows) -> int``
+    The autotuning bucket of an atom count.
 
 Autotuning runs outside any timed region, once per ``size_bucket`` of the atom count (factors
 of 4 from 4,096) and shape key.
+
+Environment:
 
 ``E2F_TRITON_AUTOTUNE=0``
     Every kernel runs its first configuration only (no tuning; quick runs and the

@@ -408,6 +408,13 @@ def test_several_target_tiles_bf16_qkv(monkeypatch):
     assert rel(fused_attention_core(inp), ref) < 2e-2
 
 
+def test_size_buckets_of_the_autotuners():
+    from e2f.attention.triton.function import size_bucket
+
+    assert [size_bucket(n) for n in (0, 1, 4096)] == [0, 0, 0]
+    assert [size_bucket(n) for n in (4097, 16384, 16385, 65536, 65537, 1 << 20)] == [1, 1, 2, 2, 3, 4]
+
+
 def test_forced_forward_configuration_parsing():
     from e2f.attention.triton.function import parse_fwd_config
 
