@@ -39,10 +39,9 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
     if tgt_index >= 0:  # one configuration each; otherwise the library's autotuned kernels
         tgt_cfg = F._bwd_candidates()[0][tgt_index]  # every one, also those left out for BK > 32
         src_cfg = F._bwd_candidates()[1][src_index]
-        target = triton.autotune([tgt_cfg], key=F._KEY,
-                                 reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
-        kernels = ({True: triton.autotune(F._fwd_candidates()[:1], key=F._KEY)(K.fwd_kernel)},
-                   {False: target, True: target}, triton.autotune([src_cfg], key=F._KEY)(K.bwd_source_kernel))
+        target = F._autotuned(K.bwd_target_kernel, [tgt_cfg])
+        kernels = ({True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])},
+                   {False: target, True: target}, F._autotuned(K.bwd_source_kernel, [src_cfg]))
         F._configs = lambda bucket=0: kernels
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
     names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]

@@ -152,11 +152,8 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     # capped at 96 18.9; bf16 GROUPS=2 19.6, capped at 128 17.6, at 96 17.3, HC=8 32-35.
     # GROUPS=8, 8 warps and TB > 1 (several targets a program) were slower and stay
     # forced-configuration experiments.
-    if dtype == torch.float32:
-        return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(8, 32, 4, maxnreg=96, TB=1, GROUPS=2),
-                _cfg(16, 32, 4, TB=1, GROUPS=2)]
-    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), _cfg(16, 32, 4, maxnreg=96, TB=1, GROUPS=2),
-            _cfg(16, 32, 4, TB=1, GROUPS=2)]
+    capped_at_96 = _cfg(8 if dtype == torch.float32 else 16, 32, 4, maxnreg=96, TB=1, GROUPS=2)
+    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
 def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
@@ -221,11 +218,9 @@ def _fwd_kernel(dtype: torch.dtype, n_rows: int):
     if not text:
         return _configs(size_bucket(n_rows))[0][dtype == torch.float32]
     if text not in _forced_fwd:
-        import triton
-
         from e2f.attention.triton import kernels as K
 
-        _forced_fwd[text] = triton.autotune([parse_fwd_config(text)], key=_KEY)(K.fwd_kernel)
+        _forced_fwd[text] = _autotuned(K.fwd_kernel, [parse_fwd_config(text)])
     return _forced_fwd[text]
 
 
@@ -246,8 +241,6 @@ def _configs(bucket: int = 0):
     ``{BK > 32: ...}``, the source pass."""
     if bucket in _kernels:
         return _kernels[bucket]
-    import triton
-
     from e2f.attention.triton import kernels as K
 
     fwd_cfgs = {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)}
@@ -257,12 +250,21 @@ def _configs(bucket: int = 0):
         fwd_cfgs = {fp32: cfgs[:1] for fp32, cfgs in fwd_cfgs.items()}
         tgt_cfgs = {wide: cfgs[:1] for wide, cfgs in tgt_cfgs.items()}
         src_cfgs = src_cfgs[:1]
-    fwd = {fp32: triton.autotune(cfgs, key=_KEY)(K.fwd_kernel) for fp32, cfgs in fwd_cfgs.items()}
-    tgt = {wide: triton.autotune(cfgs, key=_KEY, reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(
-        K.bwd_target_kernel) for wide, cfgs in tgt_cfgs.items()}
-    src = triton.autotune(src_cfgs, key=_KEY)(K.bwd_source_kernel)
-    _kernels[bucket] = (fwd, tgt, src)
+    fwd = {fp32: _autotuned(K.fwd_kernel, cfgs) for fp32, cfgs in fwd_cfgs.items()}
+    tgt = {wide: _autotuned(K.bwd_target_kernel, cfgs) for wide, cfgs in tgt_cfgs.items()}
+    _kernels[bucket] = (fwd, tgt, _autotuned(K.bwd_source_kernel, src_cfgs))
     return _kernels[bucket]
+
+
+def _autotuned(kernel, cfgs: list):
+    """``kernel`` autotuned over ``cfgs`` on ``_KEY``; for the target pass, its per-program
+    weight-gradient partials are zeroed before every trial (it accumulates into them)."""
+    import triton
+
+    from e2f.attention.triton import kernels as K
+
+    partials = ["dwr_part", "dwo_part", "db_part", "dc_part"] if kernel is K.bwd_target_kernel else None
+    return triton.autotune(cfgs, key=_KEY, reset_to_zero=partials)(kernel)
 
 
 def last_config() -> dict:

@@ -319,19 +319,16 @@ def test_forward_kernel_head_groups(padded):
 def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
     # TG=2 / SG=2 (two groups of contiguous heads, read as whole rows) are autotune candidates
     # of the two backward passes on the GPU; the interpreter's single configurations use 4
-    import triton
-
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
     fwd, tgt, src = F._configs()
     if backward_pass == "target":
-        narrow = triton.autotune([F._cfg(16, 16, 4, TG=2)], key=F._KEY,
-                                 reset_to_zero=["dwr_part", "dwo_part", "db_part", "dc_part"])(K.bwd_target_kernel)
+        narrow = F._autotuned(K.bwd_target_kernel, [F._cfg(16, 16, 4, TG=2)])
         tgt = {False: narrow, True: narrow}
     else:
-        src = triton.autotune([F._cfg(16, 16, 4, BKS=16, SG=2)], key=F._KEY)(K.bwd_source_kernel)
+        src = F._autotuned(K.bwd_source_kernel, [F._cfg(16, 16, 4, BKS=16, SG=2)])
     monkeypatch.setattr(F, "_configs", lambda bucket=0: (fwd, tgt, src))
     # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
