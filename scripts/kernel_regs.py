@@ -8,8 +8,8 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
 passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target`` or ``kernel=source`` for a
-backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG``, ``SG``,
-``BKS``, ``num_warps``; the backward's first configuration otherwise). Shapes are the paper
+backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG`` for the target
+pass, ``HC``, ``BKS`` for the source pass, and ``num_warps``; the first configuration otherwise). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
@@ -36,7 +36,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from e2f.attention.triton import kernels  # noqa: E402
 from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
 
-SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256, NPROG=264)
+SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256, NPROG=264, T0=0, NT=2048, C=0, NC=8, E0=0)
+# row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
+UNSPECIALISED = ("N", "M", "NPROG", "T0", "NT", "C", "NC", "E0")
 KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "source": "bwd_source_kernel"}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
@@ -63,7 +65,8 @@ def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0, kernel: 
             signature[name] = "fp32"
         elif name in SIZES:
             signature[name] = "i32"
-            attrs[(index,)] = DIVISIBLE
+            if name not in UNSPECIALISED:
+                attrs[(index,)] = DIVISIBLE
         else:
             signature[name] = "*i64" if name in INDEX_POINTERS else f"*{qkv}" if name in ("q", "k", "v") else "*fp32"
             attrs[(index,)] = DIVISIBLE
@@ -103,7 +106,7 @@ def parse_config(text: str):
     if kernel == "fwd":
         config = parse_fwd_config(",".join(rest))
     else:
-        meta = {"HC": 16, "RC": 32, "num_warps": 8, **({"BKS": 16, "SG": 2} if kernel == "source" else {})}
+        meta = {"HC": 16, "BKS": 16, "num_warps": 4} if kernel == "source" else {"HC": 16, "RC": 32, "num_warps": 8}
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
         warps = meta.pop("num_warps")
         config = Config(meta, num_warps=warps, num_stages=1)

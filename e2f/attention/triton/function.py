@@ -23,6 +23,9 @@ Environment:
     Every kernel runs its first configuration only (no tuning; quick runs and the
     regression gate). The forward has one candidate list for float32 q/k/v and one for
     16-bit q/k/v (``_fwd_candidates``), each with its own first configuration.
+``E2F_TRITON_STASH_BYTES=6144``
+    The backward's per-edge stash, in bytes per atom (``STASH_BYTES_PER_ATOM``): targets run
+    in as many chunks as keep the stash within it.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
@@ -137,6 +140,13 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+def _src_cfg(hc, bks, warps):
+    """A source-pass configuration: ``HC`` heads a chunk, ``BKS`` in-edges a step."""
+    import triton
+
+    return triton.Config({"HC": hc, "BKS": bks}, num_warps=warps, num_stages=1)
+
+
 #: Meta-parameters a forced forward configuration starts from (``E2F_TRITON_FWD_CONFIG``).
 FWD_BASE = dict(HC=16, RC=32, TB=1, GROUPS=2, num_warps=4, num_stages=1, maxnreg=None)
 
@@ -160,13 +170,11 @@ def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
     """Target-pass and source-pass configurations, the defaults first; ``wide``: edge tiles
     of more than 32 neighbour slots (``BK > 32``)."""
     if _interpreting():
-        return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, BKS=16)]
-    # spills on sm_90a (scripts/kernel_regs.py, padded v): target pass 1,636 B a thread at
-    # 4 warps, 488 B at 8; source pass 232 B at 4 warps (BKS=16), 32 B at 8 warps with
-    # SG=2, which also halves its barriers. Autotuned on an H100 (fp32, N = 4,096; ms):
-    # target 5.33 (4 warps) / 4.47 (8); source 5.27 (4 warps) / 11.85 (8) / 4.49 (8, SG=2).
-    # TG=2 cuts the target pass's barriers 153 -> 119 at 8 warps but spills 1,268 B: a
-    # candidate, not the default (perf-notes section 9).
+        return [_cfg(16, 16, 4)], [_src_cfg(16, 16, 4)]
+    # target pass on sm_90a (scripts/kernel_regs.py, padded v): 1,636 B spilled a thread at 4
+    # warps, 488 B at 8; autotuned on an H100 (fp32, N = 4,096): 5.33 ms (4 warps) / 4.47 (8).
+    # TG=2 cuts its barriers 153 -> 119 at 8 warps but spills 1,268 B: a candidate, not the
+    # default (perf-notes section 9).
     target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
     if wide:
         # Triton 3.6 on an H100: 8-warp target passes with 64-row edge tiles (K = 64, TF32
@@ -174,7 +182,12 @@ def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
         # one and DISABLE_MMA_V3=1 run and match chunked (scripts/bwd_config_check.py,
         # perf-notes section 11)
         target = [c for c in target if c.num_warps == 4]
-    return target, [_cfg(16, 32, 8, BKS=16, SG=2), _cfg(16, 32, 4, BKS=16)]
+    # the source pass sums the target pass's stash against gathered dout and q rows; registers
+    # (sm_90a, Triton 3.6): HC=16, BKS=8, 4 warps 128 (four programs an SM); HC=8 124; BKS=16
+    # 246; 8 warps 171-177. No spills.
+    source = [_src_cfg(16, 8, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4), _src_cfg(16, 16, 8), _src_cfg(32, 8, 8),
+              _src_cfg(8, 16, 4)]
+    return target, source
 
 
 def parse_fwd_config(text: str):
@@ -257,14 +270,18 @@ def _configs(bucket: int = 0):
 
 
 def _autotuned(kernel, cfgs: list):
-    """``kernel`` autotuned over ``cfgs`` on ``_KEY``; for the target pass, its per-program
-    weight-gradient partials are zeroed before every trial (it accumulates into them)."""
+    """``kernel`` autotuned over ``cfgs`` on ``_KEY``. The backward passes accumulate (the
+    target pass into its per-program weight-gradient partials, the source pass into the
+    source gradients, one target chunk after another), so those buffers are zeroed before
+    every trial; tuning happens at the first chunk of a call, when they hold zeros anyway."""
     import triton
 
     from e2f.attention.triton import kernels as K
 
-    partials = ["dwr_part", "dwo_part", "db_part", "dc_part"] if kernel is K.bwd_target_kernel else None
-    return triton.autotune(cfgs, key=_KEY, reset_to_zero=partials)(kernel)
+    accumulated = {K.bwd_target_kernel: ["dwr_part", "dwo_part", "db_part", "dc_part"],
+                   K.bwd_source_kernel: ["dk", "dv", "dgate_src", "dpos_src"]}.get(kernel)
+    key = [name for name in _KEY if name in kernel.arg_names]  # the source pass has no gate products
+    return triton.autotune(cfgs, key=key, reset_to_zero=accumulated)(kernel)
 
 
 def last_config() -> dict:
@@ -322,20 +339,41 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _transposed(nbr: Tensor, m: int):
-    """In-edges of every source slot: CSR row pointers and flat edge ids i * K + slot,
-    grouped by source and in increasing edge id within a source (deterministic)."""
+def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
+    """In-edges of every source slot, per chunk of ``targets_per_chunk`` targets: CSR row
+    pointers over (source, chunk) pairs (``rowptr[j * chunks + c]``) and flat edge ids
+    ``i * K + slot`` in increasing order within a pair (deterministic)."""
+    n, kslots = nbr.shape
+    chunks = triton_cdiv(n, targets_per_chunk)
     flat = nbr.reshape(-1)
     eids = torch.nonzero(flat >= 0).reshape(-1)
-    srcs = flat[eids]
-    order = torch.argsort(srcs, stable=True)
+    pair = flat[eids].to(torch.int64) * chunks + eids // (kslots * targets_per_chunk)
+    order = torch.argsort(pair, stable=True)
     edge_ids = eids[order].contiguous()
-    rowptr = torch.searchsorted(srcs[order].contiguous(), torch.arange(m + 1, device=nbr.device, dtype=srcs.dtype))
-    return rowptr.to(torch.int64).contiguous(), edge_ids.to(torch.int64)
+    rowptr = torch.searchsorted(pair[order].contiguous(),
+                                torch.arange(m * chunks + 1, device=nbr.device, dtype=torch.int64))
+    return rowptr.contiguous(), edge_ids.to(torch.int64)
 
 
 #: Targets per program of the persistent target pass below two programs per SM.
 TARGETS_PER_PROGRAM = 32
+#: The target pass stashes, per edge, the softmax weight and the logit gradient of every head
+#: and the gate pre-activation gradient (``2 H + G`` floats: 1.5 KB at the paper sizes); the
+#: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
+#: run in chunks so that the stash holds at most this many bytes per atom (K = 32: 8 chunks);
+#: ``E2F_TRITON_STASH_BYTES`` overrides it (fewer chunks: fewer launches, more memory).
+STASH_BYTES_PER_ATOM = 6 * 1024
+STASH_ENV = "E2F_TRITON_STASH_BYTES"
+
+
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
+    """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
+    budget = int(os.environ.get(STASH_ENV, STASH_BYTES_PER_ATOM))
+    if budget < 1:
+        raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {budget}")
+    per_target = kslots * (2 * h + g) * 4
+    chunks = max(1, triton_cdiv(per_target, budget))
+    return max(1, triton_cdiv(n_rows, chunks))
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
@@ -354,13 +392,13 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     d = _dims(t)
     dev = t["q"].device
     f32 = dict(device=dev, dtype=torch.float32)
-    n, mm, h = d["N"], d["M"], d["H"]
+    n, mm, h, kslots, g = d["N"], d["M"], d["H"], d["K"], d["G"]
     grads = {
         "q": torch.zeros(n, h, d["DK"], **f32), "k": torch.zeros(mm, h, d["DK"], **f32),
-        "v": torch.zeros(mm, h, d["DV"], **f32), "gate_dst": torch.zeros(n, d["G"], **f32),
-        "gate_src": torch.zeros(mm, d["G"], **f32), "pos_dst": torch.zeros(n, 3, **f32),
-        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(d["R"], d["G"], **f32),
-        "w_out": torch.zeros(d["G"], 2 * h, **f32), "b_out": torch.zeros(2 * h, **f32),
+        "v": torch.zeros(mm, h, d["DV"], **f32), "gate_dst": torch.zeros(n, g, **f32),
+        "gate_src": torch.zeros(mm, g, **f32), "pos_dst": torch.zeros(n, 3, **f32),
+        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(d["R"], g, **f32),
+        "w_out": torch.zeros(g, 2 * h, **f32), "b_out": torch.zeros(2 * h, **f32),
         "rbf_centers": torch.zeros(d["R"], **f32),
     }
     if n == 0 or mm == 0:
@@ -369,28 +407,34 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     tgt = targets[d["BK"] > 32]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
-    dwr_part = torch.zeros(nprog, d["R"], d["G"], **f32)
-    dwo_part = torch.zeros(nprog, d["G"], 2 * h, **f32)
+    dwr_part = torch.zeros(nprog, d["R"], g, **f32)
+    dwo_part = torch.zeros(nprog, g, 2 * h, **f32)
     db_part = torch.zeros(nprog, 2 * h, **f32)
     dc_part = torch.zeros(nprog, d["R"], **f32)
-    b_dot = torch.empty(n, h, **f32)
-    dd_edge = torch.empty(n * d["K"], **f32)
+    dd_edge = torch.empty(n * kslots, **f32)
+    chunk = _stash_chunk(n, kslots, h, g)
+    w_edge = torch.empty(chunk * kslots, h, **f32)
+    dqk_edge = torch.empty(chunk * kslots, h, **f32)
+    dpre_edge = torch.empty(chunk * kslots, g, **f32)
+    rowptr, edge_ids = _transposed(t["nbr"], mm, chunk)
+    chunks = triton_cdiv(n, chunk)
     scal = (float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]))
-    tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-                  t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
-                  grads["q"], grads["gate_dst"], grads["pos_dst"], b_dot, dd_edge,
-                  dwr_part, dwo_part, db_part, dc_part,
-                  n, d["K"], h, d["G"], d["R"], *scal, nprog,
-                  DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
-                  VS=d["VS"])
+    for c in range(chunks):
+        t0 = c * chunk
+        tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+                      t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+                      grads["q"], grads["gate_dst"], grads["pos_dst"], dd_edge, w_edge, dqk_edge, dpre_edge,
+                      dwr_part, dwo_part, db_part, dc_part,
+                      t0, min(chunk, n - t0), kslots, h, g, d["R"], *scal, nprog,
+                      DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
+                      VS=d["VS"])
+        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
+                   grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
+                   mm, kslots, h, g, c, chunks, t0 * kslots, float(cutoff),
+                   DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
     _record("bwd_target", tgt)
-    rowptr, edge_ids = _transposed(t["nbr"], mm)
-    src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-              t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s, b_dot, dd_edge, rowptr, edge_ids,
-              grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-              mm, d["K"], h, d["G"], d["R"], *scal,
-              DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("bwd_source", src)
+    _last["backward_chunks"] = chunks
     grads["w_radial"] = dwr_part.sum(0)
     grads["w_out"] = dwo_part.sum(0)
     grads["b_out"] = db_part.sum(0)

@@ -376,12 +376,12 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
-@triton.jit(do_not_specialize=["N", "NPROG"])
+@triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
 def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in,
-                      dq, dgate_dst, dpos_dst, b_out_dot, dd_edge,
+                      dq, dgate_dst, dpos_dst, dd_edge, w_edge, dqk_edge, dpre_edge,
                       dwr_part, dwo_part, db_part, dc_part,
-                      N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
+                      T0, NT, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
                       PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4):
@@ -394,8 +394,9 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     kmask = offs_k < DK
     part = pid.to(tl.int64)
     slot = tl.arange(0, BK)
-    for it in range(0, (N - pid + NPROG - 1) // NPROG):
-        i = part + it * NPROG
+    for it in range(0, (NT - pid + NPROG - 1) // NPROG):
+        i = T0 + part + it * NPROG
+        row = (part + it * NPROG) * K + slot  # the edge's row of this chunk's stash
         j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
         ok = j >= 0
         src = tl.where(ok, j, 0).to(tl.int64)
@@ -432,7 +433,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
                             _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
                             _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
             bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
-            tl.store(b_out_dot + i * H + offs_h, bsum, mask=hmask)
+            em = (slot < K)[:, None] & hmask[None, :]
+            tl.store(w_edge + row[:, None] * H + offs_h[None, :], w, mask=em)
             dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
             dlogit = dp * p
             t = dw * p / s[None, :]
@@ -441,6 +443,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             denv += tl.sum(dp * e, axis=1)
             dg = tl.where(lv, dlogit * qk, 0.0)
             dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+            tl.store(dqk_edge + row[:, None] * H + offs_h[None, :], dqk, mask=em)
             dqi = tl.sum(dqk[:, :, None] * kj, axis=0)
             tl.store(dq + i * (H * DK) + hk, dqi, mask=qm)
             dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
@@ -458,6 +461,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         sig = tl.sigmoid(pre)
         dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(ok[:, None], dpre, 0.0)
+        tl.store(dpre_edge + row[:, None] * G + offs_g[None, :], dpre, mask=(slot < K)[:, None] & gmask[None, :])
         tl.store(dgate_dst + i * G + offs_g, tl.sum(dpre, axis=0), mask=gmask)
         # radial layer: weight partials and d(loss)/d(distance)
         ddist = tl.zeros([BK], dtype=tl.float32)
@@ -486,39 +490,44 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         tl.store(dpos_dst + i * 3 + 2, tl.sum(f * dz, axis=0))
 
 
-@triton.jit
-def _src_group(dout, v, dv, w, tgt, ok, j, hbase, H, first, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr,
-               STEP: tl.constexpr = 4):
-    """For the heads hbase + STEP a: dv[j] (+)= sum_e w dout[tgt[e]]; returns dw = dout[tgt] . v[j]."""
-    HA: tl.constexpr = w.shape[1]
-    hh = hbase + STEP * tl.arange(0, HA)
-    hm = hh < H
-    gt = _group_tile(dout, tgt, ok, hbase, hh, hm, H, HA, DV, DVP, 0, STEP)
-    vj, vj_ptr, vj_mask = _row_tile(v, j, hh, hm, H, DV, DVP, VS)
-    acc, ptr, acc_mask = _row_tile(dv, j, hh, hm & (first > 0), H, DV, DVP)  # first chunk: no read
-    acc += tl.sum(w[:, :, None] * gt, axis=0)
-    tl.store(ptr, acc, mask=hm[:, None] & (tl.arange(0, DVP) < DV)[None, :])
-    return tl.sum(gt * vj[None, :, :], axis=2)
-
-
-@triton.jit(do_not_specialize=["M"])
-def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
-                      dout, m_in, s_in, b_in, dd_edge, rowptr, edge_ids,
+@triton.jit(do_not_specialize=["M", "C", "NC", "E0"])
+def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
-                      M, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+                      M, K, H, G, C, NC, E0, cutoff,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
-                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0, SG: tl.constexpr = 4):
-    # SG (2 or 4): head groups a chunk's dout rows move in; 2: two groups of contiguous heads
-    # (warps own heads, the sum over a source's edges stays inside a thread)
+                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr):
+    # in-edges of source j from target chunk C: edge_ids[rowptr[j NC + C] ..], stash rows eid - E0
     j = tl.program_id(0).to(tl.int64)
+    start = tl.load(rowptr + j * NC + C)
+    count = tl.load(rowptr + j * NC + C + 1) - start
+    slot = tl.arange(0, BKS)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
     offs_k = tl.arange(0, DKP)
-    kmask = offs_k < DK
-    start = tl.load(rowptr + j)
-    count = tl.load(rowptr + j + 1) - start
-    slot = tl.arange(0, BKS)
+    offs_d = tl.arange(0, DVP)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        acc_k = tl.zeros([HC, DKP], dtype=tl.float32)
+        acc_v = tl.zeros([HC, DVP], dtype=tl.float32)
+        for c0 in range(0, count, BKS):
+            ok = (c0 + slot) < count
+            eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0)
+            tgt = _row_index(eid // K, ok)
+            em = ok[:, None] & hmask[None, :]
+            stash = (eid - E0)[:, None] * H + offs_h[None, :]
+            w = tl.load(w_edge + stash, mask=em, other=0.0)
+            dqk = tl.load(dqk_edge + stash, mask=em, other=0.0)
+            # whole rows of the chunk's heads (warps own heads: the sums over edges stay in registers)
+            acc_v += tl.sum(w[:, :, None] * _value_rows(dout, tgt, ok, h0, H, HC, DV, DVP), axis=0)
+            acc_k += tl.sum(dqk[:, :, None] * _value_rows(q, tgt, ok, h0, H, HC, DK, DKP), axis=0)
+        touched = offs_h < tl.where(count > 0, H, 0)  # untouched sources: no traffic (interpreter: no mask & scalar)
+        vm = touched[:, None] & (offs_d < DV)[None, :]
+        pv = dv + j * (H * DV) + offs_h[:, None] * DV + offs_d[None, :]
+        tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc_v, mask=vm)
+        km = touched[:, None] & (offs_k < DK)[None, :]
+        pk = dk + j * (H * DK) + offs_h[:, None] * DK + offs_k[None, :]
+        tl.store(pk, tl.load(pk, mask=km, other=0.0) + acc_k, mask=km)
     src = tl.zeros([BKS], dtype=tl.int64) + j
     dgs = tl.zeros([GP], dtype=tl.float32)
     fx = tl.sum(tl.zeros([BKS], dtype=tl.float32), axis=0)
@@ -526,63 +535,18 @@ def bwd_source_kernel(pos_dst, pos_src, q, k, v, gate_dst, gate_src, centers, w_
     fz = fx
     for c0 in range(0, count, BKS):
         ok = (c0 + slot) < count
-        eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0).to(tl.int64)
-        tgt = eid // K
+        eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0)
+        tgt = _row_index(eid // K, ok)
+        dgs += tl.sum(tl.load(dpre_edge + (eid - E0)[:, None] * G + offs_g[None, :],
+                              mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BKS, RC, GP, PREC)
-        hid = pre * tl.sigmoid(pre)
-        dhid = tl.zeros([BKS, GP], dtype=tl.float32)
-        for h0 in range(0, H, HC):
-            offs_h = h0 + tl.arange(0, HC)
-            hmask = offs_h < H
-            g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-            hk = offs_h[:, None] * DK + offs_k[None, :]
-            qm = hmask[:, None] & kmask[None, :]
-            kj_ptr = dk + j * (H * DK) + hk
-            kj = tl.load(k + j * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
-            qi = tl.load(q + tgt[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
-                         other=0.0).to(tl.float32)
-            qk = tl.sum(qi * kj[None, :, :], axis=2) * inv_sqrt_dk
-            lv = live[:, None] & hmask[None, :]
-            logit = tl.where(lv, g * qk, float("-inf"))
-            em = ok[:, None] & hmask[None, :]
-            th = tgt[:, None] * H + offs_h[None, :]
-            mx = tl.load(m_in + th, mask=em, other=0.0)
-            s = tl.load(s_in + th, mask=em, other=1.0)
-            bsum = tl.load(b_in + th, mask=em, other=0.0)
-            e = tl.exp(logit - mx)
-            p = env[:, None] * e
-            w = u * p * inv_d[:, None] / s
-            if SG == 2:
-                wa, wb = _halves(w)
-                dw = _join_halves(_src_group(dout, v, dv, wa, tgt, ok, j, h0, H, c0, DV, DVP, VS, 1),
-                                  _src_group(dout, v, dv, wb, tgt, ok, j, h0 + HC // 2, H, c0, DV, DVP, VS, 1))
-            else:
-                w0, w2, w1, w3 = _split4(w)
-                dw = _join4(_src_group(dout, v, dv, w0, tgt, ok, j, h0 + 0, H, c0, DV, DVP, VS),
-                            _src_group(dout, v, dv, w2, tgt, ok, j, h0 + 2, H, c0, DV, DVP, VS),
-                            _src_group(dout, v, dv, w1, tgt, ok, j, h0 + 1, H, c0, DV, DVP, VS),
-                            _src_group(dout, v, dv, w3, tgt, ok, j, h0 + 3, H, c0, DV, DVP, VS))
-            dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum) / s, 0.0)
-            dlogit = dp * p
-            du = tl.where(lv, dw * p / s * inv_d[:, None], 0.0)
-            dg = tl.where(lv, dlogit * qk, 0.0)
-            dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
-            dkj = tl.sum(dqk[:, :, None] * qi, axis=0)
-            dkj += tl.load(kj_ptr, mask=qm & (c0 > 0), other=0.0)
-            tl.store(kj_ptr, dkj, mask=qm)
-            dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
-            dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
-        sig = tl.sigmoid(pre)
-        dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
-        dpre = tl.where(ok[:, None], dpre, 0.0)
-        dgs += tl.sum(dpre, axis=0)
-        ddist = tl.load(dd_edge + eid, mask=ok, other=0.0)
-        f = ddist * inv_d
+        f = tl.load(dd_edge + eid, mask=ok, other=0.0) * inv_d
         fx -= tl.sum(f * dx, axis=0)
         fy -= tl.sum(f * dy, axis=0)
         fz -= tl.sum(f * dz, axis=0)
-    tl.store(dgate_src + j * G + offs_g, dgs, mask=gmask)
-    tl.store(dpos_src + j * 3 + 0, fx)
-    tl.store(dpos_src + j * 3 + 1, fy)
-    tl.store(dpos_src + j * 3 + 2, fz)
+    if count > 0:
+        pg = dgate_src + j * G + offs_g
+        tl.store(pg, tl.load(pg, mask=gmask, other=0.0) + dgs, mask=gmask)
+        tl.store(dpos_src + j * 3 + 0, tl.load(dpos_src + j * 3 + 0) + fx)
+        tl.store(dpos_src + j * 3 + 1, tl.load(dpos_src + j * 3 + 1) + fy)
+        tl.store(dpos_src + j * 3 + 2, tl.load(dpos_src + j * 3 + 2) + fz)

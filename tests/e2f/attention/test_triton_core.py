@@ -316,9 +316,10 @@ def test_forward_kernel_head_groups(padded):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("backward_pass", ["target", "source"])
-def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
-    # TG=2 / SG=2 (two groups of contiguous heads, read as whole rows) are autotune candidates
-    # of the two backward passes on the GPU; the interpreter's single configurations use 4
+def test_backward_other_configurations(monkeypatch, padded, backward_pass):
+    # GPU autotune candidates the interpreter's single configurations leave out: the target
+    # pass's TG=2 (two groups of contiguous heads, read as whole rows) and a source pass with
+    # 8-head chunks and in-edge steps of 4 (several steps a source)
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
@@ -327,8 +328,10 @@ def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
     if backward_pass == "target":
         narrow = F._autotuned(K.bwd_target_kernel, [F._cfg(16, 16, 4, TG=2)])
         tgt = {False: narrow, True: narrow}
+        expected = {"TG": 2}
     else:
-        src = F._autotuned(K.bwd_source_kernel, [F._cfg(16, 16, 4, BKS=16, SG=2)])
+        src = F._autotuned(K.bwd_source_kernel, [F._src_cfg(8, 4, 4)])
+        expected = {"HC": 8, "BKS": 4}
     monkeypatch.setattr(F, "_configs", lambda bucket=0: (fwd, tgt, src))
     # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
@@ -336,7 +339,39 @@ def test_backward_contiguous_head_groups(monkeypatch, padded, backward_pass):
         inp = get_backend("triton").prepare(inp)
     compare(inp, 1e-5)
     chosen = last_config()["bwd_" + backward_pass]
-    assert chosen["TG" if backward_pass == "target" else "SG"] == 2
+    assert {key: chosen[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_backward_in_target_chunks(monkeypatch, chunks):
+    # the stash bounded below one chunk of all targets: the target pass runs chunk by chunk,
+    # and the source pass adds each chunk's in-edges (periodic images and atoms without
+    # neighbours included); a chunk's stash stays within the per-atom budget
+    from e2f.attention.triton import function as F
+
+    n, kslots, h, g = 13, 6, 3, 10
+    per_target = kslots * (2 * h + g) * 4
+    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
+    rows = F._stash_chunk(n, kslots, h, g)
+    assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
+    inp = make_inputs(n, 17, kslots, h=h, g=g, empty_rows=(2, 11), seed=41)
+    compare(inp, 1e-5)
+    assert last_config()["backward_chunks"] == chunks
+    dout = torch.randn(n, h, 5, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    _, first = value_and_grads(fused_attention_core, inp, dout)
+    _, second = value_and_grads(fused_attention_core, inp, dout)
+    for name in FLOATS:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_transposed_edges_per_target_chunk():
+    from e2f.attention.triton.function import _transposed
+
+    nbr = torch.tensor([[1, 2, -1], [0, 2, 3], [3, -1, -1], [0, 1, 2]])
+    rowptr, edge_ids = _transposed(nbr, 4, 2)  # chunks: targets {0, 1} and {2, 3}
+    pairs = {(j, c): edge_ids[rowptr[2 * j + c]:rowptr[2 * j + c + 1]].tolist() for j in range(4) for c in range(2)}
+    assert pairs == {(0, 0): [3], (0, 1): [9], (1, 0): [0], (1, 1): [10], (2, 0): [1, 4], (2, 1): [11],
+                     (3, 0): [5], (3, 1): [6]}
 
 
 # Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
