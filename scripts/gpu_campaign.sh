@@ -70,7 +70,7 @@ run_step() {
         profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
-                    --sizes 1024,16384,65536,262144,1048576 --out "$res/memory-triton" ;;
+                    --sizes "${MEMTRITON_SIZES:-1024,16384,65536,262144,1048576}" --out "$res/memory-triton" ;;
         kernel) step kernel-tflops "${KERNEL_SECS:-150}" $B --suite kernel-tflops --full --impl "${KERNEL_IMPLS:-triton,materialized,sdpa-dense}" \
                     --sizes "${KERNEL_SIZES:-4096,16384,65536}" --out "$res/kernel-tflops" ;;
         twin)  # E2Former-V2's force-training step through the chunked double-backward twin (the
@@ -95,7 +95,7 @@ run_step() {
                 --sizes 1048576 --out "$res/memory-1m" ;;
         memory-k)  # fwd and fwd+bwd peak bytes for K = 16 and 64 from 1,024 to 262,144 atoms
             step memory-k "${MEMK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev-k" \
-                --skip-check --sizes --value-layouts padded --mem-sizes 1024 16384 65536 262144 --mem-k 16 64 ;;
+                --skip-check --sizes --value-layouts padded --mem-sizes 1024 16384 65536 262144 --mem-k ${MEMK_K:-16 64} ;;
         kernel-layouts)  # v contiguous vs padded head rows, same inputs, first configuration only
             step kernel-layouts "${LAYOUT_SECS:-300}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py \
                 --out "$res/kernel-dev" --skip-check --value-layouts contiguous padded --sizes 16384 65536 --dtypes float32

@@ -182,11 +182,13 @@ def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
         # one and DISABLE_MMA_V3=1 run and match chunked (scripts/bwd_config_check.py,
         # perf-notes section 11)
         target = [c for c in target if c.num_warps == 4]
-    # the source pass sums the target pass's stash against gathered dout and q rows; registers
-    # (sm_90a, Triton 3.6): HC=16, BKS=8, 4 warps 128 (four programs an SM); HC=8 124; BKS=16
-    # 246; 8 warps 171-177. No spills.
-    source = [_src_cfg(16, 8, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4), _src_cfg(16, 16, 8), _src_cfg(32, 8, 8),
-              _src_cfg(8, 16, 4)]
+    # the source pass sums the target pass's stash against gathered dout (padded rows) and q
+    # rows; registers (sm_90a, Triton 3.6): HC=16, BKS=8: 80 at 4 warps, 114 at 8; HC=32, BKS=8,
+    # 8 warps 98; HC=8, BKS=8 122; BKS=16 128-144; BKS=4 96. Tuning on an H100 with unpadded
+    # dout rows (fp32, N = 65,536, a chunk of 1/8 of the targets; ms): HC=16, BKS=8, 4 warps
+    # 3.63, HC=8 4.86, BKS=16 5.20 (4 warps) / 9.65 (8), HC=32, 8 warps 6.55.
+    source = [_src_cfg(16, 8, 4), _src_cfg(16, 8, 8), _src_cfg(32, 8, 8), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4),
+              _src_cfg(32, 16, 8), _src_cfg(16, 4, 4)]
     return target, source
 
 
@@ -359,19 +361,21 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 TARGETS_PER_PROGRAM = 32
 #: The target pass stashes, per edge, the softmax weight and the logit gradient of every head
 #: and the gate pre-activation gradient (``2 H + G`` floats: 1.5 KB at the paper sizes); the
-#: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
-#: run in chunks so that the stash holds at most this many bytes per atom (K = 32: 8 chunks);
+#: source pass sums them over each source's in-edges instead of recomputing the edges, reading
+#: the chunk's dout rows from a copy with padded head rows (``H * DVP`` floats a target).
+#: Targets run in chunks so that these buffers hold at most this many bytes per atom (K = 32:
+#: 14 chunks);
 #: ``E2F_TRITON_STASH_BYTES`` overrides it (fewer chunks: fewer launches, more memory).
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, dvp: int) -> int:
     """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
     budget = int(os.environ.get(STASH_ENV, STASH_BYTES_PER_ATOM))
     if budget < 1:
         raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {budget}")
-    per_target = kslots * (2 * h + g) * 4
+    per_target = (kslots * (2 * h + g) + h * dvp) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
 
@@ -412,7 +416,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     db_part = torch.zeros(nprog, 2 * h, **f32)
     dc_part = torch.zeros(nprog, d["R"], **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk = _stash_chunk(n, kslots, h, g)
+    chunk = _stash_chunk(n, kslots, h, g, d["DVP"])
+    dout_chunk = torch.empty(chunk, h, d["DVP"], **f32)  # the kernel replaces the padding it reads by zeros
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
     dpre_edge = torch.empty(chunk * kslots, g, **f32)
@@ -421,16 +426,18 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     scal = (float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]))
     for c in range(chunks):
         t0 = c * chunk
+        nt = min(chunk, n - t0)
         tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
                       t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
                       grads["q"], grads["gate_dst"], grads["pos_dst"], dd_edge, w_edge, dqk_edge, dpre_edge,
                       dwr_part, dwo_part, db_part, dc_part,
-                      t0, min(chunk, n - t0), kslots, h, g, d["R"], *scal, nprog,
+                      t0, nt, kslots, h, g, d["R"], *scal, nprog,
                       DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
                       VS=d["VS"])
-        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
-                   grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                   mm, kslots, h, g, c, chunks, t0 * kslots, float(cutoff),
+        dout_chunk[:nt, :, :d["DV"]].copy_(dout[t0:t0 + nt])
+        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout_chunk, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr,
+                   edge_ids, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
+                   mm, kslots, h, g, c, chunks, t0, float(cutoff),
                    DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
     _record("bwd_target", tgt)
     _record("bwd_source", src)

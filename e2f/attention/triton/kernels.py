@@ -490,13 +490,16 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         tl.store(dpos_dst + i * 3 + 2, tl.sum(f * dz, axis=0))
 
 
-@triton.jit(do_not_specialize=["M", "C", "NC", "E0"])
-def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
+@triton.jit(do_not_specialize=["M", "C", "NC", "T0"])
+def bwd_source_kernel(pos_dst, pos_src, q, dout_chunk, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
-                      M, K, H, G, C, NC, E0, cutoff,
+                      M, K, H, G, C, NC, T0, cutoff,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr):
-    # in-edges of source j from target chunk C: edge_ids[rowptr[j NC + C] ..], stash rows eid - E0
+    # in-edges of source j from target chunk C (targets T0 ..): edge_ids[rowptr[j NC + C] ..];
+    # stash rows eid - T0 K; dout_chunk: the chunk's dout rows (row tgt - T0) with head rows
+    # padded to DVP numbers, so whole head chunks load as aligned 16-byte vectors
+    E0 = T0 * K
     j = tl.program_id(0).to(tl.int64)
     start = tl.load(rowptr + j * NC + C)
     count = tl.load(rowptr + j * NC + C + 1) - start
@@ -519,7 +522,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre
             w = tl.load(w_edge + stash, mask=em, other=0.0)
             dqk = tl.load(dqk_edge + stash, mask=em, other=0.0)
             # whole rows of the chunk's heads (warps own heads: the sums over edges stay in registers)
-            acc_v += tl.sum(w[:, :, None] * _value_rows(dout, tgt, ok, h0, H, HC, DV, DVP), axis=0)
+            acc_v += tl.sum(w[:, :, None] * _value_rows(dout_chunk, tgt - T0, ok, h0, H, HC, DV, DVP, DVP), axis=0)
             acc_k += tl.sum(dqk[:, :, None] * _value_rows(q, tgt, ok, h0, H, HC, DK, DKP), axis=0)
         touched = offs_h < tl.where(count > 0, H, 0)  # untouched sources: no traffic (interpreter: no mask & scalar)
         vm = touched[:, None] & (offs_d < DV)[None, :]

@@ -349,10 +349,10 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     # neighbours included); a chunk's stash stays within the per-atom budget
     from e2f.attention.triton import function as F
 
-    n, kslots, h, g = 13, 6, 3, 10
-    per_target = kslots * (2 * h + g) * 4
+    n, kslots, h, g, dvp = 13, 6, 3, 10, 16
+    per_target = (kslots * (2 * h + g) + h * dvp) * 4
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g)
+    rows = F._stash_chunk(n, kslots, h, g, dvp)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
     inp = make_inputs(n, 17, kslots, h=h, g=g, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
