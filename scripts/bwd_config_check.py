@@ -1,20 +1,21 @@
-"""Every backward-pass configuration of the fused core, one process each, against ``chunked``.
+"""Every backward-kernel configuration of the fused core, one process each, against ``chunked``.
 
 An illegal memory access poisons the CUDA context for the rest of a process, so each
-(neighbour cap K, target-pass configuration, source-pass configuration, MMA v3 allowed or not)
-runs in a child process; the parent records what each one did::
+(neighbour cap K, configurations of the target pass, the gate backward and the source pass,
+MMA v3 allowed or not) runs in a child process; the parent records what each one did::
 
     PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048]
 
-Each child runs the forward (first configuration) and the backward with exactly one target and
-one source configuration from ``e2f.attention.triton.function._bwd_candidates`` (the full
-target list, so at K = 64 also the configurations the library leaves out there), or, as the
-last case of each K, the library's own autotuned choice; on the paper sizes (padded value
-rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to different kernels, only
-TF32 ones use tensor cores) it compares ``out`` and every gradient with the ``chunked``
-backend. ``--no-mma-v3`` adds a child of the default pair with ``DISABLE_MMA_V3=1`` (Triton
-then lowers every ``tl.dot`` to ``mma.sync``, never ``wgmma``). One JSON line per child in
-``<out>/bwd-config-check.jsonl``.
+Each child runs the forward (first configuration) and the backward with exactly one
+configuration of each backward kernel from ``e2f.attention.triton.function._bwd_candidates``
+(the full lists, so at K = 64 also the configurations the library leaves out there): every
+target-pass one with the first of the others, then every gate-backward one, then every
+source-pass one; as the last case of each K, the library's own autotuned choice. On the paper
+sizes (padded value rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to
+different kernels, only TF32 ones use tensor cores) it compares ``out`` and every gradient with
+the ``chunked`` backend. ``--no-mma-v3`` adds a child of the first configurations with
+``DISABLE_MMA_V3=1`` (Triton then lowers every ``tl.dot`` to ``mma.sync``, never ``wgmma``).
+One JSON line per child in ``<out>/bwd-config-check.jsonl``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import time
 
 
-def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
+def child(k: int, n: int, tgt_index: int, gate_index: int, src_index: int, tf32: int) -> dict:
     import torch
     import triton
 
@@ -37,12 +38,14 @@ def child(k: int, n: int, tgt_index: int, src_index: int, tf32: int) -> dict:
 
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if tgt_index >= 0:  # one configuration each; otherwise the library's autotuned kernels
-        tgt_cfg = F._bwd_candidates()[0][tgt_index]  # every one, also those left out for BK > 32
-        src_cfg = F._bwd_candidates()[1][src_index]
-        target = F._autotuned(K.bwd_target_kernel, [tgt_cfg])
-        kernels = ({True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])},
-                   {False: target, True: target}, F._autotuned(K.bwd_source_kernel, [src_cfg]))
-        F._configs = lambda bucket=0: kernels
+        chosen = {}  # every one, also those left out for BK > 32
+        for name, kernel, candidates, index in zip(("target", "gate", "source"),
+                                                   (K.bwd_target_kernel, K.bwd_gate_kernel, K.bwd_source_kernel),
+                                                   F._bwd_candidates(), (tgt_index, gate_index, src_index)):
+            one = F._autotuned(kernel, [candidates[index]])
+            chosen[name] = one if name == "source" else {False: one, True: one}
+        chosen["fwd"] = {True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])}
+        F._configs = lambda bucket=0: chosen
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
     names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]
     leaves = [inp.tensors()[name] for name in names]
@@ -70,7 +73,8 @@ def main():
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--no-mma-v3", action="store_true", help="also run the default pair with DISABLE_MMA_V3=1")
     ap.add_argument("--tf32", action="store_true", help="TF32 gate products (the library's GPU default)")
-    ap.add_argument("--child", nargs=5, type=int, metavar=("K", "N", "TGT", "SRC", "TF32"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, type=int, metavar=("K", "N", "TGT", "GATE", "SRC", "TF32"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
@@ -78,21 +82,24 @@ def main():
     from e2f.attention.triton.function import _bwd_candidates
     from suites.core.env import git_state
 
-    n_tgt, n_src = (len(c) for c in _bwd_candidates())
-    cases = [(t, 0, False) for t in range(n_tgt)] + [(1, s, False) for s in range(1, n_src)]
-    cases += [(0, 0, True)] if args.no_mma_v3 else []
-    cases += [(-1, -1, False)]
+    n_tgt, n_gate, n_src = (len(c) for c in _bwd_candidates())
+    cases = [(t, 0, 0, False) for t in range(n_tgt)] + [(0, g, 0, False) for g in range(1, n_gate)]
+    cases += [(0, 0, s, False) for s in range(1, n_src)]
+    cases += [(0, 0, 0, True)] if args.no_mma_v3 else []
+    cases += [(-1, -1, -1, False)]
     commit, dirty = git_state()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")
     for k in args.k:
-        for t, s, no_v3 in cases:
+        for t, g, s, no_v3 in cases:
             env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", **({"DISABLE_MMA_V3": "1"} if no_v3 else {})}
             start = time.time()
-            argv = [sys.executable, __file__, "--child", str(k), str(args.n), str(t), str(s), str(int(args.tf32))]
+            argv = [sys.executable, __file__, "--child", str(k), str(args.n), str(t), str(g), str(s),
+                    str(int(args.tf32))]
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
             found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            record = {"k": k, "n": args.n, "target_index": t, "source_index": s, "disable_mma_v3": no_v3,
+            record = {"k": k, "n": args.n, "target_index": t, "gate_index": g, "source_index": s,
+                      "disable_mma_v3": no_v3,
                       "tf32": args.tf32, "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%d"),
                       "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
             if found:
@@ -102,7 +109,7 @@ def main():
                 record["illegal_address"] = "illegal memory access" in proc.stderr
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"K={k} tgt={t} src={s} no_mma_v3={no_v3}: rc={proc.returncode} "
+            print(f"K={k} tgt={t} gate={g} src={s} no_mma_v3={no_v3}: rc={proc.returncode} "
                   f"max_rel={record.get('max_rel')} error={record.get('error')}", flush=True)
 
 

@@ -7,9 +7,10 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
-passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target`` or ``kernel=source`` for a
-backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG`` for the target
-pass, ``HC``, ``BKS`` for the source pass, and ``num_warps``; the first configuration otherwise). Shapes are the paper
+passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate`` or ``kernel=source``
+for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG`` for the
+target pass, ``HC``, ``RC``, ``TB`` for the gate backward, ``HC``, ``BKS`` for the source pass,
+and ``num_warps``, ``maxnreg``; 16 / 32 heads and RBFs, 8 warps otherwise). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
@@ -39,7 +40,8 @@ from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
 SIZES = dict(N=16384, M=16384, K=32, H=128, G=128, R=256, NPROG=264, T0=0, NT=2048, C=0, NC=8, E0=0)
 # row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
 UNSPECIALISED = ("N", "M", "NPROG", "T0", "NT", "C", "NC", "E0")
-KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "source": "bwd_source_kernel"}
+KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
+           "source": "bwd_source_kernel"}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
 FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk")
@@ -108,8 +110,8 @@ def parse_config(text: str):
     else:
         meta = {"HC": 16, "BKS": 16, "num_warps": 4} if kernel == "source" else {"HC": 16, "RC": 32, "num_warps": 8}
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
-        warps = meta.pop("num_warps")
-        config = Config(meta, num_warps=warps, num_stages=1)
+        warps, maxnreg = meta.pop("num_warps"), meta.pop("maxnreg", None)
+        config = Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)
     return config, extra.get("qkv", "fp32"), int(extra.get("vs", 0)), kernel
 
 

@@ -166,30 +166,34 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
-def _bwd_candidates(wide: bool = False) -> tuple[list, list]:
-    """Target-pass and source-pass configurations, the defaults first; ``wide``: edge tiles
-    of more than 32 neighbour slots (``BK > 32``)."""
+def _bwd_candidates(wide: bool = False) -> tuple[list, list, list]:
+    """Configurations of the target pass, the gate backward and the source pass, the defaults
+    first; ``wide``: edge tiles of more than 32 neighbour slots (``BK > 32``)."""
     if _interpreting():
-        return [_cfg(16, 16, 4)], [_src_cfg(16, 16, 4)]
-    # target pass on sm_90a (scripts/kernel_regs.py, padded v): 1,636 B spilled a thread at 4
-    # warps, 488 B at 8; autotuned on an H100 (fp32, N = 4,096): 5.33 ms (4 warps) / 4.47 (8).
-    # TG=2 cuts its barriers 153 -> 119 at 8 warps but spills 1,268 B: a candidate, not the
-    # default (perf-notes section 9).
-    target = [_cfg(16, 32, 8), _cfg(16, 32, 4), _cfg(16, 32, 8, TG=2)]
+        return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, TB=1)], [_src_cfg(16, 16, 4)]
+    # registers / spilled bytes a thread (sm_90a, Triton 3.6, padded v): target pass 255 / 16 at
+    # 8 warps, 128 / 408 capped, 255 / 20 at 4 warps with HC=8, 255 / 264 at 4 warps, 255 / 612
+    # with TG=2; gate backward 255 / 0 at 8 warps, 128 / 380 capped, 255 / 252 at 4 warps, 255 /
+    # 192 with two targets a tile
+    target = [_cfg(16, 32, 8), _cfg(16, 32, 8, maxnreg=128), _cfg(8, 32, 4), _cfg(16, 32, 4),
+              _cfg(16, 32, 8, TG=2)]
+    gate = [_cfg(16, 32, 8, TB=1), _cfg(16, 32, 8, maxnreg=128, TB=1), _cfg(16, 32, 4, TB=1),
+            _cfg(16, 32, 8, TB=2)]
     if wide:
-        # Triton 3.6 on an H100: 8-warp target passes with 64-row edge tiles (K = 64, TF32
-        # products, which then lower to wgmma) stop with an illegal memory access; the 4-warp
-        # one and DISABLE_MMA_V3=1 run and match chunked (scripts/bwd_config_check.py,
-        # perf-notes section 11)
+        # Triton 3.6 on an H100: 8-warp backward passes with 64-row edge tiles (K = 64, TF32
+        # products, which then lower to wgmma) stopped with an illegal memory access; 4 warps and
+        # DISABLE_MMA_V3=1 ran and matched chunked (scripts/bwd_config_check.py, perf-notes
+        # section 11)
         target = [c for c in target if c.num_warps == 4]
-    # the source pass sums the target pass's stash against gathered dout (padded rows) and q
-    # rows; registers (sm_90a, Triton 3.6): HC=16, BKS=8: 80 at 4 warps, 114 at 8; HC=32, BKS=8,
-    # 8 warps 98; HC=8, BKS=8 122; BKS=16 128-144; BKS=4 96. Tuning on an H100 with unpadded
-    # dout rows (fp32, N = 65,536, a chunk of 1/8 of the targets; ms): HC=16, BKS=8, 4 warps
-    # 3.63, HC=8 4.86, BKS=16 5.20 (4 warps) / 9.65 (8), HC=32, 8 warps 6.55.
+        gate = [c for c in gate if c.num_warps == 4]
+    # the source pass sums the target pass's stash against gathered dout and q rows. Tuning on
+    # an H100 (fp32, N = 65,536, a chunk of 1/8 of the targets; ms): HC=16, BKS=8, 4 warps
+    # 3.63, HC=8 4.86, BKS=16 5.20 (4 warps) / 9.65 (8), HC=32, 8 warps 6.55. Head rows of
+    # dout copied to padded rows a chunk (aligned 16-byte loads, 80 registers a thread) made
+    # it no faster (perf-notes section 13).
     source = [_src_cfg(16, 8, 4), _src_cfg(16, 8, 8), _src_cfg(32, 8, 8), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4),
               _src_cfg(32, 16, 8), _src_cfg(16, 4, 4)]
-    return target, source
+    return target, gate, source
 
 
 def parse_fwd_config(text: str):
@@ -231,7 +235,7 @@ def _fwd_kernel(dtype: torch.dtype, n_rows: int):
     configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
     text = os.environ.get(FWD_CONFIG_ENV, "").strip()
     if not text:
-        return _configs(size_bucket(n_rows))[0][dtype == torch.float32]
+        return _configs(size_bucket(n_rows))["fwd"][dtype == torch.float32]
     if text not in _forced_fwd:
         from e2f.attention.triton import kernels as K
 
@@ -250,37 +254,38 @@ def size_bucket(n_rows: int) -> int:
     return max(0, (max(int(n_rows), 1) - 1).bit_length() - 12 + 1) // 2
 
 
-def _configs(bucket: int = 0):
+def _configs(bucket: int = 0) -> dict:
     """Autotuned kernels of one ``size_bucket`` (built once each; the interpreter gets a single
-    configuration): the forward as ``{True: float32 q/k/v, False: 16-bit}``, the target pass as
-    ``{BK > 32: ...}``, the source pass."""
+    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, ``target`` and
+    ``gate`` as ``{BK > 32: ...}``, ``source``."""
     if bucket in _kernels:
         return _kernels[bucket]
     from e2f.attention.triton import kernels as K
 
-    fwd_cfgs = {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)}
-    tgt_cfgs = {wide: _bwd_candidates(wide)[0] for wide in (False, True)}
-    src_cfgs = _bwd_candidates()[1]
+    cfgs = {"fwd": {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)},
+            "target": {wide: _bwd_candidates(wide)[0] for wide in (False, True)},
+            "gate": {wide: _bwd_candidates(wide)[1] for wide in (False, True)},
+            "source": {False: _bwd_candidates()[2]}}
     if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
-        fwd_cfgs = {fp32: cfgs[:1] for fp32, cfgs in fwd_cfgs.items()}
-        tgt_cfgs = {wide: cfgs[:1] for wide, cfgs in tgt_cfgs.items()}
-        src_cfgs = src_cfgs[:1]
-    fwd = {fp32: _autotuned(K.fwd_kernel, cfgs) for fp32, cfgs in fwd_cfgs.items()}
-    tgt = {wide: _autotuned(K.bwd_target_kernel, cfgs) for wide, cfgs in tgt_cfgs.items()}
-    _kernels[bucket] = (fwd, tgt, _autotuned(K.bwd_source_kernel, src_cfgs))
-    return _kernels[bucket]
+        cfgs = {name: {flag: c[:1] for flag, c in per.items()} for name, per in cfgs.items()}
+    kernel = {"fwd": K.fwd_kernel, "target": K.bwd_target_kernel, "gate": K.bwd_gate_kernel,
+              "source": K.bwd_source_kernel}
+    tuned = {name: {flag: _autotuned(kernel[name], c) for flag, c in per.items()} for name, per in cfgs.items()}
+    tuned["source"] = tuned["source"][False]
+    _kernels[bucket] = tuned
+    return tuned
 
 
 def _autotuned(kernel, cfgs: list):
-    """``kernel`` autotuned over ``cfgs`` on ``_KEY``. The backward passes accumulate (the
-    target pass into its per-program weight-gradient partials, the source pass into the
+    """``kernel`` autotuned over ``cfgs`` on ``_KEY``. Two backward kernels accumulate (the
+    gate backward into its per-program weight-gradient partials, the source pass into the
     source gradients, one target chunk after another), so those buffers are zeroed before
     every trial; tuning happens at the first chunk of a call, when they hold zeros anyway."""
     import triton
 
     from e2f.attention.triton import kernels as K
 
-    accumulated = {K.bwd_target_kernel: ["dwr_part", "dwo_part", "db_part", "dc_part"],
+    accumulated = {K.bwd_gate_kernel: ["dwr_part", "dwo_part", "db_part", "dc_part"],
                    K.bwd_source_kernel: ["dk", "dv", "dgate_src", "dpos_src"]}.get(kernel)
     key = [name for name in _KEY if name in kernel.arg_names]  # the source pass has no gate products
     return triton.autotune(cfgs, key=key, reset_to_zero=accumulated)(kernel)
@@ -359,29 +364,28 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 
 #: Targets per program of the persistent target pass below two programs per SM.
 TARGETS_PER_PROGRAM = 32
-#: The target pass stashes, per edge, the softmax weight and the logit gradient of every head
-#: and the gate pre-activation gradient (``2 H + G`` floats: 1.5 KB at the paper sizes); the
-#: source pass sums them over each source's in-edges instead of recomputing the edges, reading
-#: the chunk's dout rows from a copy with padded head rows (``H * DVP`` floats a target).
-#: Targets run in chunks so that these buffers hold at most this many bytes per atom (K = 32:
-#: 14 chunks);
+#: The target pass stashes, per edge and head, the softmax weight, the logit gradient and the
+#: gradients of the two gate outputs; the gate backward adds the gate pre-activation gradient
+#: (``4 H + G`` floats an edge: 2.5 KB at the paper sizes). The source pass sums them over each
+#: source's in-edges instead of recomputing the edges. Targets run in chunks so that the stash
+#: holds at most this many bytes per atom (K = 32: 14 chunks);
 #: ``E2F_TRITON_STASH_BYTES`` overrides it (fewer chunks: fewer launches, more memory).
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, dvp: int) -> int:
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
     """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
     budget = int(os.environ.get(STASH_ENV, STASH_BYTES_PER_ATOM))
     if budget < 1:
         raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {budget}")
-    per_target = (kslots * (2 * h + g) + h * dvp) * 4
+    per_target = kslots * (4 * h + g) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
-    """Programs of the persistent target pass: two per SM, and at small N one
+    """Programs of the persistent gate backward: two per SM, and at small N one
     per ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G +
     2 H G + 2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One
     per 64 targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a
@@ -407,8 +411,9 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    _, targets, src = _configs(size_bucket(n))
-    tgt = targets[d["BK"] > 32]
+    kern = _configs(size_bucket(n))
+    wide = d["BK"] > 32
+    tgt, gate, src = kern["target"][wide], kern["gate"][wide], kern["source"]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
     dwr_part = torch.zeros(nprog, d["R"], g, **f32)
@@ -416,30 +421,33 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     db_part = torch.zeros(nprog, 2 * h, **f32)
     dc_part = torch.zeros(nprog, d["R"], **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk = _stash_chunk(n, kslots, h, g, d["DVP"])
-    dout_chunk = torch.empty(chunk, h, d["DVP"], **f32)  # the kernel replaces the padding it reads by zeros
+    chunk = _stash_chunk(n, kslots, h, g)
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
+    dgu_edge = torch.empty(chunk * kslots, 2 * h, **f32)
     dpre_edge = torch.empty(chunk * kslots, g, **f32)
     rowptr, edge_ids = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
-    scal = (float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]))
+    gamma, cutoff = float(gamma), float(cutoff)
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
-        tgt[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-                      t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
-                      grads["q"], grads["gate_dst"], grads["pos_dst"], dd_edge, w_edge, dqk_edge, dpre_edge,
-                      dwr_part, dwo_part, db_part, dc_part,
-                      t0, nt, kslots, h, g, d["R"], *scal, nprog,
-                      DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec,
-                      VS=d["VS"])
-        dout_chunk[:nt, :, :d["DV"]].copy_(dout[t0:t0 + nt])
-        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout_chunk, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr,
+        tgt[(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+                   grads["q"], dd_edge, w_edge, dqk_edge, dgu_edge,
+                   t0, kslots, h, g, d["R"], gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
+        gate[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
+                       t["w_radial"], t["w_out"], dgu_edge, dd_edge, dpre_edge, grads["gate_dst"], grads["pos_dst"],
+                       dwr_part, dwo_part, db_part, dc_part,
+                       t0, nt, kslots, h, g, d["R"], gamma, cutoff, nprog,
+                       BK=d["BK"], GP=d["GP"], PREC=prec)
+        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr,
                    edge_ids, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                   mm, kslots, h, g, c, chunks, t0, float(cutoff),
+                   mm, kslots, h, g, c, chunks, t0, cutoff,
                    DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
     _record("bwd_target", tgt)
+    _record("bwd_gate", gate)
     _record("bwd_source", src)
     _last["backward_chunks"] = chunks
     grads["w_radial"] = dwr_part.sum(0)

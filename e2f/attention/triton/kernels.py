@@ -376,80 +376,122 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
-@triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
+@triton.jit(do_not_specialize=["T0"])
 def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in,
-                      dq, dgate_dst, dpos_dst, dd_edge, w_edge, dqk_edge, dpre_edge,
-                      dwr_part, dwo_part, db_part, dc_part,
-                      T0, NT, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk, NPROG,
+                      dq, dd_edge, w_edge, dqk_edge, dgu_edge,
+                      T0, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
                       PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4):
-    # TG (2 or 4): head groups a chunk's value rows move in (module docstring)
+    # target T0 + program id; its edges are stash rows (program id) K + slot. TG (2 or 4): head
+    # groups a chunk's value rows move in (module docstring)
     HA: tl.constexpr = HC // 4
-    pid = tl.program_id(0)
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
+    local = tl.program_id(0).to(tl.int64)
+    i = T0 + local
     offs_k = tl.arange(0, DKP)
     kmask = offs_k < DK
-    part = pid.to(tl.int64)
     slot = tl.arange(0, BK)
-    for it in range(0, (NT - pid + NPROG - 1) // NPROG):
-        i = T0 + part + it * NPROG
-        row = (part + it * NPROG) * K + slot  # the edge's row of this chunk's stash
-        j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    row = local * K + slot
+    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    ok = j >= 0
+    src = _row_index(j, ok)
+    tgt = tl.zeros([BK], dtype=tl.int64) + i
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
+    hid = pre * tl.sigmoid(pre)
+    denv = tl.zeros([BK], dtype=tl.float32)
+    dinvd = tl.zeros([BK], dtype=tl.float32)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        hk = offs_h[:, None] * DK + offs_k[None, :]
+        qm = hmask[:, None] & kmask[None, :]
+        qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
+        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                     other=0.0).to(tl.float32)
+        qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
+        lv = live[:, None] & hmask[None, :]
+        logit = tl.where(lv, g * qk, float("-inf"))
+        mx = tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)
+        s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
+        e = tl.exp(logit - mx[None, :])
+        p = env[:, None] * e
+        w = u * p * inv_d[:, None] / s[None, :]
+        if TG == 2:
+            dw = _join_halves(_dw_target_group(v, dout, src, ok, i, h0, H, HC // 2, DV, DVP, VS, 1),
+                              _dw_target_group(v, dout, src, ok, i, h0 + HC // 2, H, HC // 2, DV, DVP, VS, 1))
+        else:
+            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
+                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
+        bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
+        dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
+        dlogit = dp * p
+        t = dw * p / s[None, :]
+        dinvd += tl.sum(t * u, axis=1)
+        denv += tl.sum(dp * e, axis=1)
+        dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+        tl.store(dq + i * (H * DK) + hk, tl.sum(dqk[:, :, None] * kj, axis=0), mask=qm)
+        em = (slot < K)[:, None] & hmask[None, :]
+        stash = row[:, None] * H + offs_h[None, :]
+        tl.store(w_edge + stash, w, mask=em)
+        tl.store(dqk_edge + stash, dqk, mask=em)
+        gu = row[:, None] * (2 * H) + offs_h[None, :]
+        tl.store(dgu_edge + gu, tl.where(lv, dlogit * qk, 0.0), mask=em)
+        tl.store(dgu_edge + gu + H, tl.where(lv, t * inv_d[:, None], 0.0), mask=em)
+    # the envelope and 1/d parts of dL/dd (the gate backward adds the radial part)
+    denv_dx = -30.0 * x * x * (1.0 - x) * (1.0 - x)
+    dd = tl.where(inside, denv * denv_dx / cutoff - dinvd * inv_d * inv_d, 0.0)
+    tl.store(dd_edge + i * K + slot, dd, mask=slot < K)
+
+
+@triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
+def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
+                    dgu_edge, dd_edge, dpre_edge, dgate_dst, dpos_dst,
+                    dwr_part, dwo_part, db_part, dc_part,
+                    T0, NT, K, H, G, R, gamma, cutoff, NPROG,
+                    BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
+                    TB: tl.constexpr = 1):
+    # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
+    # stashed gate gradients; weight-gradient partial sums owned by each program
+    E: tl.constexpr = TB * BK
+    pid = tl.program_id(0)
+    part = pid.to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    r = tl.arange(0, E)
+    slot = r % BK
+    tiles = (NT + TB - 1) // TB
+    for it in range(0, (tiles - pid + NPROG - 1) // NPROG):
+        first = (part + it * NPROG) * TB
+        local = first + r // BK  # the row's target within the chunk
+        i = T0 + local
+        j = tl.load(nbr + i * K + slot, mask=slot < tl.where(local < NT, K, 0), other=-1)
         ok = j >= 0
-        src = tl.where(ok, j, 0).to(tl.int64)
-        tgt = tl.zeros([BK], dtype=tl.int64) + i
+        src = _row_index(j, ok)
+        tgt = _row_index(i, ok)
+        row = local * K + slot
+        has = slot < tl.where(local < NT, K, 0)
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
-        hid = pre * tl.sigmoid(pre)
-        dhid = tl.zeros([BK, GP], dtype=tl.float32)
-        denv = tl.zeros([BK], dtype=tl.float32)
-        dinvd = tl.zeros([BK], dtype=tl.float32)
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
+        sig = tl.sigmoid(pre)
+        hid = pre * sig
+        dhid = tl.zeros([E, GP], dtype=tl.float32)
         for h0 in range(0, H, HC):
             offs_h = h0 + tl.arange(0, HC)
             hmask = offs_h < H
-            g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-            hk = offs_h[:, None] * DK + offs_k[None, :]
-            qm = hmask[:, None] & kmask[None, :]
-            qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
-            kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
-                         other=0.0).to(tl.float32)
-            qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
-            lv = live[:, None] & hmask[None, :]
-            logit = tl.where(lv, g * qk, float("-inf"))
-            mx = tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)
-            s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
-            e = tl.exp(logit - mx[None, :])
-            p = env[:, None] * e
-            w = u * p * inv_d[:, None] / s[None, :]
-            if TG == 2:
-                dw = _join_halves(_dw_target_group(v, dout, src, ok, i, h0, H, HC // 2, DV, DVP, VS, 1),
-                                  _dw_target_group(v, dout, src, ok, i, h0 + HC // 2, H, HC // 2, DV, DVP, VS, 1))
-            else:
-                dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
-                            _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
-                            _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
-                            _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
-            bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
-            em = (slot < K)[:, None] & hmask[None, :]
-            tl.store(w_edge + row[:, None] * H + offs_h[None, :], w, mask=em)
-            dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
-            dlogit = dp * p
-            t = dw * p / s[None, :]
-            du = tl.where(lv, t * inv_d[:, None], 0.0)
-            dinvd += tl.sum(t * u, axis=1)
-            denv += tl.sum(dp * e, axis=1)
-            dg = tl.where(lv, dlogit * qk, 0.0)
-            dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
-            tl.store(dqk_edge + row[:, None] * H + offs_h[None, :], dqk, mask=em)
-            dqi = tl.sum(dqk[:, :, None] * kj, axis=0)
-            tl.store(dq + i * (H * DK) + hk, dqi, mask=qm)
+            em = has[:, None] & hmask[None, :]
+            gu = row[:, None] * (2 * H) + offs_h[None, :]
+            dg = tl.load(dgu_edge + gu, mask=em, other=0.0)
+            du = tl.load(dgu_edge + gu + H, mask=em, other=0.0)
+            wm = gmask[:, None] & hmask[None, :]
+            wg = tl.load(w_out + offs_g[:, None] * (2 * H) + offs_h[None, :], mask=wm, other=0.0)
+            wu = tl.load(w_out + offs_g[:, None] * (2 * H) + H + offs_h[None, :], mask=wm, other=0.0)
             dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
             dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
-            # gate output layer: partial sums owned by this program
-            wm = gmask[:, None] & hmask[None, :]
             pg = dwo_part + part * (G * 2 * H) + offs_g[:, None] * (2 * H) + offs_h[None, :]
             tl.store(pg, tl.load(pg, mask=wm, other=0.0) + tl.dot(tl.trans(hid), dg, input_precision=PREC), mask=wm)
             tl.store(pg + H, tl.load(pg + H, mask=wm, other=0.0) + tl.dot(tl.trans(hid), du, input_precision=PREC),
@@ -457,14 +499,15 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             pb = db_part + part * (2 * H) + offs_h
             tl.store(pb, tl.load(pb, mask=hmask, other=0.0) + tl.sum(dg, axis=0), mask=hmask)
             tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + tl.sum(du, axis=0), mask=hmask)
-
-        sig = tl.sigmoid(pre)
         dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(ok[:, None], dpre, 0.0)
-        tl.store(dpre_edge + row[:, None] * G + offs_g[None, :], dpre, mask=(slot < K)[:, None] & gmask[None, :])
-        tl.store(dgate_dst + i * G + offs_g, tl.sum(dpre, axis=0), mask=gmask)
+        tl.store(dpre_edge + row[:, None] * G + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
+        rows_t = T0 + first + tl.arange(0, TB)
+        in_chunk = (first + tl.arange(0, TB)) < NT
+        tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
+                 mask=in_chunk[:, None] & gmask[None, :])
         # radial layer: weight partials and d(loss)/d(distance)
-        ddist = tl.zeros([BK], dtype=tl.float32)
+        ddist = tl.zeros([E], dtype=tl.float32)
         for r0 in range(0, R, RC):
             offs_r = r0 + tl.arange(0, RC)
             rm = offs_r < R
@@ -480,25 +523,22 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
             ddist += tl.sum(drbf, axis=1)
             pc = dc_part + part * R + offs_r
             tl.store(pc, tl.load(pc, mask=rm, other=0.0) - tl.sum(drbf, axis=0), mask=rm)
-        denv_dx = -30.0 * x * x * (1.0 - x) * (1.0 - x)
-        ddist += denv * denv_dx / cutoff - dinvd * inv_d * inv_d
-        ddist = tl.where(inside, ddist, 0.0)
-        tl.store(dd_edge + i * K + slot, ddist, mask=slot < K)
-        f = ddist * inv_d
-        tl.store(dpos_dst + i * 3 + 0, tl.sum(f * dx, axis=0))
-        tl.store(dpos_dst + i * 3 + 1, tl.sum(f * dy, axis=0))
-        tl.store(dpos_dst + i * 3 + 2, tl.sum(f * dz, axis=0))
+        ddist = tl.where(inside, ddist + tl.load(dd_edge + i * K + slot, mask=has, other=0.0), 0.0)
+        tl.store(dd_edge + i * K + slot, ddist, mask=has)
+        f = tl.reshape(ddist * inv_d, (TB, BK))
+        tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
+        tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
+        tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
 
 
 @triton.jit(do_not_specialize=["M", "C", "NC", "T0"])
-def bwd_source_kernel(pos_dst, pos_src, q, dout_chunk, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
+def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
                       M, K, H, G, C, NC, T0, cutoff,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr):
     # in-edges of source j from target chunk C (targets T0 ..): edge_ids[rowptr[j NC + C] ..];
-    # stash rows eid - T0 K; dout_chunk: the chunk's dout rows (row tgt - T0) with head rows
-    # padded to DVP numbers, so whole head chunks load as aligned 16-byte vectors
+    # stash rows eid - T0 K
     E0 = T0 * K
     j = tl.program_id(0).to(tl.int64)
     start = tl.load(rowptr + j * NC + C)
@@ -522,7 +562,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout_chunk, dd_edge, w_edge, dqk_edge
             w = tl.load(w_edge + stash, mask=em, other=0.0)
             dqk = tl.load(dqk_edge + stash, mask=em, other=0.0)
             # whole rows of the chunk's heads (warps own heads: the sums over edges stay in registers)
-            acc_v += tl.sum(w[:, :, None] * _value_rows(dout_chunk, tgt - T0, ok, h0, H, HC, DV, DVP, DVP), axis=0)
+            acc_v += tl.sum(w[:, :, None] * _value_rows(dout, tgt, ok, h0, H, HC, DV, DVP), axis=0)
             acc_k += tl.sum(dqk[:, :, None] * _value_rows(q, tgt, ok, h0, H, HC, DK, DKP), axis=0)
         touched = offs_h < tl.where(count > 0, H, 0)  # untouched sources: no traffic (interpreter: no mask & scalar)
         vm = touched[:, None] & (offs_d < DV)[None, :]

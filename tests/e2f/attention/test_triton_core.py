@@ -110,7 +110,7 @@ def test_forward_and_all_gradients_fp32_odd_sizes():
     out, _ = compare(inp, 1e-5)
     assert torch.count_nonzero(out[2]) == 0 and torch.count_nonzero(out[11]) == 0
     cfg = last_config()
-    assert {"fwd", "bwd_target", "bwd_source", "precision"} <= set(cfg) and cfg["precision"] == "ieee"
+    assert {"fwd", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg) and cfg["precision"] == "ieee"
 
 
 def test_wider_tiles_and_multi_chunk_sources():
@@ -315,25 +315,25 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("backward_pass", ["target", "source"])
+@pytest.mark.parametrize("backward_pass", ["target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: the target
-    # pass's TG=2 (two groups of contiguous heads, read as whole rows) and a source pass with
-    # 8-head chunks and in-edge steps of 4 (several steps a source)
+    # pass's TG=2 (two groups of contiguous heads, read as whole rows), a gate backward with
+    # two targets a tile, and a source pass with 8-head chunks and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
-    fwd, tgt, src = F._configs()
-    if backward_pass == "target":
-        narrow = F._autotuned(K.bwd_target_kernel, [F._cfg(16, 16, 4, TG=2)])
-        tgt = {False: narrow, True: narrow}
-        expected = {"TG": 2}
-    else:
-        src = F._autotuned(K.bwd_source_kernel, [F._src_cfg(8, 4, 4)])
-        expected = {"HC": 8, "BKS": 4}
-    monkeypatch.setattr(F, "_configs", lambda bucket=0: (fwd, tgt, src))
-    # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is empty)
+    chosen_cfg = {"target": (K.bwd_target_kernel, F._cfg(16, 16, 4, TG=2), {"TG": 2}),
+                  "gate": (K.bwd_gate_kernel, F._cfg(16, 16, 4, TB=2), {"TB": 2}),
+                  "source": (K.bwd_source_kernel, F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4})}
+    kernel, cfg, expected = chosen_cfg[backward_pass]
+    tuned = dict(F._configs())
+    one = F._autotuned(kernel, [cfg])
+    tuned[backward_pass] = one if backward_pass == "source" else {False: one, True: one}
+    monkeypatch.setattr(F, "_configs", lambda bucket=0: tuned)
+    # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is
+    # empty); 13 targets: the last two-target tile of the gate backward has one
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
     if padded:
         inp = get_backend("triton").prepare(inp)
@@ -349,10 +349,10 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     # neighbours included); a chunk's stash stays within the per-atom budget
     from e2f.attention.triton import function as F
 
-    n, kslots, h, g, dvp = 13, 6, 3, 10, 16
-    per_target = (kslots * (2 * h + g) + h * dvp) * 4
+    n, kslots, h, g = 13, 6, 3, 10
+    per_target = kslots * (4 * h + g) * 4
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g, dvp)
+    rows = F._stash_chunk(n, kslots, h, g)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
     inp = make_inputs(n, 17, kslots, h=h, g=g, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
