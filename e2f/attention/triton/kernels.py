@@ -1,9 +1,10 @@
 """Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
 
-Three kernels; a program owns one row (a target, or a source) and its edges, so every
-output row is written by exactly one program (bitwise reproducible, no atomics). The row
-counts (``N``, ``M``, ``NPROG``) are not specialised on: a training run meets a new count
-with every batch, and divisibility-by-16 variants would recompile every autotune candidate.
+A forward kernel and three backward kernels. Every output row is written by exactly one
+program, and every sum over edges runs in a fixed order (bitwise reproducible, no atomics).
+The row counts and offsets (``N``, ``M``, ``NT``, ``T0``, ``NPROG``, ...) are not specialised
+on: a training run meets a new count with every batch, and divisibility-by-16 variants would
+recompile every autotune candidate.
 
 * ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
   neighbour slots, in one edge tile of ``TB * BK`` rows, so every target's softmax max is
@@ -17,26 +18,34 @@ with every batch, and divisibility-by-16 variants would recompile every autotune
   targets share many neighbours and the second gather of a row hits L1. Writes
   ``out [N, H, DV]`` and the per-target, per-head statistics ``m`` (max logit, sink 0
   included) and ``s`` (denominator, sink included).
-* ``bwd_target_kernel``: persistent over targets; recomputes the edges of a target and
-  writes ``dq``, ``dgate_dst``, ``dpos_dst``, ``B = dout . out`` per target and head, the
-  per-edge scalar ``dd = dL/dd_ij`` (4 bytes an edge, read back by the source pass for
-  ``dpos_src``), and per-program partial sums of the gate-weight gradients (reduced
-  afterwards in a fixed order).
-* ``bwd_source_kernel``: one source, looping over its in-edges (the transposed neighbour
-  list, CSR by source) in chunks of ``BKS``; recomputes each edge and writes ``dk``, ``dv``,
-  ``dgate_src``, ``dpos_src``.
+The backward runs the targets in chunks (``function.STASH_BYTES_PER_ATOM``); per chunk, three
+kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``):
+
+* ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,
+  softmax weights from the forward's ``m`` and ``s``), gathers ``v`` for ``dw = dout . v``,
+  writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
+  per edge and head the softmax weight ``w``, the logit gradient ``dqk`` and the gradients of
+  the two gate outputs ``dg``, ``du``.
+* ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
+  ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed, and summed into
+  ``dgate_dst``), the radial layer (its part of ``dd``, so ``dpos_dst``), and per-program
+  partial sums of the gate-weight gradients (reduced afterwards in a fixed order).
+* ``bwd_source_kernel``: one source a program, looping over its in-edges from the chunk (the
+  transposed neighbour list, CSR by (source, chunk)) in steps of ``BKS``: ``dv += w dout``,
+  ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``; nothing recomputed but the
+  edge vectors.
 
 Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
 groups of heads, and each group moves one value tile. Two tile shapes exist:
 
-* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass), ``SG`` = 4 (source pass): heads
-  ``h0 + r + 4 i``, a ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
+* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass): heads ``h0 + r + 4 i``, a
+  ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
   over edges ends in a cross-warp reduction through shared memory and a barrier.
-* ``GROUPS`` = 2, ``TG`` = 2, ``SG`` = 2: two groups of contiguous heads, each read as one
-  ``[BK, HC / 2 * DVP]`` block a row (``_value_rows``) and reshaped to heads. The warps then
-  own heads and each thread holds all edges of its columns: the sum over edges stays in
-  registers (perf-notes section 9).
+* ``GROUPS`` = 2, ``TG`` = 2, and the source pass's whole head chunk: groups of contiguous
+  heads, each read as one ``[BK, HA * DVP]`` block a row (``_value_rows``) and reshaped to
+  heads. The warps then own heads and each thread holds all edges of its columns: the sum
+  over edges stays in registers (perf-notes section 9).
 Performance notes and measurements: ``docs/perf-notes.md``.
 """
 from __future__ import annotations
@@ -197,14 +206,11 @@ def _group_tile(base, rows, rmask, hbase, hh, hm, H, HA: tl.constexpr, DV: tl.co
 
 
 @triton.jit
-def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr = 0):
-    """[HA, DVP] float32 tile of one row of a [*, H, DV] tensor with head stride ``VS`` (0:
-    ``DV``), and its pointers and mask."""
-    STRIDE: tl.constexpr = DV if VS == 0 else VS
+def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
+    """[HA, DVP] float32 tile of one row of a contiguous [*, H, DV] tensor, zero beyond DV."""
     offs_d = tl.arange(0, DVP)
-    ptr = base + row * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :]
-    mask = hm[:, None] & (offs_d < DV)[None, :]
-    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32), ptr, mask
+    ptr = base + row * (H * DV) + hh[:, None] * DV + offs_d[None, :]
+    return tl.load(ptr, mask=hm[:, None] & (offs_d < DV)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -372,7 +378,7 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
     hh = hbase + STEP * tl.arange(0, HA)
     hm = hh < H
     vt = _group_tile(v, src, ok, hbase, hh, hm, H, HA, DV, DVP, VS, STEP)
-    gi, gi_ptr, gi_mask = _row_tile(dout, i, hh, hm, H, DV, DVP)
+    gi = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
 
