@@ -7,9 +7,8 @@ MMA v3 allowed or not) runs in a child process; the parent records what each one
     PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048]
 
 Each child runs the forward (first configuration) and the backward with exactly one
-configuration of each backward kernel from ``e2f.attention.triton.function._bwd_candidates``
-(the full lists, so at K = 64 also the configurations the library leaves out there): every
-target-pass one with the first of the others, then every gate-backward one, then every
+configuration of each backward kernel from ``e2f.attention.triton.function._bwd_candidates``:
+every target-pass one with the first of the others, then every gate-backward one, then every
 source-pass one; as the last case of each K, the library's own autotuned choice. On the paper
 sizes (padded value rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to
 different kernels, only TF32 ones use tensor cores) it compares ``out`` and every gradient with
@@ -38,12 +37,11 @@ def child(k: int, n: int, tgt_index: int, gate_index: int, src_index: int, tf32:
 
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if tgt_index >= 0:  # one configuration each; otherwise the library's autotuned kernels
-        chosen = {}  # every one, also those left out for BK > 32
+        chosen = {}
         for name, kernel, candidates, index in zip(("target", "gate", "source"),
                                                    (K.bwd_target_kernel, K.bwd_gate_kernel, K.bwd_source_kernel),
                                                    F._bwd_candidates(), (tgt_index, gate_index, src_index)):
-            one = F._autotuned(kernel, [candidates[index]])
-            chosen[name] = one if name == "source" else {False: one, True: one}
+            chosen[name] = F._autotuned(kernel, [candidates[index]])
         chosen["fwd"] = {True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])}
         F._configs = lambda bucket=0: chosen
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)

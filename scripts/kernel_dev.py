@@ -353,9 +353,9 @@ def probe(out_dir, n=16384, variants=None):
     print(table, flush=True)
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
         f.write(table)
-    fwd, tgt, src = F._configs(F.size_bucket(n))
-    kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in fwd.items()},
-               **{"bwd_target" + (" wide" if wide else ""): kern for wide, kern in tgt.items()}, "bwd_source": src}
+    tuned = F._configs(F.size_bucket(n))
+    kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in tuned["fwd"].items()},
+               **{"bwd_" + name: tuned[name] for name in ("target", "gate", "source")}}
     for name, kern in kernels.items():
         try:
             for ck in kern.fn.device_caches[0][0].values():

@@ -8,8 +8,8 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
 passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate`` or ``kernel=source``
-for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC``, ``TG`` for the
-target pass, ``HC``, ``RC``, ``TB`` for the gate backward, ``HC``, ``BKS`` for the source pass,
+for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC`` for the target
+pass, ``HC``, ``RC``, ``TB`` for the gate backward, ``HC``, ``BKS`` for the source pass,
 and ``num_warps``, ``maxnreg``; 16 / 32 heads and RBFs, 8 warps otherwise). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides

@@ -166,33 +166,21 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
-def _bwd_candidates(wide: bool = False) -> tuple[list, list, list]:
+def _bwd_candidates() -> tuple[list, list, list]:
     """Configurations of the target pass, the gate backward and the source pass, the defaults
-    first; ``wide``: edge tiles of more than 32 neighbour slots (``BK > 32``)."""
+    first."""
     if _interpreting():
         return [_cfg(16, 16, 4)], [_cfg(16, 16, 4, TB=1)], [_src_cfg(16, 16, 4)]
-    # registers / spilled bytes a thread (sm_90a, Triton 3.6, padded v): target pass 255 / 16 at
-    # 8 warps, 128 / 408 capped, 255 / 20 at 4 warps with HC=8, 255 / 264 at 4 warps, 255 / 612
-    # with TG=2; gate backward 255 / 0 at 8 warps, 128 / 380 capped, 255 / 252 at 4 warps, 255 /
-    # 192 with two targets a tile
-    target = [_cfg(16, 32, 8), _cfg(16, 32, 8, maxnreg=128), _cfg(8, 32, 4), _cfg(16, 32, 4),
-              _cfg(16, 32, 8, TG=2)]
-    gate = [_cfg(16, 32, 8, TB=1), _cfg(16, 32, 8, maxnreg=128, TB=1), _cfg(16, 32, 4, TB=1),
-            _cfg(16, 32, 8, TB=2)]
-    if wide:
-        # Triton 3.6 on an H100: 8-warp backward passes with 64-row edge tiles (K = 64, TF32
-        # products, which then lower to wgmma) stopped with an illegal memory access; 4 warps and
-        # DISABLE_MMA_V3=1 ran and matched chunked (scripts/bwd_config_check.py, perf-notes
-        # section 11)
-        target = [c for c in target if c.num_warps == 4]
-        gate = [c for c in gate if c.num_warps == 4]
-    # the source pass sums the target pass's stash against gathered dout and q rows. Tuning on
-    # an H100 (fp32, N = 65,536, a chunk of 1/8 of the targets; ms): HC=16, BKS=8, 4 warps
-    # 3.63, HC=8 4.86, BKS=16 5.20 (4 warps) / 9.65 (8), HC=32, 8 warps 6.55. Head rows of
-    # dout copied to padded rows a chunk (aligned 16-byte loads, 80 registers a thread) made
-    # it no faster (perf-notes section 13).
-    source = [_src_cfg(16, 8, 4), _src_cfg(16, 8, 8), _src_cfg(32, 8, 8), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4),
-              _src_cfg(32, 16, 8), _src_cfg(16, 4, 4)]
+    # Tuned on an H100 (fp32, TF32 products, N = 65,536, one chunk of 1/14 of the targets; ms):
+    # target pass 1.83 at 4 warps (255 registers, 264 B spilled a thread), 2.02 with HC=8,
+    # 2.55 at 8 warps (16 B spilled); gate backward 1.98 at 4 warps, 1.99 with two targets a
+    # tile at 8 warps, 2.19 at 8 warps; source pass 2.61 (HC=16, BKS=8, 4 warps), 2.93
+    # (BKS=4), 3.57 (HC=8), 3.73 (BKS=16), 4.4-4.8 at 8 warps (perf-notes section 13). Every
+    # configuration ran at K = 64 with TF32 products (64-row edge tiles; the single target pass
+    # they replaced faulted there with 8 warps, perf-notes section 11).
+    target = [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)]
+    gate = [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)]
+    source = [_src_cfg(16, 8, 4), _src_cfg(16, 4, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4)]
     return target, gate, source
 
 
@@ -256,24 +244,24 @@ def size_bucket(n_rows: int) -> int:
 
 def _configs(bucket: int = 0) -> dict:
     """Autotuned kernels of one ``size_bucket`` (built once each; the interpreter gets a single
-    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, ``target`` and
-    ``gate`` as ``{BK > 32: ...}``, ``source``."""
+    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, ``target``, ``gate``,
+    ``source``."""
     if bucket in _kernels:
         return _kernels[bucket]
     from e2f.attention.triton import kernels as K
 
-    cfgs = {"fwd": {fp32: _fwd_candidates(torch.float32 if fp32 else torch.bfloat16) for fp32 in (True, False)},
-            "target": {wide: _bwd_candidates(wide)[0] for wide in (False, True)},
-            "gate": {wide: _bwd_candidates(wide)[1] for wide in (False, True)},
-            "source": {False: _bwd_candidates()[2]}}
-    if os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0":  # first configuration only (quick runs)
-        cfgs = {name: {flag: c[:1] for flag, c in per.items()} for name, per in cfgs.items()}
-    kernel = {"fwd": K.fwd_kernel, "target": K.bwd_target_kernel, "gate": K.bwd_gate_kernel,
-              "source": K.bwd_source_kernel}
-    tuned = {name: {flag: _autotuned(kernel[name], c) for flag, c in per.items()} for name, per in cfgs.items()}
-    tuned["source"] = tuned["source"][False]
-    _kernels[bucket] = tuned
-    return tuned
+    first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"  # quick runs
+
+    def tuned(kernel, cfgs):
+        return _autotuned(kernel, cfgs[:1] if first_only else cfgs)
+
+    target, gate, source = _bwd_candidates()
+    _kernels[bucket] = {
+        "fwd": {fp32: tuned(K.fwd_kernel, _fwd_candidates(torch.float32 if fp32 else torch.bfloat16))
+                for fp32 in (True, False)},
+        "target": tuned(K.bwd_target_kernel, target), "gate": tuned(K.bwd_gate_kernel, gate),
+        "source": tuned(K.bwd_source_kernel, source)}
+    return _kernels[bucket]
 
 
 def _autotuned(kernel, cfgs: list):
@@ -412,8 +400,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n))
-    wide = d["BK"] > 32
-    tgt, gate, src = kern["target"][wide], kern["gate"][wide], kern["source"]
+    tgt, gate, src = kern["target"], kern["gate"], kern["source"]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
     dwr_part = torch.zeros(nprog, d["R"], g, **f32)

@@ -39,10 +39,10 @@ Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contig
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
 groups of heads, and each group moves one value tile. Two tile shapes exist:
 
-* ``GROUPS`` = 4 or 8 (forward), ``TG`` = 4 (target pass): heads ``h0 + r + 4 i``, a
+* ``GROUPS`` = 4 or 8 (forward), the target pass: heads ``h0 + r + 4 i``, a
   ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
   over edges ends in a cross-warp reduction through shared memory and a barrier.
-* ``GROUPS`` = 2, ``TG`` = 2, and the source pass's whole head chunk: groups of contiguous
+* ``GROUPS`` = 2, and the source pass's whole head chunk: groups of contiguous
   heads, each read as one ``[BK, HA * DVP]`` block a row (``_value_rows``) and reshaped to
   heads. The warps then own heads and each thread holds all edges of its columns: the sum
   over edges stays in registers (perf-notes section 9).
@@ -122,14 +122,6 @@ def _halves(x):
     E: tl.constexpr = x.shape[0]
     C: tl.constexpr = x.shape[1]
     return tl.split(tl.permute(tl.reshape(x, (E, 2, C // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def _join_halves(a, b):
-    """Inverse of ``_halves``."""
-    E: tl.constexpr = a.shape[0]
-    HA: tl.constexpr = a.shape[1]
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (E, 2 * HA))
 
 
 @triton.jit
@@ -373,11 +365,11 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
 
 @triton.jit
 def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     VS: tl.constexpr, STEP: tl.constexpr = 4):
-    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + STEP a."""
-    hh = hbase + STEP * tl.arange(0, HA)
+                     VS: tl.constexpr):
+    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
+    hh = hbase + 4 * tl.arange(0, HA)
     hm = hh < H
-    vt = _group_tile(v, src, ok, hbase, hh, hm, H, HA, DV, DVP, VS, STEP)
+    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
     gi = _row_tile(dout, i, hh, hm, H, DV, DVP)
     return tl.sum(vt * gi[None, :, :], axis=2)
 
@@ -389,9 +381,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
                       T0, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0, TG: tl.constexpr = 4):
-    # target T0 + program id; its edges are stash rows (program id) K + slot. TG (2 or 4): head
-    # groups a chunk's value rows move in (module docstring)
+                      PREC: tl.constexpr, VS: tl.constexpr = 0):
+    # target T0 + program id; its edges are stash rows (program id) K + slot
     HA: tl.constexpr = HC // 4
     local = tl.program_id(0).to(tl.int64)
     i = T0 + local
@@ -425,14 +416,11 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         e = tl.exp(logit - mx[None, :])
         p = env[:, None] * e
         w = u * p * inv_d[:, None] / s[None, :]
-        if TG == 2:
-            dw = _join_halves(_dw_target_group(v, dout, src, ok, i, h0, H, HC // 2, DV, DVP, VS, 1),
-                              _dw_target_group(v, dout, src, ok, i, h0 + HC // 2, H, HC // 2, DV, DVP, VS, 1))
-        else:
-            dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
-                        _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
+        # four groups of strided heads (contiguous halves, TG = 2, spilled 612 B and ran slower)
+        dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
+                    _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
+                    _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
+                    _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
         bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
         dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
         dlogit = dp * p

@@ -317,23 +317,22 @@ def test_forward_kernel_head_groups(padded):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("backward_pass", ["target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
-    # GPU autotune candidates the interpreter's single configurations leave out: the target
-    # pass's TG=2 (two groups of contiguous heads, read as whole rows), a gate backward with
-    # two targets a tile, and a source pass with 8-head chunks and in-edge steps of 4
+    # GPU autotune candidates the interpreter's single configurations leave out: a target pass
+    # with 8-head chunks, a gate backward with two targets a tile, and a source pass with
+    # 8-head chunks and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
-    chosen_cfg = {"target": (K.bwd_target_kernel, F._cfg(16, 16, 4, TG=2), {"TG": 2}),
+    chosen_cfg = {"target": (K.bwd_target_kernel, F._cfg(8, 16, 4), {"HC": 8}),
                   "gate": (K.bwd_gate_kernel, F._cfg(16, 16, 4, TB=2), {"TB": 2}),
                   "source": (K.bwd_source_kernel, F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4})}
     kernel, cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs())
-    one = F._autotuned(kernel, [cfg])
-    tuned[backward_pass] = one if backward_pass == "source" else {False: one, True: one}
+    tuned[backward_pass] = F._autotuned(kernel, [cfg])
     monkeypatch.setattr(F, "_configs", lambda bucket=0: tuned)
-    # H = 19: a full and a partial head chunk (the second half-group of the partial chunk is
-    # empty); 13 targets: the last two-target tile of the gate backward has one
+    # H = 19: a full and a partial head chunk; 13 targets: the last two-target tile of the gate
+    # backward has one
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
     if padded:
         inp = get_backend("triton").prepare(inp)
