@@ -170,7 +170,9 @@ def test_planted_edge_tensor_is_flagged(name, how, monkeypatch, committed):
 
 
 def test_planted_edge_allocation_in_backward_is_flagged(monkeypatch, committed):
-    """A backward that materialises an [E, H] tensor (not saved, only allocated) fails the launch check."""
+    """A backward that materialises the per-edge values (an [E, H, dv] tensor, not saved, only
+    allocated) fails the launch check. (Its chunk-bounded per-edge stash, [E, H] and [E, G] at the
+    probe's one chunk, is committed.)"""
     backend_or_skip("triton")
     from e2f.attention.triton import function
 
@@ -178,7 +180,8 @@ def test_planted_edge_allocation_in_backward_is_flagged(monkeypatch, committed):
 
     def backward(t, *args):
         grads = original(t, *args)
-        grads["q"] = grads["q"] + 0.0 * _edge_tensor(t).sum()
+        gathered = t["v"][t["nbr"].clamp_min(0).reshape(-1).long()].float()
+        grads["q"] = grads["q"] + 0.0 * gathered.sum()
         return grads
 
     monkeypatch.setattr(function, "_backward", backward)
@@ -186,7 +189,7 @@ def test_planted_edge_allocation_in_backward_is_flagged(monkeypatch, committed):
     launches = kr.launch_summary(fn, warmup=False)
     want = committed["backends"]["triton"]["launches"]
     new = [a for a in launches["edge_allocations"] if a not in want["edge_allocations"]]
-    assert [["E", "H"], "float32"] in new
+    assert [["E", "H", "dv"], "float32"] in new
     assert launches["torch_ops"] > want["torch_ops"]
 
 
