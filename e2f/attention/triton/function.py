@@ -353,10 +353,10 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 #: Targets per program of the persistent target pass below two programs per SM.
 TARGETS_PER_PROGRAM = 32
 #: The target pass stashes, per edge and head, the softmax weight, the logit gradient and the
-#: gradients of the two gate outputs; the gate backward adds the gate pre-activation gradient
-#: (``4 H + G`` floats an edge: 2.5 KB at the paper sizes). The source pass sums them over each
-#: source's in-edges instead of recomputing the edges. Targets run in chunks so that the stash
-#: holds at most this many bytes per atom (K = 32: 14 chunks);
+#: gradients of the two gate outputs; the gate backward replaces the last two by the gate
+#: pre-activation gradient (``2 H + max(2 H, G)`` floats an edge: 2 KB at the paper sizes). The
+#: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
+#: run in chunks so that the stash holds at most this many bytes per atom (K = 32: 11 chunks);
 #: ``E2F_TRITON_STASH_BYTES`` overrides it (fewer chunks: fewer launches, more memory).
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
@@ -367,7 +367,7 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
     budget = int(os.environ.get(STASH_ENV, STASH_BYTES_PER_ATOM))
     if budget < 1:
         raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {budget}")
-    per_target = kslots * (4 * h + g) * 4
+    per_target = kslots * (2 * h + max(2 * h, g)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
 
@@ -411,8 +411,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     chunk = _stash_chunk(n, kslots, h, g)
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
-    dgu_edge = torch.empty(chunk * kslots, 2 * h, **f32)
-    dpre_edge = torch.empty(chunk * kslots, g, **f32)
+    sw = max(2 * h, g)
+    gate_edge = torch.empty(chunk * kslots, sw, **f32)  # dg, du; then dpre
     rowptr, edge_ids = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff = float(gamma), float(cutoff)
@@ -421,17 +421,17 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         nt = min(chunk, n - t0)
         tgt[(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
                    t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
-                   grads["q"], dd_edge, w_edge, dqk_edge, dgu_edge,
-                   t0, kslots, h, g, d["R"], gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+                   grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
+                   t0, kslots, h, g, d["R"], sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
                    DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
         gate[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
-                       t["w_radial"], t["w_out"], dgu_edge, dd_edge, dpre_edge, grads["gate_dst"], grads["pos_dst"],
+                       t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
                        dwr_part, dwo_part, db_part, dc_part,
-                       t0, nt, kslots, h, g, d["R"], gamma, cutoff, nprog,
+                       t0, nt, kslots, h, g, d["R"], sw, gamma, cutoff, nprog,
                        BK=d["BK"], GP=d["GP"], PREC=prec)
-        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr,
+        src[(mm,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
                    edge_ids, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                   mm, kslots, h, g, c, chunks, t0, cutoff,
+                   mm, kslots, h, g, sw, c, chunks, t0, cutoff,
                    DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
     _record("bwd_target", tgt)
     _record("bwd_gate", gate)

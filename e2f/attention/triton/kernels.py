@@ -25,10 +25,10 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
   softmax weights from the forward's ``m`` and ``s``), gathers ``v`` for ``dw = dout . v``,
   writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
   per edge and head the softmax weight ``w``, the logit gradient ``dqk`` and the gradients of
-  the two gate outputs ``dg``, ``du``.
+  the two gate outputs ``dg``, ``du`` (a ``gate_edge`` row of ``SW = max(2 H, G)`` numbers).
 * ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
-  ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed, and summed into
-  ``dgate_dst``), the radial layer (its part of ``dd``, so ``dpos_dst``), and per-program
+  ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed in the same
+  ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``, so ``dpos_dst``), and per-program
   partial sums of the gate-weight gradients (reduced afterwards in a fixed order).
 * ``bwd_source_kernel``: one source a program, looping over its in-edges from the chunk (the
   transposed neighbour list, CSR by (source, chunk)) in steps of ``BKS``: ``dv += w dout``,
@@ -377,8 +377,8 @@ def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.con
 @triton.jit(do_not_specialize=["T0"])
 def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                       dout, m_in, s_in,
-                      dq, dd_edge, w_edge, dqk_edge, dgu_edge,
-                      T0, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+                      dq, dd_edge, w_edge, dqk_edge, gate_edge,
+                      T0, K, H, G, R, SW, gamma, cutoff, eps, inv_sqrt_dk,
                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
                       PREC: tl.constexpr, VS: tl.constexpr = 0):
@@ -433,9 +433,9 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         stash = row[:, None] * H + offs_h[None, :]
         tl.store(w_edge + stash, w, mask=em)
         tl.store(dqk_edge + stash, dqk, mask=em)
-        gu = row[:, None] * (2 * H) + offs_h[None, :]
-        tl.store(dgu_edge + gu, tl.where(lv, dlogit * qk, 0.0), mask=em)
-        tl.store(dgu_edge + gu + H, tl.where(lv, t * inv_d[:, None], 0.0), mask=em)
+        gu = row[:, None] * SW + offs_h[None, :]
+        tl.store(gate_edge + gu, tl.where(lv, dlogit * qk, 0.0), mask=em)
+        tl.store(gate_edge + gu + H, tl.where(lv, t * inv_d[:, None], 0.0), mask=em)
     # the envelope and 1/d parts of dL/dd (the gate backward adds the radial part)
     denv_dx = -30.0 * x * x * (1.0 - x) * (1.0 - x)
     dd = tl.where(inside, denv * denv_dx / cutoff - dinvd * inv_d * inv_d, 0.0)
@@ -444,13 +444,15 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
 
 @triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
 def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
-                    dgu_edge, dd_edge, dpre_edge, dgate_dst, dpos_dst,
+                    gate_edge, dd_edge, dgate_dst, dpos_dst,
                     dwr_part, dwo_part, db_part, dc_part,
-                    T0, NT, K, H, G, R, gamma, cutoff, NPROG,
+                    T0, NT, K, H, G, R, SW, gamma, cutoff, NPROG,
                     BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
                     TB: tl.constexpr = 1):
     # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
-    # stashed gate gradients; weight-gradient partial sums owned by each program
+    # stashed gate-output gradients (dg, du: the first 2 H numbers of a gate_edge row), whose
+    # row then takes dpre (its first G numbers: every load of a row precedes the store, which
+    # depends on them); weight-gradient partial sums owned by each program
     E: tl.constexpr = TB * BK
     pid = tl.program_id(0)
     part = pid.to(tl.int64)
@@ -478,9 +480,9 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
             offs_h = h0 + tl.arange(0, HC)
             hmask = offs_h < H
             em = has[:, None] & hmask[None, :]
-            gu = row[:, None] * (2 * H) + offs_h[None, :]
-            dg = tl.load(dgu_edge + gu, mask=em, other=0.0)
-            du = tl.load(dgu_edge + gu + H, mask=em, other=0.0)
+            gu = row[:, None] * SW + offs_h[None, :]
+            dg = tl.load(gate_edge + gu, mask=em, other=0.0)
+            du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
             wm = gmask[:, None] & hmask[None, :]
             wg = tl.load(w_out + offs_g[:, None] * (2 * H) + offs_h[None, :], mask=wm, other=0.0)
             wu = tl.load(w_out + offs_g[:, None] * (2 * H) + H + offs_h[None, :], mask=wm, other=0.0)
@@ -495,7 +497,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
             tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + tl.sum(du, axis=0), mask=hmask)
         dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(ok[:, None], dpre, 0.0)
-        tl.store(dpre_edge + row[:, None] * G + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
+        tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
         rows_t = T0 + first + tl.arange(0, TB)
         in_chunk = (first + tl.arange(0, TB)) < NT
         tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
@@ -526,9 +528,9 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
 
 
 @triton.jit(do_not_specialize=["M", "C", "NC", "T0"])
-def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre_edge, rowptr, edge_ids,
+def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
-                      M, K, H, G, C, NC, T0, cutoff,
+                      M, K, H, G, SW, C, NC, T0, cutoff,
                       DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
                       DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr):
     # in-edges of source j from target chunk C (targets T0 ..): edge_ids[rowptr[j NC + C] ..];
@@ -574,7 +576,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, dpre
         ok = (c0 + slot) < count
         eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0)
         tgt = _row_index(eid // K, ok)
-        dgs += tl.sum(tl.load(dpre_edge + (eid - E0)[:, None] * G + offs_g[None, :],
+        dgs += tl.sum(tl.load(gate_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
                               mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
         f = tl.load(dd_edge + eid, mask=ok, other=0.0) * inv_d

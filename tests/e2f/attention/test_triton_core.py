@@ -349,7 +349,7 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     from e2f.attention.triton import function as F
 
     n, kslots, h, g = 13, 6, 3, 10
-    per_target = kslots * (4 * h + g) * 4
+    per_target = kslots * (2 * h + max(2 * h, g)) * 4
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
     rows = F._stash_chunk(n, kslots, h, g)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
