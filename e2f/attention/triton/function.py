@@ -7,10 +7,11 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
 ``check(inp) -> None``
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
-    The configurations the autotuner chose for the three kernels (the last shapes run:
-    meta-parameters, ``TB`` targets per forward program included, and warps; for the
-    forward also the registers and spills the GPU driver reports), and the gate-MLP matmul
-    precision used; the suites record it.
+    The configurations the autotuner chose for the four kernels (``fwd``, ``bwd_target``,
+    ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the
+    autotuner's timings when it benchmarked, for the forward also the registers and spills the
+    GPU driver reports), the number of target chunks of the last backward, and the gate-MLP
+    matmul precision used; the suites record it.
 ``size_bucket(n_rows) -> int``
     The autotuning bucket of an atom count.
 
@@ -350,7 +351,7 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
     return rowptr.contiguous(), edge_ids.to(torch.int64)
 
 
-#: Targets per program of the persistent target pass below two programs per SM.
+#: Targets per program of the persistent gate backward below two programs per SM.
 TARGETS_PER_PROGRAM = 32
 #: The target pass stashes, per edge and head, the softmax weight, the logit gradient and the
 #: gradients of the two gate outputs; the gate backward replaces the last two by the gate

@@ -28,8 +28,9 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
   the two gate outputs ``dg``, ``du`` (a ``gate_edge`` row of ``SW = max(2 H, G)`` numbers).
 * ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
   ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed in the same
-  ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``, so ``dpos_dst``), and per-program
-  partial sums of the gate-weight gradients (reduced afterwards in a fixed order).
+  ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``,
+  so ``dpos_dst``), and per-program partial sums of the gate-weight gradients (reduced
+  afterwards in a fixed order).
 * ``bwd_source_kernel``: one source a program, looping over its in-edges from the chunk (the
   transposed neighbour list, CSR by (source, chunk)) in steps of ``BKS``: ``dv += w dout``,
   ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``; nothing recomputed but the
