@@ -365,9 +365,13 @@ STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
     """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
-    budget = int(os.environ.get(STASH_ENV, STASH_BYTES_PER_ATOM))
+    text = os.environ.get(STASH_ENV, "").strip()
+    try:
+        budget = int(text) if text else STASH_BYTES_PER_ATOM
+    except ValueError:
+        budget = 0
     if budget < 1:
-        raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {budget}")
+        raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
     per_target = kslots * (2 * h + max(2 * h, g)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))

@@ -363,6 +363,21 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
         assert torch.equal(first[name], second[name]), name
 
 
+def test_stash_budget_from_the_environment(monkeypatch):
+    from e2f.attention.triton import function as F
+
+    per_target = 32 * (2 * 128 + max(2 * 128, 128)) * 4  # the paper sizes: 64 KB a target
+    monkeypatch.delenv(F.STASH_ENV, raising=False)
+    assert F.triton_cdiv(65536, F._stash_chunk(65536, 32, 128, 128)) == F.triton_cdiv(per_target,
+                                                                                      F.STASH_BYTES_PER_ATOM)
+    monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
+    assert F._stash_chunk(65536, 32, 128, 128) == 65536
+    for bad in ("0", "-5", "6KB"):
+        monkeypatch.setenv(F.STASH_ENV, bad)
+        with pytest.raises(ValueError, match="E2F_TRITON_STASH_BYTES"):
+            F._stash_chunk(65536, 32, 128, 128)
+
+
 def test_transposed_edges_per_target_chunk():
     from e2f.attention.triton.function import _transposed
 
