@@ -363,6 +363,11 @@ STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
+def _gate_stash_width(h: int, g: int) -> int:
+    """Numbers a ``gate_edge`` row holds: ``dg``, ``du`` (2 H), later ``dpre`` (G) over them."""
+    return max(2 * h, g)
+
+
 def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
     """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
     text = os.environ.get(STASH_ENV, "").strip()
@@ -372,7 +377,7 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
         budget = 0
     if budget < 1:
         raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
-    per_target = kslots * (2 * h + max(2 * h, g)) * 4
+    per_target = kslots * (2 * h + _gate_stash_width(h, g)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
 
@@ -416,8 +421,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     chunk = _stash_chunk(n, kslots, h, g)
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
-    sw = max(2 * h, g)
-    gate_edge = torch.empty(chunk * kslots, sw, **f32)  # dg, du; then dpre
+    sw = _gate_stash_width(h, g)
+    gate_edge = torch.empty(chunk * kslots, sw, **f32)
     rowptr, edge_ids = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff = float(gamma), float(cutoff)

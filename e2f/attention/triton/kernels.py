@@ -95,15 +95,22 @@ def _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma
 
 
 @triton.jit
-def _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP: tl.constexpr, PREC: tl.constexpr):
-    """g and u ([E, HC]) for the heads offs_h, with the w_out column tiles used."""
+def _out_weights(w_out, offs_h, hmask, H, G, GP: tl.constexpr):
+    """The ``[GP, HC]`` column tiles of the gate output layer for the heads offs_h: g's, u's."""
     offs_g = tl.arange(0, GP)
     wmask = (offs_g < G)[:, None] & hmask[None, :]
     wg = tl.load(w_out + offs_g[:, None] * (2 * H) + offs_h[None, :], mask=wmask, other=0.0)
     wu = tl.load(w_out + offs_g[:, None] * (2 * H) + H + offs_h[None, :], mask=wmask, other=0.0)
+    return wg, wu
+
+
+@triton.jit
+def _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP: tl.constexpr, PREC: tl.constexpr):
+    """g and u ([E, HC]) for the heads offs_h."""
+    wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
     g = tl.dot(hid, wg, input_precision=PREC) + tl.load(b_out + offs_h, mask=hmask, other=0.0)[None, :]
     u = tl.dot(hid, wu, input_precision=PREC) + tl.load(b_out + H + offs_h, mask=hmask, other=0.0)[None, :]
-    return g, u, wg, wu
+    return g, u
 
 
 @triton.jit
@@ -322,7 +329,7 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
-        g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
         qk = _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, TB, BK)
         lv = live[:, None] & hmask[None, :]
         # [TB, BK, HC]: each target's softmax reduces over its own BK slots
@@ -403,7 +410,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
-        g, u, wg, wu = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
         hk = offs_h[:, None] * DK + offs_k[None, :]
         qm = hmask[:, None] & kmask[None, :]
         qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
@@ -466,12 +473,12 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
         first = (part + it * NPROG) * TB
         local = first + r // BK  # the row's target within the chunk
         i = T0 + local
-        j = tl.load(nbr + i * K + slot, mask=slot < tl.where(local < NT, K, 0), other=-1)
+        has = slot < tl.where(local < NT, K, 0)  # a slot of a target of this chunk
+        j = tl.load(nbr + i * K + slot, mask=has, other=-1)
         ok = j >= 0
         src = _row_index(j, ok)
         tgt = _row_index(i, ok)
         row = local * K + slot
-        has = slot < tl.where(local < NT, K, 0)
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
         pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
         sig = tl.sigmoid(pre)
@@ -485,8 +492,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
             dg = tl.load(gate_edge + gu, mask=em, other=0.0)
             du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
             wm = gmask[:, None] & hmask[None, :]
-            wg = tl.load(w_out + offs_g[:, None] * (2 * H) + offs_h[None, :], mask=wm, other=0.0)
-            wu = tl.load(w_out + offs_g[:, None] * (2 * H) + H + offs_h[None, :], mask=wm, other=0.0)
+            wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
             dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
             dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
             pg = dwo_part + part * (G * 2 * H) + offs_g[:, None] * (2 * H) + offs_h[None, :]
@@ -528,6 +534,15 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
         tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
 
 
+@triton.jit
+def _in_edges(edge_ids, start, c0, count, K, BKS: tl.constexpr):
+    """In-edges ``c0 .. c0 + BKS - 1`` of a source's list ``edge_ids[start .. start + count]``:
+    the valid mask, the edge ids ``i K + slot`` and the targets ``i`` (0 where not valid)."""
+    ok = (c0 + tl.arange(0, BKS)) < count
+    eid = tl.load(edge_ids + start + c0 + tl.arange(0, BKS), mask=ok, other=0)
+    return ok, eid, _row_index(eid // K, ok)
+
+
 @triton.jit(do_not_specialize=["M", "C", "NC", "T0"])
 def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr, edge_ids,
                       dk, dv, dgate_src, dpos_src,
@@ -540,7 +555,6 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate
     j = tl.program_id(0).to(tl.int64)
     start = tl.load(rowptr + j * NC + C)
     count = tl.load(rowptr + j * NC + C + 1) - start
-    slot = tl.arange(0, BKS)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
     offs_k = tl.arange(0, DKP)
@@ -551,9 +565,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate
         acc_k = tl.zeros([HC, DKP], dtype=tl.float32)
         acc_v = tl.zeros([HC, DVP], dtype=tl.float32)
         for c0 in range(0, count, BKS):
-            ok = (c0 + slot) < count
-            eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0)
-            tgt = _row_index(eid // K, ok)
+            ok, eid, tgt = _in_edges(edge_ids, start, c0, count, K, BKS)
             em = ok[:, None] & hmask[None, :]
             stash = (eid - E0)[:, None] * H + offs_h[None, :]
             w = tl.load(w_edge + stash, mask=em, other=0.0)
@@ -574,9 +586,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate
     fy = fx
     fz = fx
     for c0 in range(0, count, BKS):
-        ok = (c0 + slot) < count
-        eid = tl.load(edge_ids + start + c0 + slot, mask=ok, other=0)
-        tgt = _row_index(eid // K, ok)
+        ok, eid, tgt = _in_edges(edge_ids, start, c0, count, K, BKS)
         dgs += tl.sum(tl.load(gate_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
                               mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
