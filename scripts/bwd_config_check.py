@@ -1,15 +1,15 @@
 """Every backward-kernel configuration of the fused core, one process each, against ``chunked``.
 
 An illegal memory access poisons the CUDA context for the rest of a process, so each
-(neighbour cap K, configurations of the target pass, the gate backward and the source pass,
-MMA v3 allowed or not) runs in a child process; the parent records what each one did::
+(neighbour cap K, configurations of the five backward kernels, MMA v3 allowed or not) runs in
+a child process; the parent records what each one did::
 
-    PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048]
+    PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048] [--roles gate wout]
 
 Each child runs the forward (first configuration) and the backward with exactly one
 configuration of each backward kernel from ``e2f.attention.triton.function._bwd_candidates``:
-every target-pass one with the first of the others, then every gate-backward one, then every
-source-pass one; as the last case of each K, the library's own autotuned choice. On the paper
+every candidate of each role in ``--roles`` (default: all) with the first of the others; as
+the last case of each K, the library's own autotuned choice (the first call tunes). On the paper
 sizes (padded value rows; IEEE fp32 products, or TF32 with ``--tf32``: the two compile to
 different kernels, only TF32 ones use tensor cores) it compares ``out`` and every gradient with
 the ``chunked`` backend. ``--no-mma-v3`` adds a child of the first configurations with
@@ -26,7 +26,10 @@ import sys
 import time
 
 
-def child(k: int, n: int, tgt_index: int, gate_index: int, src_index: int, tf32: int) -> dict:
+ROLES = ("target", "gate", "source", "wout", "wradial")
+
+
+def child(k: int, n: int, indices: list, tf32: int) -> dict:
     import torch
     import triton
 
@@ -36,12 +39,9 @@ def child(k: int, n: int, tgt_index: int, gate_index: int, src_index: int, tf32:
     from e2f.attention.workload import random_core_inputs
 
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    if tgt_index >= 0:  # one configuration each; otherwise the library's autotuned kernels
-        chosen = {}
-        for name, kernel, candidates, index in zip(("target", "gate", "source"),
-                                                   (K.bwd_target_kernel, K.bwd_gate_kernel, K.bwd_source_kernel),
-                                                   F._bwd_candidates(), (tgt_index, gate_index, src_index)):
-            chosen[name] = F._autotuned(kernel, [candidates[index]])
+    if min(indices) >= 0:  # one configuration each; otherwise the library's autotuned kernels
+        candidates = F._bwd_candidates()
+        chosen = {role: F.backward_role(role, [candidates[role][index]]) for role, index in zip(ROLES, indices)}
         chosen["fwd"] = {True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])}
         F._configs = lambda bucket=0: chosen
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
@@ -71,32 +71,36 @@ def main():
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--no-mma-v3", action="store_true", help="also run the default pair with DISABLE_MMA_V3=1")
     ap.add_argument("--tf32", action="store_true", help="TF32 gate products (the library's GPU default)")
-    ap.add_argument("--child", nargs=6, type=int, metavar=("K", "N", "TGT", "GATE", "SRC", "TF32"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--roles", nargs="*", choices=ROLES, default=list(ROLES),
+                    help="kernels whose every candidate gets a child (the others: first candidate)")
+    ap.add_argument("--child", nargs=3 + len(ROLES), type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        k, n, *indices, tf32 = args.child
+        print("RESULT " + json.dumps(child(k, n, indices, tf32)), flush=True)
         return
     from e2f.attention.triton.function import _bwd_candidates
     from suites.core.env import git_state
 
-    n_tgt, n_gate, n_src = (len(c) for c in _bwd_candidates())
-    cases = [(t, 0, 0, False) for t in range(n_tgt)] + [(0, g, 0, False) for g in range(1, n_gate)]
-    cases += [(0, 0, s, False) for s in range(1, n_src)]
-    cases += [(0, 0, 0, True)] if args.no_mma_v3 else []
-    cases += [(-1, -1, -1, False)]
+    counts = {role: len(c) for role, c in _bwd_candidates().items()}
+    first = [0] * len(ROLES)
+    cases = [(first, False)]
+    for r, role in enumerate(ROLES):
+        if role in args.roles:
+            cases += [(first[:r] + [i] + first[r + 1:], False) for i in range(1, counts[role])]
+    cases += [(first, True)] if args.no_mma_v3 else []
+    cases += [([-1] * len(ROLES), False)]
     commit, dirty = git_state()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bwd-config-check.jsonl")
     for k in args.k:
-        for t, g, s, no_v3 in cases:
+        for indices, no_v3 in cases:
             env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", **({"DISABLE_MMA_V3": "1"} if no_v3 else {})}
             start = time.time()
-            argv = [sys.executable, __file__, "--child", str(k), str(args.n), str(t), str(g), str(s),
-                    str(int(args.tf32))]
+            argv = [sys.executable, __file__, "--child", str(k), str(args.n), *map(str, indices), str(int(args.tf32))]
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
             found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            record = {"k": k, "n": args.n, "target_index": t, "gate_index": g, "source_index": s,
+            record = {"k": k, "n": args.n, **{f"{role}_index": i for role, i in zip(ROLES, indices)},
                       "disable_mma_v3": no_v3,
                       "tf32": args.tf32, "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%d"),
                       "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
@@ -107,7 +111,7 @@ def main():
                 record["illegal_address"] = "illegal memory access" in proc.stderr
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"K={k} tgt={t} gate={g} src={s} no_mma_v3={no_v3}: rc={proc.returncode} "
+            print(f"K={k} {dict(zip(ROLES, indices))} no_mma_v3={no_v3}: rc={proc.returncode} "
                   f"max_rel={record.get('max_rel')} error={record.get('error')}", flush=True)
 
 

@@ -179,6 +179,23 @@ def test_backward_is_bitwise_deterministic():
     assert_backward_bitwise_reproducible(make_inputs(10, 12, 6, seed=13), seed=2)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner benchmarks candidates only on a GPU")
+def test_backward_while_autotuning(monkeypatch):
+    # the autotuner runs every candidate several times on the first chunk: the gate backward
+    # overwrites the stash rows it reads and adds into dd, others add into their outputs, so
+    # the launch after tuning must find its inputs as they were (restore_value, reset_to_zero)
+    from e2f.attention.triton import function as F
+
+    monkeypatch.setattr(F, "_kernels", {})  # fresh autotuners: the first call below tunes
+    monkeypatch.setenv("E2F_TRITON_AUTOTUNE", "1")
+    n, kslots, h, g = 40, 8, 4, 16
+    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + max(2 * h, g)) * 4 // 3 + 1)
+    inp = make_inputs(n, 44, kslots, h=h, g=g, r=16, empty_rows=(5,), seed=43)
+    compare(inp, 1e-5)
+    assert last_config()["backward_chunks"] == 3 and "tuning_ms" in last_config()["bwd_gate"]
+    assert_backward_bitwise_reproducible(inp, seed=3)
+
+
 @pytest.mark.parametrize("twin", ["chunked", "materialized", "auto"])
 def test_double_backward_routes_through_the_twin(twin, monkeypatch):
     monkeypatch.setenv("E2F_TRITON_TWIN", twin)
@@ -319,29 +336,32 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("backward_pass", ["target", "gate", "source"])
+@pytest.mark.parametrize("backward_pass", ["target", "gate", "source", "wout", "wradial"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: a target pass
-    # with 8-head chunks, a gate backward with two targets a tile, and a source pass with
-    # 8-head chunks and in-edge steps of 4
+    # with 8-head chunks, a gate backward with two targets a tile, a source pass with 8-head
+    # chunks and in-edge steps of 4, weight-gradient launches with 32-row steps and 32 output
+    # columns a program (several output tiles, the last one partial)
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
-    from e2f.attention.triton import kernels as K
 
-    chosen_cfg = {"target": (K.bwd_target_kernel, F._cfg(8, 16, 4), {"HC": 8}),
-                  "gate": (K.bwd_gate_kernel, F._cfg(16, 16, 4, TB=2), {"TB": 2}),
-                  "source": (K.bwd_source_kernel, F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4})}
-    kernel, cfg, expected = chosen_cfg[backward_pass]
+    chosen_cfg = {"target": (F._cfg(8, 16, 4), {"HC": 8}),
+                  "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
+                  "source": (F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4}),
+                  "wout": (F._weight_cfg(32, 32, 4, rc=16), {"BE": 32, "CT": 32}),
+                  "wradial": (F._weight_cfg(32, 32, 4, rc=16), {"BE": 32, "CT": 32})}
+    cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs())
-    tuned[backward_pass] = F._autotuned(kernel, [cfg])
+    tuned[backward_pass] = F.backward_role(backward_pass, [cfg])
     monkeypatch.setattr(F, "_configs", lambda bucket=0: tuned)
-    # H = 19: a full and a partial head chunk; 13 targets: the last two-target tile of the gate
-    # backward has one
-    inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
+    # H = 19: a full and a partial head chunk (and 2 H = 38: two 32-column tiles); R = 40 radial
+    # functions; 13 targets: the last two-target tile of the gate backward has one
+    inp = make_inputs(13, 17, 6, h=19, r=40, empty_rows=(2, 11), seed=37)
     if padded:
         inp = get_backend("triton").prepare(inp)
     compare(inp, 1e-5)
-    chosen = last_config()["bwd_" + backward_pass]
+    name = {"wout": "weight_out", "wradial": "weight_radial"}.get(backward_pass, backward_pass)
+    chosen = last_config()["bwd_" + name]
     assert {key: chosen[key] for key in expected} == expected
 
 
@@ -382,10 +402,14 @@ def test_transposed_edges_per_target_chunk():
     from e2f.attention.triton.function import _transposed
 
     nbr = torch.tensor([[1, 2, -1], [0, 2, 3], [3, -1, -1], [0, 1, 2]])
-    rowptr, edge_ids = _transposed(nbr, 4, 2)  # chunks: targets {0, 1} and {2, 3}
-    pairs = {(j, c): edge_ids[rowptr[2 * j + c]:rowptr[2 * j + c + 1]].tolist() for j in range(4) for c in range(2)}
-    assert pairs == {(0, 0): [3], (0, 1): [9], (1, 0): [0], (1, 1): [10], (2, 0): [1, 4], (2, 1): [11],
-                     (3, 0): [5], (3, 1): [6]}
+    nbr = torch.cat([nbr, torch.full((2, 3), -1)])  # and a chunk without edges: targets {4, 5}
+    rowptr, edge_ids, active, active_ptr = _transposed(nbr, 5, 2)  # chunks: targets {0, 1}, {2, 3}, {4, 5}
+    pairs = {(j, c): edge_ids[rowptr[3 * j + c]:rowptr[3 * j + c + 1]].tolist() for j in range(5) for c in range(3)}
+    assert pairs == {(0, 0): [3], (0, 1): [9], (0, 2): [], (1, 0): [0], (1, 1): [10], (1, 2): [],
+                     (2, 0): [1, 4], (2, 1): [11], (2, 2): [], (3, 0): [5], (3, 1): [6], (3, 2): [],
+                     (4, 0): [], (4, 1): [], (4, 2): []}
+    # the source pass's programs: the sources with in-edges from each chunk, in order
+    assert active_ptr == [0, 4, 8, 8] and active.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
 # Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
