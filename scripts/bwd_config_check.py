@@ -1,10 +1,10 @@
 """Every backward-kernel configuration of the fused core, one process each, against ``chunked``.
 
 An illegal memory access poisons the CUDA context for the rest of a process, so each
-(neighbour cap K, configurations of the five backward kernels, MMA v3 allowed or not) runs in
+(neighbour cap K, configurations of the three backward kernels, MMA v3 allowed or not) runs in
 a child process; the parent records what each one did::
 
-    PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048] [--roles gate wout]
+    PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048] [--roles gate source]
 
 Each child runs the forward (first configuration) and the backward with exactly one
 configuration of each backward kernel from ``e2f.attention.triton.function._bwd_candidates``:
@@ -26,7 +26,7 @@ import sys
 import time
 
 
-ROLES = ("target", "gate", "source", "wout", "wradial")
+ROLES = ("target", "gate", "source")
 
 
 def child(k: int, n: int, indices: list, tf32: int) -> dict:

@@ -7,11 +7,10 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
-passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate``, ``kernel=source``,
-``kernel=wout`` or ``kernel=wradial`` for a backward kernel (its meta-parameters given as
-``KEY=INT``: ``HC``, ``RC`` for the target pass, ``HC``, ``RC``, ``TB`` for the gate backward,
-``HC``, ``BKS`` for the source pass, ``BE``, ``CT``, ``RC`` for the two weight-gradient
-launches, and ``num_warps``, ``maxnreg``; defaults in ``parse_config``). Shapes are the paper
+passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate`` or ``kernel=source``
+for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC`` for the target
+pass, ``HC``, ``RC``, ``TB`` for the gate backward, ``HC``, ``BKS`` for the source pass,
+and ``num_warps``, ``maxnreg``; 16 / 32 heads and RBFs, 8 warps otherwise). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
@@ -38,11 +37,11 @@ from triton.compiler import ASTSource  # noqa: E402
 from e2f.attention.triton import kernels  # noqa: E402
 from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
 
-SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=256, NCOL=256, L=1489, T0=0, NT=2048, A0=0, C=0, NC=11)
+SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=256, NPROG=264, T0=0, NT=2048, A0=0, C=0, NC=11)
 # row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
-UNSPECIALISED = ("N", "T0", "NT", "L", "A0", "C", "NC")
+UNSPECIALISED = ("N", "NPROG", "T0", "NT", "A0", "C", "NC")
 KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
-           "source": "bwd_source_kernel", "wout": "bwd_weight_kernel", "wradial": "bwd_weight_kernel"}
+           "source": "bwd_source_kernel"}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
@@ -59,7 +58,7 @@ def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0, kernel: 
     the library passes)."""
     fn = getattr(kernels, KERNELS[kernel])
     signature, attrs = {}, {}
-    constants = {**PADDED, "PREC": "tf32", "VS": vs, "RADIAL": kernel == "wradial", **config.kwargs}
+    constants = {**PADDED, "PREC": "tf32", "VS": vs, **config.kwargs}
     for index, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
@@ -111,9 +110,7 @@ def parse_config(text: str):
     if kernel == "fwd":
         config = parse_fwd_config(",".join(rest))
     else:
-        meta = {"source": {"HC": 16, "BKS": 16, "num_warps": 4},
-                "wout": {"BE": 64, "CT": 128, "RC": 32, "num_warps": 8},
-                "wradial": {"BE": 64, "CT": 128, "RC": 32, "num_warps": 4}}.get(kernel, {"HC": 16, "RC": 32, "num_warps": 8})
+        meta = {"HC": 16, "BKS": 16, "num_warps": 4} if kernel == "source" else {"HC": 16, "RC": 32, "num_warps": 8}
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
         warps, maxnreg = meta.pop("num_warps"), meta.pop("maxnreg", None)
         config = Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)

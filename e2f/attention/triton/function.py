@@ -7,9 +7,8 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
 ``check(inp) -> None``
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
-    The configurations the autotuner chose for the six kernels (``fwd``, ``bwd_target``,
-    ``bwd_weight_out``, ``bwd_gate``, ``bwd_weight_radial``, ``bwd_source``; the last shapes
-    run: meta-parameters and warps, the
+    The configurations the autotuner chose for the four kernels (``fwd``, ``bwd_target``,
+    ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the
     autotuner's timings when it benchmarked, for the forward also the registers and spills the
     GPU driver reports), the number of target chunks of the last backward, and the gate-MLP
     matmul precision used; the suites record it.
@@ -168,20 +167,11 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
 
 
-def _weight_cfg(be, ct, warps, rc=32):
-    """A weight-gradient configuration: ``BE`` stash rows a step, ``CT`` output columns (rows
-    of the radial layer's gradient) a program, ``RC`` radial functions a product."""
-    import triton
-
-    return triton.Config({"BE": be, "CT": ct, "RC": rc}, num_warps=warps, num_stages=1)
-
-
 def _bwd_candidates() -> dict:
-    """Configurations of the backward kernels (``target``, ``gate``, ``source``, ``wout``,
-    ``wradial``: the two weight-gradient launches), the defaults first."""
+    """Configurations of the backward kernels by role (``target``, ``gate``, ``source``), the
+    defaults first."""
     if _interpreting():
-        return {"target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(16, 16, 4)],
-                "wout": [_weight_cfg(16, 16, 4, rc=16)], "wradial": [_weight_cfg(16, 16, 4)]}
+        return {"target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(16, 16, 4)]}
     # Tuned on an H100 (fp32, TF32 products, N = 65,536, one chunk of 1/14 of the targets; ms):
     # target pass 1.83 at 4 warps (255 registers, 264 B spilled a thread), 2.02 with HC=8,
     # 2.55 at 8 warps (16 B spilled); gate backward 1.98 at 4 warps, 1.99 with two targets a
@@ -191,9 +181,7 @@ def _bwd_candidates() -> dict:
     # they replaced faulted there with 8 warps, perf-notes section 11).
     return {"target": [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
-            "source": [_src_cfg(16, 8, 4), _src_cfg(16, 4, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4)],
-            "wout": [_weight_cfg(32, 128, 8), _weight_cfg(64, 128, 8), _weight_cfg(32, 64, 4)],
-            "wradial": [_weight_cfg(32, 128, 8), _weight_cfg(32, 64, 4), _weight_cfg(16, 64, 4)]}
+            "source": [_src_cfg(16, 8, 4), _src_cfg(16, 4, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4)]}
 
 
 def parse_fwd_config(text: str):
@@ -254,26 +242,18 @@ def size_bucket(n_rows: int) -> int:
     return max(0, (max(int(n_rows), 1) - 1).bit_length() - 12 + 1) // 2
 
 
-#: Backward kernels by role: the raw kernel, and the buffers the autotuner must reset
-#: (``reset_to_zero``: sums a launch adds into, zero at the first chunk, when tuning happens)
-#: or restore (``restore_value``: read and then overwritten) around every trial, so that the
-#: launch after tuning sees what an untuned one would.
-_BACKWARD = {"target": ("bwd_target_kernel", {}),
-             "wout": ("bwd_weight_kernel", {"reset_to_zero": ["part", "bias_part"]}),
-             "gate": ("bwd_gate_kernel", {"restore_value": ["gate_edge", "dd_edge"]}),
-             "wradial": ("bwd_weight_kernel", {"reset_to_zero": ["part"]}),
-             "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dv", "dgate_src", "dpos_src"]})}
-
-
 def _configs(bucket: int = 0) -> dict:
     """Autotuned kernels of one ``size_bucket`` (built once each; the interpreter gets a single
-    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, and the backward's
-    by role (``_BACKWARD``)."""
+    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, ``target``, ``gate``,
+    ``source``."""
     if bucket in _kernels:
         return _kernels[bucket]
     from e2f.attention.triton import kernels as K
 
     first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"  # quick runs
+
+    def tuned(kernel, cfgs):
+        return _autotuned(kernel, cfgs[:1] if first_only else cfgs)
 
     def tuned(kernel, cfgs, **buffers):
         return _autotuned(kernel, cfgs[:1] if first_only else cfgs, **buffers)
@@ -286,6 +266,18 @@ def _configs(bucket: int = 0) -> dict:
     return _kernels[bucket]
 
 
+#: Backward kernels by role, with the buffers the autotuner must reset (``reset_to_zero``:
+#: sums a launch adds into, chunk after chunk; they are zero at the first chunk, where tuning
+#: happens) or restore (``restore_value``: read and then overwritten: the gate backward writes
+#: ``dpre`` over the ``dg``, ``du`` it reads and adds into ``dd``) around every trial, so the
+#: launch after tuning finds its inputs as an untuned one would. Without the restore, the
+#: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
+_BACKWARD = {"target": ("bwd_target_kernel", {}),
+             "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dwr_part", "dwo_part", "db_part", "dc_part"],
+                                          "restore_value": ["gate_edge", "dd_edge"]}),
+             "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dv", "dgate_src", "dpos_src"]})}
+
+
 def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
     """``kernel`` autotuned over ``cfgs`` on ``_KEY``, the named buffers reset or restored
     around every trial (``_BACKWARD``)."""
@@ -296,8 +288,9 @@ def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
 
 
 def backward_role(role: str, cfgs: list):
-    """The backward kernel of ``role`` (``_BACKWARD``) autotuned over ``cfgs`` alone, with its
-    buffers reset or restored around trials (experiments and tests that pick configurations)."""
+    """The backward kernel of ``role`` (``"target"``, ``"gate"``, ``"source"``) autotuned over
+    ``cfgs`` alone, its buffers reset or restored around trials as the library's (experiments
+    and tests that pick configurations)."""
     from e2f.attention.triton import kernels as K
 
     name, buffers = _BACKWARD[role]
@@ -363,10 +356,10 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
     """In-edges of every source slot, per chunk of ``targets_per_chunk`` targets.
 
     Returns CSR row pointers over (source, chunk) pairs (``rowptr[j * chunks + c]``), the flat
-    edge ids ``i * K + slot`` in increasing order within a pair (deterministic), the sources
-    with in-edges from each chunk (``active[active_ptr[c]:active_ptr[c + 1]]``, increasing)
-    and ``active_ptr`` as a list of ints (the source pass launches one program per active
-    source: one host sync a backward).
+    edge ids ``i * K + slot`` in increasing order within a pair (deterministic), and the
+    sources with in-edges from each chunk, ``active[active_ptr[c]:active_ptr[c + 1]]`` in
+    increasing order (``active_ptr`` a list of ints: the source pass launches a program for
+    each of them only).
     """
     n, kslots = nbr.shape
     chunks = triton_cdiv(n, targets_per_chunk)
@@ -377,18 +370,14 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
     edge_ids = eids[order].contiguous()
     rowptr = torch.searchsorted(pair[order].contiguous(),
                                 torch.arange(m * chunks + 1, device=nbr.device, dtype=torch.int64))
-    pairs = torch.unique(pair)
-    by_chunk = (pairs % chunks) * m + pairs // chunks
-    by_chunk = torch.sort(by_chunk).values
-    counts = torch.bincount(by_chunk // m, minlength=chunks)
-    active_ptr = [0] + torch.cumsum(counts, 0).tolist()
-    return rowptr.contiguous(), edge_ids.to(torch.int64), (by_chunk % m).to(torch.int32).contiguous(), active_ptr
+    has = (rowptr[1:] > rowptr[:-1]).reshape(m, chunks).t()  # [chunk, source]
+    active = torch.nonzero(has.reshape(-1)).reshape(-1) % m  # chunk by chunk, sources increasing
+    active_ptr = [0] + torch.cumsum(has.sum(1), 0).tolist()
+    return rowptr.contiguous(), edge_ids.to(torch.int64), active.to(torch.int32).contiguous(), active_ptr
 
 
-#: Targets per split of the weight-gradient kernels below one split per SM: each split owns
-#: partial sums of the gate weights' gradients (R G + 2 H G + 2 H floats, 257 KB at the paper
-#: sizes), so at small N this keeps them under ~8 KB per atom.
-TARGETS_PER_SPLIT = 32
+#: Targets per program of the persistent gate backward below two programs per SM.
+TARGETS_PER_PROGRAM = 32
 #: The target pass stashes, per edge and head, the softmax weight, the logit gradient and the
 #: gradients of the two gate outputs; the gate backward replaces the last two by the gate
 #: pre-activation gradient (``2 H + max(2 H, G)`` floats an edge: 2 KB at the paper sizes). The
@@ -418,40 +407,43 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
     return max(1, triton_cdiv(n_rows, chunks))
 
 
-def _weight_splits(device: torch.device, n_rows: int) -> int:
-    """Splits of the weight-gradient kernels' sum over edges: one per SM (each launch has
-    one program per split and output tile: two tiles at the paper sizes, two programs an SM),
-    and at small N one per ``TARGETS_PER_SPLIT`` targets."""
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the persistent gate backward: two per SM, and at small N one
+    per ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G +
+    2 H G + 2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One
+    per 64 targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a
+    call with IEEE gate products, on an H200."""
     if _interpreting():
         return max(1, min(3, n_rows))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms, triton_cdiv(n_rows, TARGETS_PER_SPLIT)))
+    return max(1, min(2 * sms, triton_cdiv(n_rows, TARGETS_PER_PROGRAM)))
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
     d = _dims(t)
     dev = t["q"].device
     f32 = dict(device=dev, dtype=torch.float32)
-    n, mm, h, kslots, g, r = d["N"], d["M"], d["H"], d["K"], d["G"], d["R"]
+    n, mm, h, kslots, g = d["N"], d["M"], d["H"], d["K"], d["G"]
     grads = {
         "q": torch.zeros(n, h, d["DK"], **f32), "k": torch.zeros(mm, h, d["DK"], **f32),
         "v": torch.zeros(mm, h, d["DV"], **f32), "gate_dst": torch.zeros(n, g, **f32),
         "gate_src": torch.zeros(mm, g, **f32), "pos_dst": torch.zeros(n, 3, **f32),
-        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(r, g, **f32),
+        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(d["R"], g, **f32),
         "w_out": torch.zeros(g, 2 * h, **f32), "b_out": torch.zeros(2 * h, **f32),
-        "rbf_centers": torch.zeros(r, **f32),
+        "rbf_centers": torch.zeros(d["R"], **f32),
     }
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n))
+    tgt, gate, src = kern["target"], kern["gate"], kern["source"]
     prec = _gate_precision()
-    splits = _weight_splits(dev, n)
-    dwr_part = torch.zeros(splits, r, g, **f32)
-    dwo_part = torch.zeros(splits, g, 2 * h, **f32)
-    db_part = torch.zeros(splits, 2 * h, **f32)
+    nprog = _num_programs(dev, n)
+    dwr_part = torch.zeros(nprog, d["R"], g, **f32)
+    dwo_part = torch.zeros(nprog, g, 2 * h, **f32)
+    db_part = torch.zeros(nprog, 2 * h, **f32)
+    dc_part = torch.zeros(nprog, d["R"], **f32)
     dd_edge = torch.empty(n * kslots, **f32)
     chunk = _stash_chunk(n, kslots, h, g)
-    dc_part = torch.empty(chunk, r, **f32)  # a row per gate-backward tile
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
     sw = _gate_stash_width(h, g)
@@ -459,42 +451,33 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff = float(gamma), float(cutoff)
-    geometry = (t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"], t["w_radial"])
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
-        split_rows = triton_cdiv(nt * kslots, splits)
-        kern["target"][(nt,)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
-            grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
-            t0, kslots, h, g, r, sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
-            DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
-        # the gate output layer's gradients read dg, du before the gate backward overwrites them
-        kern["wout"][lambda meta: (splits, triton_cdiv(2 * h, meta["CT"]))](
-            *geometry, gate_edge, dwo_part, db_part, t0, nt, kslots, g, r, sw, 2 * h, split_rows, gamma, cutoff,
-            GP=d["GP"], PREC=prec, RADIAL=False)
-        dc_part.zero_()
-        kern["gate"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
-            *geometry, t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"], dc_part,
-            t0, nt, kslots, h, g, r, sw, gamma, cutoff, BK=d["BK"], GP=d["GP"], PREC=prec)
-        grads["rbf_centers"] += dc_part.sum(0)
-        kern["wradial"][lambda meta: (splits, triton_cdiv(r, meta["CT"]))](
-            *geometry, gate_edge, dwr_part, db_part, t0, nt, kslots, g, r, sw, r, split_rows, gamma, cutoff,
-            GP=d["GP"], PREC=prec, RADIAL=True)
+        tgt[(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+                   grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
+                   t0, kslots, h, g, d["R"], sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
+        gate[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
+                       t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
+                       dwr_part, dwo_part, db_part, dc_part,
+                       t0, nt, kslots, h, g, d["R"], sw, gamma, cutoff, nprog,
+                       BK=d["BK"], GP=d["GP"], PREC=prec)
         a0, a1 = active_ptr[c], active_ptr[c + 1]
         if a1 > a0:
-            kern["source"][(a1 - a0,)](
-                t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr, edge_ids,
-                active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                a0, kslots, h, g, sw, c, chunks, t0, cutoff,
-                DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
-    for role in ("target", "wout", "gate", "wradial", "source"):
-        _record("bwd_" + {"wout": "weight_out", "wradial": "weight_radial"}.get(role, role), kern[role])
+            src[(a1 - a0,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
+                            edge_ids, active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
+                            a0, kslots, h, g, sw, c, chunks, t0, cutoff,
+                            DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
+    _record("bwd_target", tgt)
+    _record("bwd_gate", gate)
+    _record("bwd_source", src)
     _last["backward_chunks"] = chunks
     grads["w_radial"] = dwr_part.sum(0)
     grads["w_out"] = dwo_part.sum(0)
     grads["b_out"] = db_part.sum(0)
+    grads["rbf_centers"] = dc_part.sum(0)
     return grads
 
 

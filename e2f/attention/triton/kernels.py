@@ -1,10 +1,10 @@
 """Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
 
-A forward kernel and four backward kernels (five launches a chunk). Every output row is
-written by exactly one program, and every sum over edges runs in a fixed order (bitwise
-reproducible, no atomics). The row counts and offsets (``N``, ``NT``, ``T0``, ``L``, ...) are
-not specialised on: a training run meets a new count with every batch, and
-divisibility-by-16 variants would recompile every autotune candidate.
+A forward kernel and three backward kernels. Every output row is written by exactly one
+program, and every sum over edges runs in a fixed order (bitwise reproducible, no atomics).
+The row counts and offsets (``N``, ``M``, ``NT``, ``T0``, ``NPROG``, ...) are not specialised
+on: a training run meets a new count with every batch, and divisibility-by-16 variants would
+recompile every autotune candidate.
 
 * ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
   neighbour slots, in one edge tile of ``TB * BK`` rows, so every target's softmax max is
@@ -18,29 +18,23 @@ divisibility-by-16 variants would recompile every autotune candidate.
   targets share many neighbours and the second gather of a row hits L1. Writes
   ``out [N, H, DV]`` and the per-target, per-head statistics ``m`` (max logit, sink 0
   included) and ``s`` (denominator, sink included).
-
-The backward runs the targets in chunks (``function.STASH_BYTES_PER_ATOM``); per chunk, the
-kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), in
-this order:
+The backward runs the targets in chunks (``function.STASH_BYTES_PER_ATOM``); per chunk, three
+kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``):
 
 * ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,
   softmax weights from the forward's ``m`` and ``s``), gathers ``v`` for ``dw = dout . v``,
   writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
   per edge and head the softmax weight ``w``, the logit gradient ``dqk`` and the gradients of
   the two gate outputs ``dg``, ``du`` (a ``gate_edge`` row of ``SW = max(2 H, G)`` numbers).
-* ``bwd_weight_kernel`` (``RADIAL=False``): the gate output layer's weight and bias
-  gradients, ``hid^T [dg | du]``, as a split-K product over the chunk's rows (the hidden
-  layer recomputed), added into per-split partial sums.
-* ``bwd_gate_kernel``: one tile of ``TB`` targets a program; the gate MLP's backward from
+* ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
   ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed in the same
   ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``,
-  so ``dpos_dst``, and the RBF centres' gradient as a row per tile).
-* ``bwd_weight_kernel`` (``RADIAL=True``): the radial layer's weight gradient ``rbf^T dpre``,
-  split-K as above.
+  so ``dpos_dst``), and per-program partial sums of the gate-weight gradients (reduced
+  afterwards in a fixed order).
 * ``bwd_source_kernel``: one source with in-edges from the chunk a program (the transposed
-  neighbour list, CSR by (source, chunk)), looping over them in steps of ``BKS``:
-  ``dv += w dout``, ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``;
-  nothing recomputed but the edge vectors.
+  neighbour list, CSR by (source, chunk)), looping over them in steps of ``BKS``: ``dv += w dout``,
+  ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``; nothing recomputed but the
+  edge vectors.
 
 Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
@@ -456,136 +450,88 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     tl.store(dd_edge + i * K + slot, dd, mask=slot < K)
 
 
-@triton.jit
-def _tile_edges(nbr, T0, NT, first, K, BK: tl.constexpr, TB: tl.constexpr):
-    """Edge rows of the ``TB`` targets ``first ..`` of a chunk (targets ``T0 ..``, ``NT`` of
-    them): the slot mask, the targets, the sources (0 where empty), the valid mask and the
-    stash rows ``local K + slot``."""
-    r = tl.arange(0, TB * BK)
-    slot = r % BK
-    local = first + r // BK
-    i = T0 + local
-    has = slot < tl.where(local < NT, K, 0)
-    j = tl.load(nbr + i * K + slot, mask=has, other=-1)
-    ok = j >= 0
-    return has, _row_index(i, ok), _row_index(j, ok), ok, local * K + slot
-
-
-@triton.jit(do_not_specialize=["T0", "NT"])
+@triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
 def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
-                    gate_edge, dd_edge, dgate_dst, dpos_dst, dc_part,
-                    T0, NT, K, H, G, R, SW, gamma, cutoff,
+                    gate_edge, dd_edge, dgate_dst, dpos_dst,
+                    dwr_part, dwo_part, db_part, dc_part,
+                    T0, NT, K, H, G, R, SW, gamma, cutoff, NPROG,
                     BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
                     TB: tl.constexpr = 1):
-    # one tile of TB targets (TB BK edge rows) a program: the gate MLP's backward from the
+    # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
     # stashed gate-output gradients (dg, du: the first 2 H numbers of a gate_edge row), whose
     # row then takes dpre (its first G numbers: every load of a row precedes the store, which
-    # depends on them). The weight gradients are bwd_weight_kernel's; the centres' gradient
-    # is this tile's dc_part row.
+    # depends on them); weight-gradient partial sums owned by each program
     E: tl.constexpr = TB * BK
-    tile = tl.program_id(0).to(tl.int64)
-    first = tile * TB
+    pid = tl.program_id(0)
+    part = pid.to(tl.int64)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
-    has, tgt, src, ok, row = _tile_edges(nbr, T0, NT, first, K, BK, TB)
-    dhid = tl.zeros([E, GP], dtype=tl.float32)
-    for h0 in range(0, H, HC):
-        offs_h = h0 + tl.arange(0, HC)
-        hmask = offs_h < H
-        em = has[:, None] & hmask[None, :]
-        gu = row[:, None] * SW + offs_h[None, :]
-        wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
-        dhid += tl.dot(tl.load(gate_edge + gu, mask=em, other=0.0), tl.trans(wg), input_precision=PREC)
-        dhid += tl.dot(tl.load(gate_edge + gu + H, mask=em, other=0.0), tl.trans(wu), input_precision=PREC)
-    # the forward's pre-activation, recomputed after the head loop (fewer live registers)
-    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
-    sig = tl.sigmoid(pre)
-    dpre = tl.where(ok[:, None], dhid * sig * (1.0 + pre * (1.0 - sig)), 0.0)
-    tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
-    rows_t = T0 + first + tl.arange(0, TB)
-    in_chunk = (first + tl.arange(0, TB)) < NT
-    tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
-             mask=in_chunk[:, None] & gmask[None, :])
-    # radial layer: d(loss)/d(distance) and the centres' gradient
-    ddist = tl.zeros([E], dtype=tl.float32)
-    for r0 in range(0, R, RC):
-        offs_r = r0 + tl.arange(0, RC)
-        rm = offs_r < R
-        c = tl.load(centers + offs_r, mask=rm, other=0.0)
-        diff = d_safe[:, None] - c[None, :]
-        rbf = tl.where(rm[None, :], tl.exp(-gamma * diff * diff), 0.0)
-        wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rm[:, None] & gmask[None, :], other=0.0)
-        drbf = tl.dot(dpre, tl.trans(wr), input_precision=PREC) * rbf * (-2.0 * gamma) * diff
-        drbf = tl.where(inside[:, None], drbf, 0.0)
-        ddist += tl.sum(drbf, axis=1)
-        tl.store(dc_part + tile * R + offs_r, -tl.sum(drbf, axis=0), mask=rm)
-    edge = T0 * K + row  # = i K + slot
-    ddist = tl.where(inside, ddist + tl.load(dd_edge + edge, mask=has, other=0.0), 0.0)
-    tl.store(dd_edge + edge, ddist, mask=has)
-    f = tl.reshape(ddist * inv_d, (TB, BK))
-    tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
-    tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
-    tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
-
-
-@triton.jit(do_not_specialize=["T0", "NT", "L"])
-def bwd_weight_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, gate_edge,
-                      part, bias_part,
-                      T0, NT, K, G, R, SW, NCOL, L, gamma, cutoff,
-                      BE: tl.constexpr, CT: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, RADIAL: tl.constexpr):
-    # split-K weight gradients over a chunk's stash rows: program (s, c) takes rows
-    # s L .. (s + 1) L - 1 (row = local target K + slot) and owns the partial part[s] (and
-    # bias_part[s]), added to chunk after chunk:
-    # RADIAL False (before the gate backward): part [S, G, 2 H] columns c CT .. +=
-    #   hid^T [dg | du], the hidden layer recomputed; bias_part [S, 2 H] += the column sums.
-    # RADIAL True (after it): part [S, R, G] rows c CT .. += rbf^T dpre.
-    s = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * CT + tl.arange(0, CT)
-    cmask = offs_c < NCOL
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
-    lo = s * L
-    hi = tl.minimum(lo + L, NT * K)
-    if RADIAL:
-        acc = tl.zeros([CT, GP], dtype=tl.float32)
-        c = tl.load(centers + offs_c, mask=cmask, other=0.0)
-    else:
-        acc = tl.zeros([GP, CT], dtype=tl.float32)
-        bias = tl.zeros([CT], dtype=tl.float32)
-    for r0 in range(lo, hi, BE):
-        row = r0 + tl.arange(0, BE)
-        has = row < hi
-        i = T0 + row // K
-        j = tl.load(nbr + i * K + row % K, mask=has, other=-1)
+    r = tl.arange(0, E)
+    slot = r % BK
+    tiles = (NT + TB - 1) // TB
+    for it in range(0, (tiles - pid + NPROG - 1) // NPROG):
+        first = (part + it * NPROG) * TB
+        local = first + r // BK  # the row's target within the chunk
+        i = T0 + local
+        has = slot < tl.where(local < NT, K, 0)  # a slot of a target of this chunk
+        j = tl.load(nbr + i * K + slot, mask=has, other=-1)
         ok = j >= 0
         src = _row_index(j, ok)
         tgt = _row_index(i, ok)
+        row = local * K + slot
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        if RADIAL:
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
+        sig = tl.sigmoid(pre)
+        hid = pre * sig
+        dhid = tl.zeros([E, GP], dtype=tl.float32)
+        for h0 in range(0, H, HC):
+            offs_h = h0 + tl.arange(0, HC)
+            hmask = offs_h < H
+            em = has[:, None] & hmask[None, :]
+            gu = row[:, None] * SW + offs_h[None, :]
+            dg = tl.load(gate_edge + gu, mask=em, other=0.0)
+            du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
+            wm = gmask[:, None] & hmask[None, :]
+            wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
+            dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
+            dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
+            pg = dwo_part + part * (G * 2 * H) + offs_g[:, None] * (2 * H) + offs_h[None, :]
+            tl.store(pg, tl.load(pg, mask=wm, other=0.0) + tl.dot(tl.trans(hid), dg, input_precision=PREC), mask=wm)
+            tl.store(pg + H, tl.load(pg + H, mask=wm, other=0.0) + tl.dot(tl.trans(hid), du, input_precision=PREC),
+                     mask=wm)
+            pb = db_part + part * (2 * H) + offs_h
+            tl.store(pb, tl.load(pb, mask=hmask, other=0.0) + tl.sum(dg, axis=0), mask=hmask)
+            tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + tl.sum(du, axis=0), mask=hmask)
+        dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
+        dpre = tl.where(ok[:, None], dpre, 0.0)
+        tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
+        rows_t = T0 + first + tl.arange(0, TB)
+        in_chunk = (first + tl.arange(0, TB)) < NT
+        tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
+                 mask=in_chunk[:, None] & gmask[None, :])
+        # radial layer: weight partials and d(loss)/d(distance)
+        ddist = tl.zeros([E], dtype=tl.float32)
+        for r0 in range(0, R, RC):
+            offs_r = r0 + tl.arange(0, RC)
+            rm = offs_r < R
+            c = tl.load(centers + offs_r, mask=rm, other=0.0)
             diff = d_safe[:, None] - c[None, :]
-            rbf = tl.where(cmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
-            dpre = tl.load(gate_edge + row[:, None] * SW + offs_g[None, :], mask=has[:, None] & gmask[None, :],
-                           other=0.0)
-            acc += tl.dot(tl.trans(rbf), dpre, input_precision=PREC)
-        else:
-            pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BE, RC, GP,
-                            PREC)
-            hid = pre * tl.sigmoid(pre)
-            dgu = tl.load(gate_edge + row[:, None] * SW + offs_c[None, :], mask=has[:, None] & cmask[None, :],
-                          other=0.0)
-            acc += tl.dot(tl.trans(hid), dgu, input_precision=PREC)
-            bias += tl.sum(dgu, axis=0)
-    if RADIAL:
-        p = part + s * (R * G) + offs_c[:, None] * G + offs_g[None, :]
-        pm = cmask[:, None] & gmask[None, :]
-    else:
-        p = part + s * (G * NCOL) + offs_g[:, None] * NCOL + offs_c[None, :]
-        pm = gmask[:, None] & cmask[None, :]
-        pb = bias_part + s * NCOL + offs_c
-        tl.store(pb, tl.load(pb, mask=cmask, other=0.0) + bias, mask=cmask)
-    tl.store(p, tl.load(p, mask=pm, other=0.0) + acc, mask=pm)
+            rbf = tl.where(rm[None, :], tl.exp(-gamma * diff * diff), 0.0)
+            wrm = rm[:, None] & gmask[None, :]
+            wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=wrm, other=0.0)
+            pr = dwr_part + part * (R * G) + offs_r[:, None] * G + offs_g[None, :]
+            tl.store(pr, tl.load(pr, mask=wrm, other=0.0) + tl.dot(tl.trans(rbf), dpre, input_precision=PREC), mask=wrm)
+            drbf = tl.dot(dpre, tl.trans(wr), input_precision=PREC) * rbf * (-2.0 * gamma) * diff
+            drbf = tl.where(inside[:, None], drbf, 0.0)
+            ddist += tl.sum(drbf, axis=1)
+            pc = dc_part + part * R + offs_r
+            tl.store(pc, tl.load(pc, mask=rm, other=0.0) - tl.sum(drbf, axis=0), mask=rm)
+        ddist = tl.where(inside, ddist + tl.load(dd_edge + i * K + slot, mask=has, other=0.0), 0.0)
+        tl.store(dd_edge + i * K + slot, ddist, mask=has)
+        f = tl.reshape(ddist * inv_d, (TB, BK))
+        tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
+        tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
+        tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
 
 
 @triton.jit

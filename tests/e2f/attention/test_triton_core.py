@@ -336,32 +336,28 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("backward_pass", ["target", "gate", "source", "wout", "wradial"])
+@pytest.mark.parametrize("backward_pass", ["target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: a target pass
-    # with 8-head chunks, a gate backward with two targets a tile, a source pass with 8-head
-    # chunks and in-edge steps of 4, weight-gradient launches with 32-row steps and 32 output
-    # columns a program (several output tiles, the last one partial)
+    # with 8-head chunks, a gate backward with two targets a tile, and a source pass with
+    # 8-head chunks and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
     chosen_cfg = {"target": (F._cfg(8, 16, 4), {"HC": 8}),
                   "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
-                  "source": (F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4}),
-                  "wout": (F._weight_cfg(32, 32, 4, rc=16), {"BE": 32, "CT": 32}),
-                  "wradial": (F._weight_cfg(32, 32, 4, rc=16), {"BE": 32, "CT": 32})}
+                  "source": (F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs())
     tuned[backward_pass] = F.backward_role(backward_pass, [cfg])
     monkeypatch.setattr(F, "_configs", lambda bucket=0: tuned)
-    # H = 19: a full and a partial head chunk (and 2 H = 38: two 32-column tiles); R = 40 radial
-    # functions; 13 targets: the last two-target tile of the gate backward has one
-    inp = make_inputs(13, 17, 6, h=19, r=40, empty_rows=(2, 11), seed=37)
+    # H = 19: a full and a partial head chunk; 13 targets: the last two-target tile of the gate
+    # backward has one
+    inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
     if padded:
         inp = get_backend("triton").prepare(inp)
     compare(inp, 1e-5)
-    name = {"wout": "weight_out", "wradial": "weight_radial"}.get(backward_pass, backward_pass)
-    chosen = last_config()["bwd_" + name]
+    chosen = last_config()["bwd_" + backward_pass]
     assert {key: chosen[key] for key in expected} == expected
 
 
