@@ -2,7 +2,7 @@
 
 A forward kernel and three backward kernels. Every output row is written by exactly one
 program, and every sum over edges runs in a fixed order (bitwise reproducible, no atomics).
-The row counts and offsets (``N``, ``M``, ``NT``, ``T0``, ``NPROG``, ...) are not specialised
+The row counts and offsets (``N``, ``NT``, ``T0``, ``A0``, ``NPROG``, ...) are not specialised
 on: a training run meets a new count with every batch, and divisibility-by-16 variants would
 recompile every autotune candidate.
 
