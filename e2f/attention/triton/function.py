@@ -25,8 +25,9 @@ Environment:
     regression gate). The forward has one candidate list for float32 q/k/v and one for
     16-bit q/k/v (``_fwd_candidates``), each with its own first configuration.
 ``E2F_TRITON_STASH_BYTES=6144``
-    The backward's per-edge stash, in bytes per atom (``STASH_BYTES_PER_ATOM``): targets run
-    in as many chunks as keep the stash within it.
+    The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
+    the stash within it. Unset: what the weight-gradient partials leave of
+    ``SCRATCH_BYTES_PER_ATOM``, at least ``STASH_BYTES_PER_ATOM``.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
@@ -382,8 +383,14 @@ TARGETS_PER_PROGRAM = 32
 #: gradients of the two gate outputs; the gate backward replaces the last two by the gate
 #: pre-activation gradient (``2 H + max(2 H, G)`` floats an edge: 2 KB at the paper sizes). The
 #: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
-#: run in chunks so that the stash holds at most this many bytes per atom (K = 32: 11 chunks);
-#: ``E2F_TRITON_STASH_BYTES`` overrides it (fewer chunks: fewer launches, more memory).
+#: run in chunks so that the stash stays within a budget per atom: what the gate backward's
+#: weight-gradient partials leave of ``SCRATCH_BYTES_PER_ATOM``, and at least
+#: ``STASH_BYTES_PER_ATOM``. Below ~8,500 atoms the partials (one program per 32 targets) take
+#: ~8 KB an atom and the stash 6 KB (K = 32: 11 chunks); above, the partials stop growing (two
+#: programs an SM) and the stash grows towards 14 KB (65,536 atoms: 5 chunks). The backward's
+#: bytes per atom then stay flat in N, and fewer chunks visit fewer halo sources in the source
+#: pass. ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
+SCRATCH_BYTES_PER_ATOM = 14 * 1024
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
@@ -393,18 +400,28 @@ def _gate_stash_width(h: int, g: int) -> int:
     return max(2 * h, g)
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int) -> int:
-    """Targets per chunk of the backward (``STASH_BYTES_PER_ATOM``)."""
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, *, partial_bytes: int) -> int:
+    """Targets per chunk of the backward, given the bytes of the weight-gradient partials
+    (``SCRATCH_BYTES_PER_ATOM``)."""
     text = os.environ.get(STASH_ENV, "").strip()
-    try:
-        budget = int(text) if text else STASH_BYTES_PER_ATOM
-    except ValueError:
-        budget = 0
-    if budget < 1:
-        raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
+    if text:
+        try:
+            budget = int(text)
+        except ValueError:
+            budget = 0
+        if budget < 1:
+            raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
+    else:
+        budget = max(STASH_BYTES_PER_ATOM, SCRATCH_BYTES_PER_ATOM - partial_bytes // max(1, n_rows))
     per_target = kslots * (2 * h + _gate_stash_width(h, g)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
+
+
+def _partial_bytes(programs: int, h: int, g: int, r: int) -> int:
+    """Bytes of the gate backward's weight-gradient partials (``R G + 2 H G + 2 H + R`` floats
+    a program)."""
+    return programs * (r * g + 2 * h * g + 2 * h + r) * 4
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
@@ -443,7 +460,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     db_part = torch.zeros(nprog, 2 * h, **f32)
     dc_part = torch.zeros(nprog, d["R"], **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk = _stash_chunk(n, kslots, h, g)
+    chunk = _stash_chunk(n, kslots, h, g, partial_bytes=_partial_bytes(nprog, h, g, d["R"]))
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
     sw = _gate_stash_width(h, g)

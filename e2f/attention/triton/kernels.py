@@ -18,7 +18,7 @@ recompile every autotune candidate.
   targets share many neighbours and the second gather of a row hits L1. Writes
   ``out [N, H, DV]`` and the per-target, per-head statistics ``m`` (max logit, sink 0
   included) and ``s`` (denominator, sink included).
-The backward runs the targets in chunks (``function.STASH_BYTES_PER_ATOM``); per chunk, three
+The backward runs the targets in chunks (``function._stash_chunk``); per chunk, three
 kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``):
 
 * ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,

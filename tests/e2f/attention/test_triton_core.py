@@ -189,6 +189,7 @@ def test_backward_while_autotuning(monkeypatch):
     monkeypatch.setattr(F, "_kernels", {})  # fresh autotuners: the first call below tunes
     monkeypatch.setenv("E2F_TRITON_AUTOTUNE", "1")
     n, kslots, h, g = 40, 8, 4, 16
+    monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + max(2 * h, g)) * 4 // 3 + 1)
     inp = make_inputs(n, 44, kslots, h=h, g=g, r=16, empty_rows=(5,), seed=43)
     compare(inp, 1e-5)
@@ -370,8 +371,9 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
 
     n, kslots, h, g = 13, 6, 3, 10
     per_target = kslots * (2 * h + max(2 * h, g)) * 4
+    monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g)
+    rows = F._stash_chunk(n, kslots, h, g, partial_bytes=0)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
     inp = make_inputs(n, 17, kslots, h=h, g=g, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
@@ -379,19 +381,29 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
-def test_stash_budget_from_the_environment(monkeypatch):
+def test_stash_budget(monkeypatch):
+    # the stash takes what the weight-gradient partials leave of the scratch budget, at least
+    # its minimum. Paper sizes (64 KB of stash a target, 264 KB of partials a program): below
+    # 8,448 atoms one program per 32 targets (~8 KB an atom: the minimum stash, 11 chunks), then
+    # 264 programs; E2F_TRITON_STASH_BYTES fixes the stash
     from e2f.attention.triton import function as F
 
-    per_target = 32 * (2 * 128 + max(2 * 128, 128)) * 4  # the paper sizes: 64 KB a target
     monkeypatch.delenv(F.STASH_ENV, raising=False)
-    assert F.triton_cdiv(65536, F._stash_chunk(65536, 32, 128, 128)) == F.triton_cdiv(per_target,
-                                                                                      F.STASH_BYTES_PER_ATOM)
+
+    def chunks(n):
+        programs = min(264, F.triton_cdiv(n, F.TARGETS_PER_PROGRAM))
+        rows = F._stash_chunk(n, 32, 128, 128, partial_bytes=F._partial_bytes(programs, 128, 128, 256))
+        return F.triton_cdiv(n, rows)
+
+    per_target = 32 * (2 * 128 + max(2 * 128, 128)) * 4
+    assert chunks(1024) == chunks(4096) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM) == 11
+    assert [chunks(n) for n in (16384, 65536, 262144)] == [7, 5, 5]
     monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
-    assert F._stash_chunk(65536, 32, 128, 128) == 65536
+    assert F._stash_chunk(65536, 32, 128, 128, partial_bytes=0) == 65536
     for bad in ("0", "-5", "6KB"):
         monkeypatch.setenv(F.STASH_ENV, bad)
         with pytest.raises(ValueError, match="E2F_TRITON_STASH_BYTES"):
-            F._stash_chunk(65536, 32, 128, 128)
+            F._stash_chunk(65536, 32, 128, 128, partial_bytes=0)
 
 
 def test_transposed_edges_per_target_chunk():
