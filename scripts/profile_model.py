@@ -6,8 +6,9 @@ Run from the repository root (CPU or GPU)::
 
 Builds the model at the suites' default (paper) configuration, on a liquid-density box of
 ``--n`` atoms, exactly as the ``latency`` suite calls it (``fwd``: energy + forces in eval
-mode; ``fwd+bwd``: a force-training step through the double backward), warms it up (Triton
-autotuning included), then profiles one call per mode. Prints, per mode: wall time, device time (sum of kernel times), the
+mode; ``fwd+bwd``: a force-training step through the double backward) and at the suites'
+precision (TF32 products on a GPU), warms it up (Triton autotuning included), then profiles
+one call per mode. Prints, per mode: wall time, device time (sum of kernel times), the
 number of launched kernels and aten ops, and the top entries by device (or CPU) time; writes
 the same as JSON. Launch-bound calls show wall time far above device time.
 """
@@ -62,8 +63,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 products, as the suites time fp32 (workloads.speed_precision)
     batch = liquid_box(a.n, device=device)
-    result = {"model": a.model, "n_atoms": a.n, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    result = {"model": a.model, "n_atoms": a.n, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "tf32_matmul": torch.get_float32_matmul_precision() != "highest"}
     for mode in ("fwd", "fwd+bwd"):
         forward, module = model_call(a.model, default_config(), batch, mode, device=device)
 
