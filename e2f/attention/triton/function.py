@@ -27,7 +27,8 @@ Environment:
 ``E2F_TRITON_STASH_BYTES=6144``
     The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
     the stash within it. Unset: what the weight-gradient partials leave of
-    ``SCRATCH_BYTES_PER_ATOM``, at least ``STASH_BYTES_PER_ATOM``.
+    ``SCRATCH_BYTES_PER_ATOM``, at least ``STASH_BYTES_PER_ATOM``, in all at most
+    ``STASH_MAX_BYTES`` where that is more.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
@@ -385,13 +386,18 @@ TARGETS_PER_PROGRAM = 32
 #: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
 #: run in chunks so that the stash stays within a budget per atom: what the gate backward's
 #: weight-gradient partials leave of ``SCRATCH_BYTES_PER_ATOM``, and at least
-#: ``STASH_BYTES_PER_ATOM``. Below ~8,500 atoms the partials (one program per 32 targets) take
-#: ~8 KB an atom and the stash 6 KB (K = 32: 11 chunks); above, the partials stop growing (two
-#: programs an SM) and the stash grows towards 14 KB (65,536 atoms: 5 chunks). The backward's
-#: bytes per atom then stay flat in N, and fewer chunks visit fewer halo sources in the source
-#: pass. ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
+#: ``STASH_BYTES_PER_ATOM``, and in all at most ``STASH_MAX_BYTES``. Below ~8,500 atoms the
+#: partials (one program per 32 targets) take ~8 KB an atom and the stash 6 KB (K = 32: 11
+#: chunks); above, the partials stop growing (two programs an SM) and the stash grows towards
+#: 14 KB (65,536 atoms: 5 chunks): the backward's bytes per atom stay flat in N, and fewer
+#: chunks visit fewer halo sources in the source pass (forward + backward 2-3 % faster at
+#: 16,384-65,536 on an H100). From ~230,000 atoms the cap holds the stash at 3 GiB, and from
+#: ~520,000 at 6 KB an atom again: there the card's memory binds (N = 524,288 forward +
+#: backward on 80 GB ran out of memory with a 13 KB stash). ``E2F_TRITON_STASH_BYTES`` fixes
+#: the stash instead (bytes per atom).
 SCRATCH_BYTES_PER_ATOM = 14 * 1024
 STASH_BYTES_PER_ATOM = 6 * 1024
+STASH_MAX_BYTES = 3 << 30
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
@@ -412,7 +418,8 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, *, partial_bytes: int
         if budget < 1:
             raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
     else:
-        budget = max(STASH_BYTES_PER_ATOM, SCRATCH_BYTES_PER_ATOM - partial_bytes // max(1, n_rows))
+        n = max(1, n_rows)
+        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM - partial_bytes // n, STASH_MAX_BYTES // n))
     per_target = kslots * (2 * h + _gate_stash_width(h, g)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))

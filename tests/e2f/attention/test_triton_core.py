@@ -383,9 +383,11 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
 
 def test_stash_budget(monkeypatch):
     # the stash takes what the weight-gradient partials leave of the scratch budget, at least
-    # its minimum. Paper sizes (64 KB of stash a target, 264 KB of partials a program): below
-    # 8,448 atoms one program per 32 targets (~8 KB an atom: the minimum stash, 11 chunks), then
-    # 264 programs; E2F_TRITON_STASH_BYTES fixes the stash
+    # its minimum, in all at most STASH_MAX_BYTES above that. Paper sizes (64 KB of stash a
+    # target, 264 KB of partials a program): below 8,448 atoms one program per 32 targets
+    # (~8 KB an atom: the minimum stash, 11 chunks), then 264 programs, the stash growing to
+    # 5 chunks, capped from ~230,000 atoms (3 GiB: 262,144 atoms take 6 chunks), back at the
+    # minimum at 524,288; E2F_TRITON_STASH_BYTES fixes the stash
     from e2f.attention.triton import function as F
 
     monkeypatch.delenv(F.STASH_ENV, raising=False)
@@ -397,7 +399,7 @@ def test_stash_budget(monkeypatch):
 
     per_target = 32 * (2 * 128 + max(2 * 128, 128)) * 4
     assert chunks(1024) == chunks(4096) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM) == 11
-    assert [chunks(n) for n in (16384, 65536, 262144)] == [7, 5, 5]
+    assert [chunks(n) for n in (16384, 65536, 262144, 524288)] == [7, 5, 6, 11]
     monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
     assert F._stash_chunk(65536, 32, 128, 128, partial_bytes=0) == 65536
     for bad in ("0", "-5", "6KB"):

@@ -1,0 +1,64 @@
+"""The fused backward's stash budget, A/B in one process: time and peak memory per budget.
+
+``E2F_TRITON_STASH_BYTES`` is read at every backward, so budgets can alternate inside one
+process on the same inputs and compiled kernels (run-to-run spread between processes is ~4 %
+at N = 65,536, more than the effect of a budget)::
+
+    PYTHONPATH=. python scripts/stash_ab.py --out stash-ab.jsonl --sizes 16384 65536 --budgets auto 6144
+
+Paper sizes, fp32 inputs with TF32 gate products, padded value rows; per size, ``--repeats``
+rounds over the budgets (``auto``: the library's default). Each point: ``do_bench`` median of
+forward + backward, peak bytes allocated above what was allocated before it (per atom), the
+number of target chunks. One JSON line per point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from e2f.attention.triton.function import STASH_ENV, fused_attention_core, last_config
+from e2f.attention.workload import random_core_inputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--budgets", nargs="+", default=["auto", "6144"], help="bytes an atom, or auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_float32_matmul_precision("high")
+    with open(args.out, "a") as out:
+        for n in args.sizes:
+            inp = random_core_inputs(n, max_neighbors=32, device="cuda", requires_grad=True, value_head_stride=64)
+            leaves = [x for x in inp.tensors().values() if x.dtype.is_floating_point]
+            dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device="cuda")
+
+            def step():
+                torch.autograd.grad(fused_attention_core(inp), leaves, dout)
+
+            for repeat in range(args.repeats):
+                for budget in args.budgets:
+                    os.environ[STASH_ENV] = "" if budget == "auto" else budget
+                    step()  # autotuning (first round) and warm-up
+                    ms = triton.testing.do_bench(step, warmup=300, rep=2000, return_mode="median")
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    step()
+                    torch.cuda.synchronize()
+                    record = {"gpu": torch.cuda.get_device_name(), "git_commit": os.environ.get("E2F_GIT_COMMIT"),
+                              "n_atoms": n, "stash_bytes": budget, "repeat": repeat, "fwd_bwd_ms": ms,
+                              "peak_above_inputs_per_atom": (torch.cuda.max_memory_allocated() - before) / n,
+                              "chunks": last_config()["backward_chunks"]}
+                    print(json.dumps(record), flush=True)
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+
+
+if __name__ == "__main__":
+    main()
