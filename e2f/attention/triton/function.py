@@ -27,8 +27,8 @@ Environment:
 ``E2F_TRITON_STASH_BYTES=6144``
     The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
     the stash within it. Unset: what the weight-gradient partials leave of
-    ``SCRATCH_BYTES_PER_ATOM``, at least ``STASH_BYTES_PER_ATOM``, in all at most
-    ``STASH_MAX_BYTES`` where that is more.
+    ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES`` in all, and never below
+    ``STASH_BYTES_PER_ATOM``.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
@@ -254,9 +254,6 @@ def _configs(bucket: int = 0) -> dict:
 
     first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"  # quick runs
 
-    def tuned(kernel, cfgs):
-        return _autotuned(kernel, cfgs[:1] if first_only else cfgs)
-
     def tuned(kernel, cfgs, **buffers):
         return _autotuned(kernel, cfgs[:1] if first_only else cfgs, **buffers)
 
@@ -385,8 +382,8 @@ TARGETS_PER_PROGRAM = 32
 #: pre-activation gradient (``2 H + max(2 H, G)`` floats an edge: 2 KB at the paper sizes). The
 #: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
 #: run in chunks so that the stash stays within a budget per atom: what the gate backward's
-#: weight-gradient partials leave of ``SCRATCH_BYTES_PER_ATOM``, and at least
-#: ``STASH_BYTES_PER_ATOM``, and in all at most ``STASH_MAX_BYTES``. Below ~8,500 atoms the
+#: weight-gradient partials leave of ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES``
+#: in all, and never below ``STASH_BYTES_PER_ATOM``. Below ~8,500 atoms the
 #: partials (one program per 32 targets) take ~8 KB an atom and the stash 6 KB (K = 32: 11
 #: chunks); above, the partials stop growing (two programs an SM) and the stash grows towards
 #: 14 KB (65,536 atoms: 5 chunks): the backward's bytes per atom stay flat in N, and fewer
