@@ -25,8 +25,9 @@ import subprocess
 import sys
 import time
 
+from e2f.attention.triton.function import _BACKWARD, _bwd_candidates
 
-ROLES = ("target", "gate", "source")
+ROLES = tuple(_BACKWARD)  # target pass, gate backward, source pass
 
 
 def child(k: int, n: int, indices: list, tf32: int) -> dict:
@@ -79,7 +80,6 @@ def main():
         k, n, *indices, tf32 = args.child
         print("RESULT " + json.dumps(child(k, n, indices, tf32)), flush=True)
         return
-    from e2f.attention.triton.function import _bwd_candidates
     from suites.core.env import git_state
 
     counts = {role: len(c) for role, c in _bwd_candidates().items()}

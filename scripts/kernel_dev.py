@@ -355,7 +355,7 @@ def probe(out_dir, n=16384, variants=None):
         f.write(table)
     tuned = F._configs(F.size_bucket(n))
     kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in tuned["fwd"].items()},
-               **{"bwd_" + name: tuned[name] for name in ("target", "gate", "source")}}
+               **{"bwd_" + name: tuned[name] for name in F._BACKWARD}}
     for name, kern in kernels.items():
         try:
             for ck in kern.fn.device_caches[0][0].values():

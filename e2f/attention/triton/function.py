@@ -422,10 +422,16 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, *, partial_bytes: int
     return max(1, triton_cdiv(n_rows, chunks))
 
 
+def _partial_shapes(programs: int, h: int, g: int, r: int) -> dict:
+    """Shapes of the gate backward's weight-gradient partials (one row a program), by the
+    gradient each sums to: ``R G + 2 H G + 2 H + R`` floats a program."""
+    return {"w_radial": (programs, r, g), "w_out": (programs, g, 2 * h), "b_out": (programs, 2 * h),
+            "rbf_centers": (programs, r)}
+
+
 def _partial_bytes(programs: int, h: int, g: int, r: int) -> int:
-    """Bytes of the gate backward's weight-gradient partials (``R G + 2 H G + 2 H + R`` floats
-    a program)."""
-    return programs * (r * g + 2 * h * g + 2 * h + r) * 4
+    """Bytes of the gate backward's weight-gradient partials."""
+    return 4 * sum(math.prod(shape) for shape in _partial_shapes(programs, h, g, r).values())
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
@@ -456,13 +462,9 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n))
-    tgt, gate, src = kern["target"], kern["gate"], kern["source"]
     prec = _gate_precision()
     nprog = _num_programs(dev, n)
-    dwr_part = torch.zeros(nprog, d["R"], g, **f32)
-    dwo_part = torch.zeros(nprog, g, 2 * h, **f32)
-    db_part = torch.zeros(nprog, 2 * h, **f32)
-    dc_part = torch.zeros(nprog, d["R"], **f32)
+    part = {name: torch.zeros(shape, **f32) for name, shape in _partial_shapes(nprog, h, g, d["R"]).items()}
     dd_edge = torch.empty(n * kslots, **f32)
     chunk = _stash_chunk(n, kslots, h, g, partial_bytes=_partial_bytes(nprog, h, g, d["R"]))
     w_edge = torch.empty(chunk * kslots, h, **f32)
@@ -475,30 +477,29 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
-        tgt[(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-                   t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
-                   grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
-                   t0, kslots, h, g, d["R"], sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
-                   DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
-        gate[(nprog,)](t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
-                       t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
-                       dwr_part, dwo_part, db_part, dc_part,
-                       t0, nt, kslots, h, g, d["R"], sw, gamma, cutoff, nprog,
-                       BK=d["BK"], GP=d["GP"], PREC=prec)
+        kern["target"][(nt,)](
+            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
+            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+            grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
+            t0, kslots, h, g, d["R"], sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+            DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
+        kern["gate"][(nprog,)](
+            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
+            t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
+            part["w_radial"], part["w_out"], part["b_out"], part["rbf_centers"],
+            t0, nt, kslots, h, g, d["R"], sw, gamma, cutoff, nprog,
+            BK=d["BK"], GP=d["GP"], PREC=prec)
         a0, a1 = active_ptr[c], active_ptr[c + 1]
         if a1 > a0:
-            src[(a1 - a0,)](t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
-                            edge_ids, active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                            a0, kslots, h, g, sw, c, chunks, t0, cutoff,
-                            DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
-    _record("bwd_target", tgt)
-    _record("bwd_gate", gate)
-    _record("bwd_source", src)
+            kern["source"][(a1 - a0,)](
+                t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
+                edge_ids, active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
+                a0, kslots, h, g, sw, c, chunks, t0, cutoff,
+                DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
+    for role in _BACKWARD:
+        _record("bwd_" + role, kern[role])
     _last["backward_chunks"] = chunks
-    grads["w_radial"] = dwr_part.sum(0)
-    grads["w_out"] = dwo_part.sum(0)
-    grads["b_out"] = db_part.sum(0)
-    grads["rbf_centers"] = dc_part.sum(0)
+    grads.update({name: p.sum(0) for name, p in part.items()})
     return grads
 
 
