@@ -26,9 +26,8 @@ Environment:
     16-bit q/k/v (``_fwd_candidates``), each with its own first configuration.
 ``E2F_TRITON_STASH_BYTES=6144``
     The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
-    the stash within it. Unset: what the weight-gradient partials leave of
-    ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES`` in all, and never below
-    ``STASH_BYTES_PER_ATOM``.
+    the stash within it. Unset: ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES`` in
+    all, and never below ``STASH_BYTES_PER_ATOM``.
 ``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
@@ -272,7 +271,7 @@ def _configs(bucket: int = 0) -> dict:
 #: launch after tuning finds its inputs as an untuned one would. Without the restore, the
 #: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
 _BACKWARD = {"target": ("bwd_target_kernel", {}),
-             "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dwr_part", "dwo_part", "db_part", "dc_part"],
+             "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dc_part"],
                                           "restore_value": ["gate_edge", "dd_edge"]}),
              "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dv", "dgate_src", "dpos_src"]})}
 
@@ -375,37 +374,34 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
     return rowptr.contiguous(), edge_ids.to(torch.int64), active.to(torch.int32).contiguous(), active_ptr
 
 
-#: Targets per program of the persistent gate backward below two programs per SM.
-TARGETS_PER_PROGRAM = 32
-#: The target pass stashes, per edge and head, the softmax weight, the logit gradient and the
-#: gradients of the two gate outputs; the gate backward replaces the last two by the gate
-#: pre-activation gradient (``2 H + max(2 H, G)`` floats an edge: 2 KB at the paper sizes). The
-#: source pass sums them over each source's in-edges instead of recomputing the edges. Targets
-#: run in chunks so that the stash stays within a budget per atom: what the gate backward's
-#: weight-gradient partials leave of ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES``
-#: in all, and never below ``STASH_BYTES_PER_ATOM``. Below ~8,500 atoms the
-#: partials (one program per 32 targets) take ~8 KB an atom and the stash 6 KB (K = 32: 11
-#: chunks); above, the partials stop growing (two programs an SM) and the stash grows towards
-#: 14 KB (65,536 atoms: 5 chunks): the backward's bytes per atom stay flat in N, and fewer
-#: chunks visit fewer halo sources in the source pass (forward + backward 2-3 % faster at
-#: 16,384-65,536 on an H100). From ~230,000 atoms the cap holds the stash at 3 GiB, and from
-#: ~520,000 at 6 KB an atom again: there the card's memory binds (N = 524,288 forward +
-#: backward on 80 GB ran out of memory with a 13 KB stash). ``E2F_TRITON_STASH_BYTES`` fixes
-#: the stash instead (bytes per atom).
+#: The target pass stashes, per edge and head, the softmax weight and the logit gradient, and
+#: per edge the gradients of the two gate outputs and the gate's hidden layer; the gate
+#: backward replaces the last two by the gate pre-activation gradient and the radial basis
+#: (``2 H + max(2 H + G, G + R)`` floats an edge: 2.5 KB at the paper sizes). The two gate
+#: weight gradients are then one matrix product each per chunk, over the stash's columns. The
+#: source pass sums the stash over each source's in-edges instead of recomputing the edges.
+#: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
+#: capped at ``STASH_MAX_BYTES`` in all, and never below ``STASH_BYTES_PER_ATOM`` (K = 32:
+#: 6 chunks up to ~230,000 atoms, 7 at 262,144, 14 at 524,288): the backward's bytes per atom
+#: stay flat in N, and few chunks visit few halo sources in the source pass (a budget of 14
+#: against 6 KB made forward + backward 2-3 % faster at 16,384-65,536 on an H100). From
+#: ~230,000 atoms the cap holds the stash at 3 GiB, and from ~520,000 at 6 KB an atom again:
+#: there the card's memory binds (N = 524,288 forward + backward on 80 GB ran out of memory
+#: with a 13 KB stash). ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
 SCRATCH_BYTES_PER_ATOM = 14 * 1024
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_MAX_BYTES = 3 << 30
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
-def _gate_stash_width(h: int, g: int) -> int:
-    """Numbers a ``gate_edge`` row holds: ``dg``, ``du`` (2 H), later ``dpre`` (G) over them."""
-    return max(2 * h, g)
+def _gate_stash_width(h: int, g: int, r: int) -> int:
+    """Numbers a ``gate_edge`` row holds: ``dg``, ``du``, ``hid`` (2 H + G), later ``dpre``
+    and the radial basis over them (G + R)."""
+    return max(2 * h + g, g + r)
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, *, partial_bytes: int) -> int:
-    """Targets per chunk of the backward, given the bytes of the weight-gradient partials
-    (``SCRATCH_BYTES_PER_ATOM``)."""
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
+    """Targets per chunk of the backward (the stash budget above)."""
     text = os.environ.get(STASH_ENV, "").strip()
     if text:
         try:
@@ -415,61 +411,45 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, *, partial_bytes: int
         if budget < 1:
             raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
     else:
-        n = max(1, n_rows)
-        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM - partial_bytes // n, STASH_MAX_BYTES // n))
-    per_target = kslots * (2 * h + _gate_stash_width(h, g)) * 4
+        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // max(1, n_rows)))
+    per_target = kslots * (2 * h + _gate_stash_width(h, g, r)) * 4
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
 
 
-def _partial_shapes(programs: int, h: int, g: int, r: int) -> dict:
-    """Shapes of the gate backward's weight-gradient partials (one row a program), by the
-    gradient each sums to: ``R G + 2 H G + 2 H + R`` floats a program."""
-    return {"w_radial": (programs, r, g), "w_out": (programs, g, 2 * h), "b_out": (programs, 2 * h),
-            "rbf_centers": (programs, r)}
-
-
-def _partial_bytes(programs: int, h: int, g: int, r: int) -> int:
-    """Bytes of the gate backward's weight-gradient partials."""
-    return 4 * sum(math.prod(shape) for shape in _partial_shapes(programs, h, g, r).values())
-
-
-def _num_programs(device: torch.device, n_rows: int) -> int:
-    """Programs of the persistent gate backward: two per SM, and at small N one
-    per ``TARGETS_PER_PROGRAM`` targets, so the per-program weight-gradient partials (R G +
-    2 H G + 2 H + R floats each, 257 KB at the paper sizes) stay under ~8 KB per atom. One
-    per 64 targets (the first choice) left N = 1,000 with 15 programs on 132 SMs: 175 ms a
-    call with IEEE gate products, on an H200."""
+def _max_programs(device: torch.device) -> int:
+    """Programs of the persistent gate backward at most: two per SM (its registers allow two),
+    each with a row of partial sums of the centres' gradient; three in the interpreter, so that
+    tests see programs with several tiles."""
     if _interpreting():
-        return max(1, min(3, n_rows))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, triton_cdiv(n_rows, TARGETS_PER_PROGRAM)))
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
     d = _dims(t)
     dev = t["q"].device
     f32 = dict(device=dev, dtype=torch.float32)
-    n, mm, h, kslots, g = d["N"], d["M"], d["H"], d["K"], d["G"]
+    n, mm, h, kslots, g, r = d["N"], d["M"], d["H"], d["K"], d["G"], d["R"]
     grads = {
         "q": torch.zeros(n, h, d["DK"], **f32), "k": torch.zeros(mm, h, d["DK"], **f32),
         "v": torch.zeros(mm, h, d["DV"], **f32), "gate_dst": torch.zeros(n, g, **f32),
         "gate_src": torch.zeros(mm, g, **f32), "pos_dst": torch.zeros(n, 3, **f32),
-        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(d["R"], g, **f32),
+        "pos_src": torch.zeros(mm, 3, **f32), "w_radial": torch.zeros(r, g, **f32),
         "w_out": torch.zeros(g, 2 * h, **f32), "b_out": torch.zeros(2 * h, **f32),
-        "rbf_centers": torch.zeros(d["R"], **f32),
+        "rbf_centers": torch.zeros(r, **f32),
     }
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n))
     prec = _gate_precision()
-    nprog = _num_programs(dev, n)
-    part = {name: torch.zeros(shape, **f32) for name, shape in _partial_shapes(nprog, h, g, d["R"]).items()}
+    max_programs = _max_programs(dev)
+    dc_part = torch.zeros(max_programs, r, **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk = _stash_chunk(n, kslots, h, g, partial_bytes=_partial_bytes(nprog, h, g, d["R"]))
+    chunk = _stash_chunk(n, kslots, h, g, r)
     w_edge = torch.empty(chunk * kslots, h, **f32)
     dqk_edge = torch.empty(chunk * kslots, h, **f32)
-    sw = _gate_stash_width(h, g)
+    sw = _gate_stash_width(h, g, r)
     gate_edge = torch.empty(chunk * kslots, sw, **f32)
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
@@ -477,18 +457,23 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
+        rows = gate_edge[:nt * kslots]
         kern["target"][(nt,)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
             t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
             grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
-            t0, kslots, h, g, d["R"], sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+            t0, kslots, h, g, r, sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
             DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
-        kern["gate"][(nprog,)](
+        # the output layer's weights: hid^T [dg du] over the chunk's edges (slots without an
+        # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision)
+        grads["w_out"].addmm_(rows[:, 2 * h:2 * h + g].t(), rows[:, :2 * h])
+        grads["b_out"] += rows[:, :2 * h].sum(0)
+        kern["gate"][lambda meta: (min(max_programs, triton_cdiv(nt, meta["TB"])),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
-            t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
-            part["w_radial"], part["w_out"], part["b_out"], part["rbf_centers"],
-            t0, nt, kslots, h, g, d["R"], sw, gamma, cutoff, nprog,
+            t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"], dc_part,
+            t0, nt, kslots, h, g, r, sw, gamma, cutoff,
             BK=d["BK"], GP=d["GP"], PREC=prec)
+        grads["w_radial"].addmm_(rows[:, g:g + r].t(), rows[:, :g])
         a0, a1 = active_ptr[c], active_ptr[c + 1]
         if a1 > a0:
             kern["source"][(a1 - a0,)](
@@ -499,7 +484,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     for role in _BACKWARD:
         _record("bwd_" + role, kern[role])
     _last["backward_chunks"] = chunks
-    grads.update({name: p.sum(0) for name, p in part.items()})
+    grads["rbf_centers"] = dc_part.sum(0)
     return grads
 
 

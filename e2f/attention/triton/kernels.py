@@ -2,7 +2,7 @@
 
 A forward kernel and three backward kernels. Every output row is written by exactly one
 program, and every sum over edges runs in a fixed order (bitwise reproducible, no atomics).
-The row counts and offsets (``N``, ``NT``, ``T0``, ``A0``, ``NPROG``, ...) are not specialised
+The row counts and offsets (``N``, ``NT``, ``T0``, ``A0``, ...) are not specialised
 on: a training run meets a new count with every batch, and divisibility-by-16 variants would
 recompile every autotune candidate.
 
@@ -24,13 +24,16 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
 * ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,
   softmax weights from the forward's ``m`` and ``s``), gathers ``v`` for ``dw = dout . v``,
   writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
-  per edge and head the softmax weight ``w``, the logit gradient ``dqk`` and the gradients of
-  the two gate outputs ``dg``, ``du`` (a ``gate_edge`` row of ``SW = max(2 H, G)`` numbers).
+  per edge and head the softmax weight ``w``, the logit gradient ``dqk``, and per edge the
+  gradients of the two gate outputs ``dg``, ``du`` and the gate's hidden layer ``hid``: a
+  ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers. ``function`` then adds
+  ``hid^T [dg du]`` to the output layer's weight gradient (one matrix product a chunk).
 * ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
   ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed in the same
   ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``,
-  so ``dpos_dst``), and per-program partial sums of the gate-weight gradients (reduced
-  afterwards in a fixed order).
+  so ``dpos_dst``); stashes the radial basis next to ``dpre`` for the radial weight gradient
+  ``rbf^T dpre`` (``function``'s second product) and keeps per-program partial sums of the
+  centres' gradient (reduced afterwards in a fixed order).
 * ``bwd_source_kernel``: one source with in-edges from the chunk a program (the transposed
   neighbour list, CSR by (source, chunk)), looping over them in steps of ``BKS``: ``dv += w dout``,
   ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``; nothing recomputed but the
@@ -405,6 +408,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
     hid = pre * tl.sigmoid(pre)
+    offs_g = tl.arange(0, GP)
+    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid, mask=(slot < K)[:, None] & (offs_g < G)[None, :])
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, HC):
@@ -450,20 +455,22 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     tl.store(dd_edge + i * K + slot, dd, mask=slot < K)
 
 
-@triton.jit(do_not_specialize=["T0", "NT", "NPROG"])
+@triton.jit(do_not_specialize=["T0", "NT"])
 def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
-                    gate_edge, dd_edge, dgate_dst, dpos_dst,
-                    dwr_part, dwo_part, db_part, dc_part,
-                    T0, NT, K, H, G, R, SW, gamma, cutoff, NPROG,
+                    gate_edge, dd_edge, dgate_dst, dpos_dst, dc_part,
+                    T0, NT, K, H, G, R, SW, gamma, cutoff,
                     BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
                     TB: tl.constexpr = 1):
     # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
     # stashed gate-output gradients (dg, du: the first 2 H numbers of a gate_edge row), whose
-    # row then takes dpre (its first G numbers: every load of a row precedes the store, which
-    # depends on them); weight-gradient partial sums owned by each program
+    # row then takes dpre and the edge's radial basis (its first G and the next R numbers:
+    # every load of a row precedes the first store, which depends on them), for the weight
+    # gradients as one matrix product each afterwards; the centres' gradient as partial sums
+    # owned by each program
     E: tl.constexpr = TB * BK
     pid = tl.program_id(0)
     part = pid.to(tl.int64)
+    NPROG = tl.num_programs(0)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
     r = tl.arange(0, E)
@@ -482,7 +489,6 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
         pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
         sig = tl.sigmoid(pre)
-        hid = pre * sig
         dhid = tl.zeros([E, GP], dtype=tl.float32)
         for h0 in range(0, H, HC):
             offs_h = h0 + tl.arange(0, HC)
@@ -491,17 +497,9 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
             gu = row[:, None] * SW + offs_h[None, :]
             dg = tl.load(gate_edge + gu, mask=em, other=0.0)
             du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
-            wm = gmask[:, None] & hmask[None, :]
             wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
             dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
             dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
-            pg = dwo_part + part * (G * 2 * H) + offs_g[:, None] * (2 * H) + offs_h[None, :]
-            tl.store(pg, tl.load(pg, mask=wm, other=0.0) + tl.dot(tl.trans(hid), dg, input_precision=PREC), mask=wm)
-            tl.store(pg + H, tl.load(pg + H, mask=wm, other=0.0) + tl.dot(tl.trans(hid), du, input_precision=PREC),
-                     mask=wm)
-            pb = db_part + part * (2 * H) + offs_h
-            tl.store(pb, tl.load(pb, mask=hmask, other=0.0) + tl.sum(dg, axis=0), mask=hmask)
-            tl.store(pb + H, tl.load(pb + H, mask=hmask, other=0.0) + tl.sum(du, axis=0), mask=hmask)
         dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(ok[:, None], dpre, 0.0)
         tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
@@ -509,7 +507,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
         in_chunk = (first + tl.arange(0, TB)) < NT
         tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
                  mask=in_chunk[:, None] & gmask[None, :])
-        # radial layer: weight partials and d(loss)/d(distance)
+        # radial layer: the basis for its weight gradient, d(loss)/d(distance), the centres' partials
         ddist = tl.zeros([E], dtype=tl.float32)
         for r0 in range(0, R, RC):
             offs_r = r0 + tl.arange(0, RC)
@@ -517,10 +515,8 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial
             c = tl.load(centers + offs_r, mask=rm, other=0.0)
             diff = d_safe[:, None] - c[None, :]
             rbf = tl.where(rm[None, :], tl.exp(-gamma * diff * diff), 0.0)
-            wrm = rm[:, None] & gmask[None, :]
-            wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=wrm, other=0.0)
-            pr = dwr_part + part * (R * G) + offs_r[:, None] * G + offs_g[None, :]
-            tl.store(pr, tl.load(pr, mask=wrm, other=0.0) + tl.dot(tl.trans(rbf), dpre, input_precision=PREC), mask=wrm)
+            tl.store(gate_edge + row[:, None] * SW + G + offs_r[None, :], rbf, mask=has[:, None] & rm[None, :])
+            wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rm[:, None] & gmask[None, :], other=0.0)
             drbf = tl.dot(dpre, tl.trans(wr), input_precision=PREC) * rbf * (-2.0 * gamma) * diff
             drbf = tl.where(inside[:, None], drbf, 0.0)
             ddist += tl.sum(drbf, axis=1)

@@ -188,10 +188,10 @@ def test_backward_while_autotuning(monkeypatch):
 
     monkeypatch.setattr(F, "_kernels", {})  # fresh autotuners: the first call below tunes
     monkeypatch.setenv("E2F_TRITON_AUTOTUNE", "1")
-    n, kslots, h, g = 40, 8, 4, 16
+    n, kslots, h, g, r = 40, 8, 4, 16, 16
     monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
-    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + max(2 * h, g)) * 4 // 3 + 1)
-    inp = make_inputs(n, 44, kslots, h=h, g=g, r=16, empty_rows=(5,), seed=43)
+    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + F._gate_stash_width(h, g, r)) * 4 // 3 + 1)
+    inp = make_inputs(n, 44, kslots, h=h, g=g, r=r, empty_rows=(5,), seed=43)
     compare(inp, 1e-5)
     assert last_config()["backward_chunks"] == 3 and "tuning_ms" in last_config()["bwd_gate"]
     assert_backward_bitwise_reproducible(inp, seed=3)
@@ -369,43 +369,40 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     # neighbours included); a chunk's stash stays within the per-atom budget
     from e2f.attention.triton import function as F
 
-    n, kslots, h, g = 13, 6, 3, 10
-    per_target = kslots * (2 * h + max(2 * h, g)) * 4
+    n, kslots, h, g, r = 13, 6, 3, 10, 7
+    per_target = kslots * (2 * h + max(2 * h + g, g + r)) * 4
     monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g, partial_bytes=0)
+    rows = F._stash_chunk(n, kslots, h, g, r)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
-    inp = make_inputs(n, 17, kslots, h=h, g=g, empty_rows=(2, 11), seed=41)
+    inp = make_inputs(n, 17, kslots, h=h, g=g, r=r, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
     assert last_config()["backward_chunks"] == chunks
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
 def test_stash_budget(monkeypatch):
-    # the stash takes what the weight-gradient partials leave of the scratch budget, at least
-    # its minimum, in all at most STASH_MAX_BYTES above that. Paper sizes (64 KB of stash a
-    # target, 264 KB of partials a program): below 8,448 atoms one program per 32 targets
-    # (~8 KB an atom: the minimum stash, 11 chunks), then 264 programs, the stash growing to
-    # 5 chunks, capped from ~230,000 atoms (3 GiB: 262,144 atoms take 6 chunks), back at the
-    # minimum at 524,288; E2F_TRITON_STASH_BYTES fixes the stash
+    # the stash takes its budget an atom, in all at most STASH_MAX_BYTES above that, and never
+    # less than its minimum. Paper sizes (80 KB of stash a target): 6 chunks up to ~230,000
+    # atoms, then the cap (3 GiB: 262,144 atoms take 7), back at the minimum at 524,288 (14);
+    # E2F_TRITON_STASH_BYTES fixes the stash
     from e2f.attention.triton import function as F
 
     monkeypatch.delenv(F.STASH_ENV, raising=False)
 
     def chunks(n):
-        programs = min(264, F.triton_cdiv(n, F.TARGETS_PER_PROGRAM))
-        rows = F._stash_chunk(n, 32, 128, 128, partial_bytes=F._partial_bytes(programs, 128, 128, 256))
-        return F.triton_cdiv(n, rows)
+        return F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, 256))
 
-    per_target = 32 * (2 * 128 + max(2 * 128, 128)) * 4
-    assert chunks(1024) == chunks(4096) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM) == 11
-    assert [chunks(n) for n in (16384, 65536, 262144, 524288)] == [7, 5, 6, 11]
+    per_target = 32 * (2 * 128 + max(2 * 128 + 128, 128 + 256)) * 4
+    assert per_target == 80 * 1024
+    assert [chunks(n) for n in (1024, 4096, 16384, 65536, 262144, 524288)] == [6, 6, 6, 6, 7, 14]
+    assert chunks(524288) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)
     monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
-    assert F._stash_chunk(65536, 32, 128, 128, partial_bytes=0) == 65536
+    assert F._stash_chunk(65536, 32, 128, 128, 256) == 65536
     for bad in ("0", "-5", "6KB"):
         monkeypatch.setenv(F.STASH_ENV, bad)
         with pytest.raises(ValueError, match="E2F_TRITON_STASH_BYTES"):
-            F._stash_chunk(65536, 32, 128, 128, partial_bytes=0)
+            F._stash_chunk(65536, 32, 128, 128, 256)
 
 
 def test_transposed_edges_per_target_chunk():
