@@ -9,7 +9,10 @@ at N = 65,536, more than the effect of a budget)::
 Paper sizes, fp32 inputs with TF32 gate products, padded value rows; per size, ``--repeats``
 rounds over the budgets (``auto``: the library's default). Each point: ``do_bench`` median of
 forward + backward, peak bytes allocated above what was allocated before it (per atom), the
-number of target chunks. One JSON line per point.
+number of target chunks, the forward alone (``do_bench`` median) and the backward kernels'
+configurations (with the autotuner's timings of one chunk when it tuned, i.e. unless
+``E2F_TRITON_AUTOTUNE=0``). One JSON line per point. The script only imports ``e2f``, so
+``PYTHONPATH=<an older checkout>`` times that commit's kernels with the same script.
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ def main() -> None:
             def step():
                 torch.autograd.grad(fused_attention_core(inp), leaves, dout)
 
+            def forward():
+                with torch.no_grad():
+                    fused_attention_core(inp)
+
             for repeat in range(args.repeats):
                 for budget in args.budgets:
                     os.environ[STASH_ENV] = "" if budget == "auto" else budget
@@ -51,10 +58,13 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                     step()
                     torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - before) / n
+                    config = last_config()
                     record = {"gpu": torch.cuda.get_device_name(), "git_commit": os.environ.get("E2F_GIT_COMMIT"),
                               "n_atoms": n, "stash_bytes": budget, "repeat": repeat, "fwd_bwd_ms": ms,
-                              "peak_above_inputs_per_atom": (torch.cuda.max_memory_allocated() - before) / n,
-                              "chunks": last_config()["backward_chunks"]}
+                              "fwd_ms": triton.testing.do_bench(forward, warmup=100, rep=1000, return_mode="median"),
+                              "peak_above_inputs_per_atom": peak, "chunks": config["backward_chunks"],
+                              "config": {name: config.get(name) for name in ("bwd_target", "bwd_gate", "bwd_source")}}
                     print(json.dumps(record), flush=True)
                     out.write(json.dumps(record) + "\n")
                     out.flush()
