@@ -418,6 +418,21 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
     return max(1, triton_cdiv(n_rows, chunks))
 
 
+#: Targets per chunk below which the backward stops halving a stash that does not fit.
+MIN_CHUNK_TARGETS = 256
+
+
+def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
+    """The stash of ``rows`` edges: ``w``, ``dqk`` ([rows, H]), the gate rows ([rows, SW]) and
+    the ones the bias gradient's product sums with.
+
+    The backward halves its chunk while this runs out of memory: near a full card the stash
+    budget alone does not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the
+    output and the gradients leave ~2 GiB, in pieces)."""
+    return (torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), torch.empty(rows, sw, **f32),
+            torch.ones(rows, **f32))
+
+
 def _max_programs(device: torch.device) -> int:
     """Programs of the persistent gate backward at most: two per SM (its registers allow two),
     each with a row of partial sums of the centres' gradient; three in the interpreter, so that
@@ -447,12 +462,16 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     max_programs = _max_programs(dev)
     dc_part = torch.zeros(max_programs, r, **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk = _stash_chunk(n, kslots, h, g, r)
-    w_edge = torch.empty(chunk * kslots, h, **f32)
-    dqk_edge = torch.empty(chunk * kslots, h, **f32)
     sw = _gate_stash_width(h, g, r)
-    gate_edge = torch.empty(chunk * kslots, sw, **f32)
-    ones = torch.ones(chunk * kslots, **f32)
+    chunk = _stash_chunk(n, kslots, h, g, r)
+    while True:
+        try:
+            w_edge, dqk_edge, gate_edge, ones = _stash_buffers(chunk * kslots, h, sw, f32)
+            break
+        except torch.OutOfMemoryError:
+            if chunk <= MIN_CHUNK_TARGETS:
+                raise
+            chunk = triton_cdiv(chunk, 2)
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff = float(gamma), float(cutoff)

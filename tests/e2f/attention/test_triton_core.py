@@ -381,6 +381,29 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
+def test_stash_halves_while_out_of_memory(monkeypatch):
+    # near a full card the stash's allocation may fail although the budget allows it: the
+    # backward halves its chunk until the stash fits (same gradients), down to a floor
+    from e2f.attention.triton import function as F
+
+    n, kslots = 13, 6
+    allocate = F._stash_buffers
+
+    def tight(rows, *args):
+        if rows > 4 * kslots:
+            raise torch.OutOfMemoryError("stash too large for this test")
+        return allocate(rows, *args)
+
+    monkeypatch.setattr(F, "_stash_buffers", tight)
+    monkeypatch.setattr(F, "MIN_CHUNK_TARGETS", 1)
+    inp = make_inputs(n, 17, kslots, empty_rows=(2,), seed=44)
+    compare(inp, 1e-5)
+    assert last_config()["backward_chunks"] == 4  # 13 -> 7 -> 4 targets a chunk
+    monkeypatch.setattr(F, "MIN_CHUNK_TARGETS", 8)  # the floor reached before the stash fits
+    with pytest.raises(torch.OutOfMemoryError):
+        value_and_grads(fused_attention_core, inp, torch.ones(n, inp.q.shape[1], inp.v.shape[-1]))
+
+
 def test_stash_budget(monkeypatch):
     # the stash takes its budget an atom, in all at most STASH_MAX_BYTES above that, and never
     # less than its minimum. Paper sizes (80 KB of stash a target): 6 chunks up to ~230,000
