@@ -171,9 +171,7 @@ class KernelTflops(Suite):
                        tflops_with_elementwise=(metrics["flops_total"] + ew) / (metrics["latency_ms"] * 1e-3) / 1e12,
                        tf32_matmul=tf32)
         if point.impl == "triton":
-            from e2f.attention.triton.function import last_config
-
-            metrics["config"] = last_config()
+            metrics["config"] = workloads.core_config(point.impl)
         _roofline(metrics, environment(cfg.device)["gpu_name"] if cfg.is_cuda else None, roof_dtype)
         return metrics
 

@@ -324,6 +324,16 @@ def core_call(backend: str, inp):
     return forward
 
 
+def core_config(backend: str) -> dict | None:
+    """What the fused backend chose for its last call (``e2f.attention.triton.function.last_config``:
+    configurations, target chunks of the backward), recorded with each point; None for others."""
+    if backend != "triton":
+        return None
+    from e2f.attention.triton.function import last_config
+
+    return last_config()
+
+
 # --------------------------------------------------------------------------- timing plan
 
 # Seconds of timed calls per point on the GPU: a slow point gets fewer repeats (never fewer
