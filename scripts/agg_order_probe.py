@@ -105,7 +105,9 @@ def main() -> None:
 
                 run()
                 err = float((out[rows] - ref).norm() / ref.norm())
-                ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median") if dev == "cuda" else None
+                ms = None
+                if dev == "cuda":
+                    ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
                 record = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                           "git_commit": os.environ.get("E2F_GIT_COMMIT"), "n_atoms": n, "heads_outer": outer,
                           "targets_per_program": tr, "heads_per_group": hb, "num_warps": warps, "ms": ms,

@@ -409,7 +409,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
     pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
     hid = pre * tl.sigmoid(pre)
     offs_g = tl.arange(0, GP)
-    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid, mask=(slot < K)[:, None] & (offs_g < G)[None, :])
+    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid,
+             mask=(slot < K)[:, None] & (offs_g < G)[None, :])
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, HC):
