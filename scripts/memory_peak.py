@@ -17,9 +17,9 @@ import json
 import os
 
 import torch
+from fused_step import paper_step
 
-from e2f.attention.triton.function import fused_attention_core, last_config
-from e2f.attention.workload import random_core_inputs
+from e2f.attention.triton.function import last_config
 
 
 
@@ -51,16 +51,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 16384])
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
-    torch.set_float32_matmul_precision("high")
     with open(args.out, "a") as out:
         for n in args.sizes:
-            inp = random_core_inputs(n, max_neighbors=32, device="cuda", requires_grad=True, value_head_stride=64)
-            leaves = [x for x in inp.tensors().values() if x.dtype.is_floating_point]
-            dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device="cuda")
-
-            def step():
-                torch.autograd.grad(fused_attention_core(inp), leaves, dout)
-
+            step, forward = paper_step(n)
             step()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -78,7 +71,7 @@ def main() -> None:
             print(json.dumps(record, indent=1), flush=True)
             out.write(json.dumps(record) + "\n")
             out.flush()
-            del inp, leaves, dout
+            del step, forward  # their inputs
             torch.cuda.empty_cache()
 
 

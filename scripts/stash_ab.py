@@ -22,9 +22,9 @@ import os
 
 import torch
 import triton
+from fused_step import paper_step
 
-from e2f.attention.triton.function import STASH_ENV, fused_attention_core, last_config
-from e2f.attention.workload import random_core_inputs
+from e2f.attention.triton.function import STASH_ENV, last_config
 
 
 def main() -> None:
@@ -34,20 +34,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["auto", "6144"], help="bytes an atom, or auto")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_float32_matmul_precision("high")
     with open(args.out, "a") as out:
         for n in args.sizes:
-            inp = random_core_inputs(n, max_neighbors=32, device="cuda", requires_grad=True, value_head_stride=64)
-            leaves = [x for x in inp.tensors().values() if x.dtype.is_floating_point]
-            dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device="cuda")
-
-            def step():
-                torch.autograd.grad(fused_attention_core(inp), leaves, dout)
-
-            def forward():
-                with torch.no_grad():
-                    fused_attention_core(inp)
-
+            step, forward = paper_step(n)
             for repeat in range(args.repeats):
                 for budget in args.budgets:
                     os.environ[STASH_ENV] = "" if budget == "auto" else budget
