@@ -35,9 +35,10 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from e2f.attention.triton import kernels  # noqa: E402
-from e2f.attention.triton.function import parse_fwd_config  # noqa: E402
+from e2f.attention.triton.function import _gate_stash_width, parse_fwd_config  # noqa: E402
 
-SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=384, T0=0, NT=2048, A0=0, C=0, NC=11)
+SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=_gate_stash_width(128, 128, 256), T0=0, NT=2048, A0=0, C=0,
+             NC=11)
 # row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
 UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC")
 KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",

@@ -104,13 +104,14 @@ def probe_inputs(neighbors: int | None = None, *, dtype=torch.float32, seed: int
 def _dim_names(inp: CoreInputs) -> dict[int, str]:
     n, k = inp.nbr.shape
     h, dk = inp.q.shape[1:]
-    g, r = inp.w_radial.shape[1], inp.w_radial.shape[0]
-    # the fused backward's gate stash row width (dg, du, hid; then dpre, the radial basis) first:
-    # a probe size it happens to equal keeps its own name
-    names = {max(2 * h + g, g + r): "max(2H+G,G+R)", n * k: "E", n: "N", k: "K", h: "H", dk: "dk", inp.v.shape[2]: "dv", inp.w_radial.shape[0]: "R",
-             inp.w_radial.shape[1]: "G", 2 * h: "2H", inp.pos_src.shape[0]: "M" if inp.pos_src.shape[0] != n else "N",
-             3: "3"}
-    return names
+    r, g = inp.w_radial.shape
+    from e2f.attention.triton.function import _gate_stash_width
+
+    # the fused backward's gate stash row width first: a probe size it happens to equal keeps
+    # its own name
+    return {_gate_stash_width(h, g, r): "max(2H+G,G+R)", n * k: "E", n: "N", k: "K", h: "H", dk: "dk",
+            inp.v.shape[2]: "dv", r: "R", g: "G", 2 * h: "2H",
+            inp.pos_src.shape[0]: "M" if inp.pos_src.shape[0] != n else "N", 3: "3"}
 
 
 def symbolic_shape(shape, names: dict[int, str]) -> list[str]:

@@ -170,8 +170,9 @@ class KernelTflops(Suite):
         metrics.update(n_edges=n_edges, bytes_moved=nbytes, roof_dtype=roof_dtype, flops_elementwise=ew,
                        tflops_with_elementwise=(metrics["flops_total"] + ew) / (metrics["latency_ms"] * 1e-3) / 1e12,
                        tf32_matmul=tf32)
-        if point.impl == "triton":
-            metrics["config"] = workloads.core_config(point.impl)
+        config = workloads.core_config(point.impl)
+        if config is not None:
+            metrics["config"] = config
         _roofline(metrics, environment(cfg.device)["gpu_name"] if cfg.is_cuda else None, roof_dtype)
         return metrics
 

@@ -113,8 +113,9 @@ class MemoryScaling(Suite):
                           warmup=(QUICK_TIMING if cfg.quick else FULL_TIMING)[0],
                           repeats=(QUICK_TIMING if cfg.quick else FULL_TIMING)[1])
         metrics.update(extra, tf32_matmul=tf32)
-        if what == "core" and name == "triton":
-            metrics["config"] = workloads.core_config(name)
+        config = workloads.core_config(name) if what == "core" else None
+        if config is not None:
+            metrics["config"] = config
         return metrics
 
 

@@ -424,13 +424,24 @@ MIN_CHUNK_TARGETS = 256
 
 def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
     """The stash of ``rows`` edges: ``w``, ``dqk`` ([rows, H]), the gate rows ([rows, SW]) and
-    the ones the bias gradient's product sums with.
-
-    The backward halves its chunk while this runs out of memory: near a full card the stash
-    budget alone does not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the
-    output and the gradients leave ~2 GiB, in pieces)."""
+    the ones the bias gradient's product sums with."""
     return (torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), torch.empty(rows, sw, **f32),
             torch.ones(rows, **f32))
+
+
+def _allocate_stash(n_rows: int, kslots: int, h: int, g: int, r: int, f32: dict) -> tuple:
+    """``(targets per chunk, stash buffers)``: ``_stash_chunk``'s chunk, halved while its stash
+    runs out of memory (down to ``MIN_CHUNK_TARGETS``): near a full card the budget alone does
+    not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the output and the
+    gradients leave ~2 GiB, in pieces)."""
+    chunk = _stash_chunk(n_rows, kslots, h, g, r)
+    while True:
+        try:
+            return chunk, _stash_buffers(chunk * kslots, h, _gate_stash_width(h, g, r), f32)
+        except torch.OutOfMemoryError:
+            if chunk <= MIN_CHUNK_TARGETS:
+                raise
+            chunk = triton_cdiv(chunk, 2)
 
 
 def _max_programs(device: torch.device) -> int:
@@ -462,16 +473,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     max_programs = _max_programs(dev)
     dc_part = torch.zeros(max_programs, r, **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    sw = _gate_stash_width(h, g, r)
-    chunk = _stash_chunk(n, kslots, h, g, r)
-    while True:
-        try:
-            w_edge, dqk_edge, gate_edge, ones = _stash_buffers(chunk * kslots, h, sw, f32)
-            break
-        except torch.OutOfMemoryError:
-            if chunk <= MIN_CHUNK_TARGETS:
-                raise
-            chunk = triton_cdiv(chunk, 2)
+    chunk, (w_edge, dqk_edge, gate_edge, ones) = _allocate_stash(n, kslots, h, g, r, f32)
+    sw = gate_edge.shape[1]
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff = float(gamma), float(cutoff)
