@@ -73,10 +73,9 @@ run_step() {
                     --sizes "${MEMTRITON_SIZES:-1024,16384,65536,262144,1048576}" --out "$res/memory-triton" ;;
         kernel) step kernel-tflops "${KERNEL_SECS:-150}" $B --suite kernel-tflops --full --impl "${KERNEL_IMPLS:-triton,materialized,sdpa-dense}" \
                     --sizes "${KERNEL_SIZES:-4096,16384,65536}" --out "$res/kernel-tflops" ;;
-        twin)  # E2Former-V2's force-training step through the chunked double-backward twin (the
-               # default before 'auto', which materialises at this size): run beside latency-v2
-            step twin 150 env E2F_TRITON_TWIN=chunked $B --suite latency --full --impl e2former-v2 --sizes 1000 \
-                --out "$res/latency-twin-chunked" ;;
+        twin)  # E2Former-V2's force-training step against the second order's block size, v1 beside it
+            step twin "${TWIN_SECS:-300}" python3 scripts/twin_blocks.py --out "$res/twin-blocks.jsonl" --sizes 1000 4000 \
+                --blocks 250 auto --steps 3 ;;
         ncu-fwd)  # hardware counters of one forward launch (Firecracker machines; clocks left alone)
             step ncu-fwd "${NCU_SECS:-150}" ncu --clock-control none -k regex:fwd_kernel -c 1 \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \

@@ -38,7 +38,7 @@ _DIFF_FIELDS = tuple(f for f in _FIELDS if f != "nbr")
 
 
 @dataclass(frozen=True)
-class _Plan:
+class BlockPlan:
     """Block sizes and the non-tensor constants of one call."""
 
     target_block: int
@@ -48,7 +48,10 @@ class _Plan:
     eps: float
 
 
-def _plan(inp: CoreInputs, target_block: int | None, neighbor_block: int | None, max_elements: int) -> _Plan:
+def block_plan(inp: CoreInputs, target_block: int | None = None, neighbor_block: int | None = None,
+               max_elements: int = 1 << 24) -> BlockPlan:
+    """Block sizes of one call: ``target_block`` rows (default: as many as fit ``max_elements``
+    numbers of per-edge temporaries) and ``neighbor_block`` slots (default up to 64)."""
     n, kslots = inp.nbr.shape
     h = inp.num_heads
     kb = neighbor_block or min(kslots, 64)
@@ -56,7 +59,7 @@ def _plan(inp: CoreInputs, target_block: int | None, neighbor_block: int | None,
     # outputs, the radial basis and the [H]-wide softmax terms.
     per_edge = h * (inp.k.shape[-1] + 2 * inp.v.shape[-1] + 8) + 3 * inp.w_radial.shape[1] + inp.rbf_centers.shape[0]
     tb = target_block or max(1, max_elements // (per_edge * max(kslots, 1)))
-    return _Plan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps)
+    return BlockPlan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps)
 
 
 def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
@@ -70,7 +73,7 @@ def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
     return block, src, valid
 
 
-def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: _Plan):
+def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan):
     """``p``-ready terms of a block: ``logit [E, H]`` (-inf off-edge), ``env``, ``u / d``."""
     inp = CoreInputs(nbr=None, rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **block)
     num_edges = valid.shape[0]
@@ -80,7 +83,7 @@ def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: _Pla
     return logit, env, u * inv_d[:, None]
 
 
-def _forward(t: dict[str, Tensor], plan: _Plan):
+def _forward(t: dict[str, Tensor], plan: BlockPlan):
     n, kslots = t["nbr"].shape
     h, dv = t["v"].shape[1], t["v"].shape[2]
     like = t["v"]
@@ -124,7 +127,7 @@ def _scatter_grads(grads: dict[str, Tensor], leaves: dict[str, Tensor], parts, r
             grads[name] = grads[name] + g
 
 
-def _first_order_grads(t, dout, out, m_all, s_all, plan: _Plan) -> dict[str, Tensor]:
+def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str, Tensor]:
     """Gradients of ``<dout, out>`` by the streamed surrogate (see the module docstring)."""
     n, kslots = t["nbr"].shape
     h, dv = t["v"].shape[1], t["v"].shape[2]
@@ -162,45 +165,83 @@ class _CoreGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gg):
-        plan = ctx.plan
         dout, *tensors = ctx.saved_tensors
         t = dict(zip(_FIELDS, tensors))
-        gg = dict(zip(_DIFF_FIELDS, gg))
-        n, kslots = t["nbr"].shape
-        grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
-        d_dout = torch.zeros_like(dout)
-        create = torch.is_grad_enabled()
-        for a in range(0, n, plan.target_block):
-            rows = slice(a, min(a + plan.target_block, n))
-            block, src, valid = _gather_block(t, rows, slice(0, kslots))
-            with torch.enable_grad():
-                leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
-                dout_blk = dout[rows].detach().requires_grad_(True)
-                local_nbr = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
-                inp = CoreInputs(
-                    nbr=local_nbr.reshape(rows.stop - a, kslots),
-                    rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **leaves,
-                )
-                out_blk = attention_core_reference(inp)
-                g = torch.autograd.grad(out_blk, list(leaves.values()), dout_blk, create_graph=True, allow_unused=True)
-                pairing = []
-                for name, gi in zip(leaves, g):
-                    w = gg[name]
-                    if gi is None or w is None:
-                        continue
-                    if name in _DST_FIELDS:
-                        w = w[rows]
-                    elif name in _SRC_FIELDS:
-                        w = w[src]
-                    pairing.append((gi * w).sum())
-                if not pairing:
-                    continue
-                targets = list(leaves.values()) + [dout_blk]
-                parts = torch.autograd.grad(sum(pairing), targets, create_graph=create, allow_unused=True)
-            _scatter_grads(grads, leaves, parts[:-1], rows, src)
-            if parts[-1] is not None:
-                d_dout = d_dout.index_add(0, torch.arange(a, rows.stop, device=dout.device), parts[-1])
+        d_dout, grads = second_order_grads(ctx.plan, dout, t, dict(zip(_DIFF_FIELDS, gg)), torch.is_grad_enabled())
         return (None, None, None, None, d_dout, *(grads.get(f) for f in _FIELDS))
+
+
+def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: dict, rows: slice, create: bool):
+    """One target block of :func:`second_order_grads`: ``(parts, src)``, or None if ``gg``
+    pairs with nothing here; ``parts`` holds the block leaves' gradients, then ``dout``'s."""
+    kslots = t["nbr"].shape[1]
+    block, src, valid = _gather_block(t, rows, slice(0, kslots))
+    with torch.enable_grad():
+        leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
+        dout_blk = dout[rows].detach().requires_grad_(True)
+        local_nbr = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
+        inp = CoreInputs(
+            nbr=local_nbr.reshape(rows.stop - rows.start, kslots),
+            rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **leaves,
+        )
+        out_blk = attention_core_reference(inp)
+        g = torch.autograd.grad(out_blk, list(leaves.values()), dout_blk, create_graph=True, allow_unused=True)
+        pairing = []
+        for name, gi in zip(leaves, g):
+            w = gg[name]
+            if gi is None or w is None:
+                continue
+            if name in _DST_FIELDS:
+                w = w[rows]
+            elif name in _SRC_FIELDS:
+                w = w[src]
+            pairing.append((gi * w).sum())
+        if not pairing:
+            return None
+        targets = list(leaves.values()) + [dout_blk]
+        return dict(zip([*leaves, "dout"], torch.autograd.grad(sum(pairing), targets, create_graph=create,
+                                                               allow_unused=True))), src
+
+
+def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: dict, create: bool):
+    """The gradients of ``<gg, d<dout, out>/d inputs>`` with respect to ``dout`` and the inputs.
+
+    What the first-order gradients' backward needs (force training), whichever way their
+    values were computed. Each target block of ``plan`` recomputes its edges through the
+    reference formula and differentiates twice; blocks are independent, so a block that runs
+    out of memory is redone as two halves (down to one target, then the error is raised).
+
+    Returns
+    -------
+    tuple
+        ``d_dout`` (like ``dout``) and a dict of the inputs' gradients (``_DIFF_FIELDS``).
+    """
+    n = t["nbr"].shape[0]
+    grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
+    d_dout = torch.zeros_like(dout)
+    pending = [slice(a, min(a + plan.target_block, n)) for a in range(0, n, plan.target_block)][::-1]
+    while pending:
+        rows = pending.pop()
+        try:
+            result = _second_order_block(plan, dout, t, gg, rows, create)
+            split = False
+        except torch.OutOfMemoryError:
+            if rows.stop - rows.start == 1:
+                raise
+            split = True
+        if split:
+            # outside the except clause, so the failed attempt's tensors are already freed
+            mid = (rows.start + rows.stop) // 2
+            pending += [slice(mid, rows.stop), slice(rows.start, mid)]
+            continue
+        if result is None:
+            continue
+        parts, src = result
+        d_block = parts.pop("dout")
+        _scatter_grads(grads, parts, parts.values(), rows, src)
+        if d_block is not None:
+            d_dout = d_dout.index_add(0, torch.arange(rows.start, rows.stop, device=dout.device), d_block)
+    return d_dout, grads
 
 
 class _Core(torch.autograd.Function):
@@ -246,7 +287,7 @@ def chunked_attention_core(
     Tensor
         ``[N, H, dv]``; differentiable (any order) w.r.t. every floating tensor of ``inp``.
     """
-    plan = _plan(inp, target_block, neighbor_block, max_block_elements)
+    plan = block_plan(inp, target_block, neighbor_block, max_block_elements)
     tensors = [getattr(inp, f) for f in _FIELDS]
     out, _, _ = _Core.apply(plan, *tensors)
     return out

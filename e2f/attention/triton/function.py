@@ -43,10 +43,11 @@ they are IEEE fp32 (``input_precision="ieee"``); q/k/v may be float32, bfloat16 
 
 Backward is deterministic (no float atomics; fixed-order reductions; the two gate weight
 gradients are cuBLAS products, bitwise reproducible on one GPU model and library version). With
-``create_graph=True`` (force training) the backward routes through a differentiable PyTorch
-twin, so double backward works: the materialised reference while one [E, H, dv] tensor takes
-at most ``TWIN_MATERIALIZED_FRACTION`` of the GPU's memory, else the chunked backend
-(``e2f.attention.chunked``, O(N) memory); ``E2F_TRITON_TWIN=chunked|materialized`` forces one.
+``create_graph=True`` (force training) the first-order gradients still come from the fused
+kernels, and are themselves differentiable: their backward (the second order) recomputes
+target blocks through the reference formula (``e2f.attention.chunked.second_order_grads``,
+O(N) memory), blocks as large as ``TWIN_MEMORY_FRACTION`` of the GPU's memory allows;
+``E2F_TRITON_TWIN_BLOCK=<targets>`` forces the block size.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ import os
 import torch
 from torch import Tensor
 
+from e2f.attention.chunked import BlockPlan, block_plan, second_order_grads
 from e2f.attention.core import CoreInputs, padded_head_stride
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
@@ -514,55 +516,55 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     return grads
 
 
-#: Per-block temporaries of the chunked twin that carries double backward on a GPU. The
-#: twin saves only its inputs and recomputes block by block in both orders (O(N) memory), so
-#: the block size bounds the transient memory (~0.5 GB a temporary at 2**27 fp32 numbers) and
-#: sets the launch count: the CPU default of 2**24 gave ~35 blocks a layer at N = 1,000 and
-#: 11.5 s per training step on an H200.
-TWIN_BLOCK_ELEMENTS = 1 << 27
-#: ``auto`` (default), ``chunked`` (O(N) memory, three recomputes a layer) or
-#: ``materialized`` (plain autograd through every [E, H, dv] tensor: O(E) memory, one pass).
-TWIN_ENV = "E2F_TRITON_TWIN"
-#: ``auto`` materialises while one [E, H, dv] fp32 tensor takes at most 1/512 of the GPU's
-#: memory (``TWIN_MATERIALIZED_FRACTION``; on the CPU: ``TWIN_MATERIALIZED_CPU_ELEMENTS``
-#: numbers) and streams beyond. The materialised twin keeps ~16 such tensors a layer, so a
-#: 4-layer model at the bound holds about half the card: E2Former-V2 at N = 1,024 (K = 32,
-#: H = 128, dv = 58: 0.97 GB a tensor) took 61 MB an atom in its force-training step on an
-#: H200, against 18 MB with the chunked twin; the step took 0.73 s against 2.1 s (H200,
-#: 2026-11-26, same call). E2Former v1, the same function, takes 0.22-0.28 s.
-TWIN_MATERIALIZED_FRACTION = 1 / 512
-TWIN_MATERIALIZED_CPU_ELEMENTS = 1 << 26
+#: The second order (force training) recomputes target blocks through the reference formula
+#: and differentiates them twice (``chunked.second_order_grads``). Each block costs a few
+#: thousand launches whatever its size, so small blocks make a training step launch-bound:
+#: E2Former-V2 at N = 1,000 took 2.60 s a step with 2**27-element blocks (5 a layer) and
+#: 1.16 s with one block (H100, 2026-11-26, the earlier twin that also recomputed the first
+#: order). Blocks are therefore as large as ``TWIN_MEMORY_FRACTION`` of the card allows at
+#: ``TWIN_BYTES_PER_ELEMENT`` bytes of temporaries per element of ``chunked.block_plan``'s
+#: count (measured ~16: +6.4 GiB of peak for 2**29 - 2**27 more elements at N = 4,000).
+TWIN_MEMORY_FRACTION = 1 / 8
+TWIN_BYTES_PER_ELEMENT = 16
+#: Off the GPU: ``chunked``'s default block.
+TWIN_CPU_BLOCK_ELEMENTS = 1 << 24
+#: Forces the second order's block size, in targets.
+TWIN_BLOCK_ENV = "E2F_TRITON_TWIN_BLOCK"
 
 
-def _twin_materialized_max_elements(device: torch.device) -> int:
-    if device.type != "cuda":
-        return TWIN_MATERIALIZED_CPU_ELEMENTS
-    return int(torch.cuda.get_device_properties(device).total_memory * TWIN_MATERIALIZED_FRACTION) // 4
-
-
-def twin_choice(inp: CoreInputs) -> str:
-    """The differentiable twin the second-order pass of ``inp`` goes through."""
-    twin = os.environ.get(TWIN_ENV, "auto")
-    if twin not in ("auto", "chunked", "materialized"):
-        raise ValueError(f"{TWIN_ENV} must be 'auto', 'chunked' or 'materialized', got {twin!r}")
-    if twin == "auto":
-        width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
-        twin = "materialized" if width <= _twin_materialized_max_elements(inp.q.device) else "chunked"
-    return twin
-
-
-def _differentiable_twin(inp: CoreInputs) -> Tensor:
-    """The same function through PyTorch ops (any order of differentiation)."""
-    _last["twin"] = twin = twin_choice(inp)
-    if twin == "materialized":
-        from e2f.attention.core import attention_core_reference
-
-        return attention_core_reference(inp)
-    from e2f.attention.chunked import chunked_attention_core
-
+def twin_plan(inp: CoreInputs) -> BlockPlan:
+    """The target blocks the second-order pass of ``inp`` recomputes."""
+    forced = os.environ.get(TWIN_BLOCK_ENV, "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"{TWIN_BLOCK_ENV} must be a positive number of targets, got {forced!r}")
+        return block_plan(inp, target_block=int(forced))
+    max_elements = TWIN_CPU_BLOCK_ELEMENTS
     if inp.q.device.type == "cuda":
-        return chunked_attention_core(inp, max_block_elements=TWIN_BLOCK_ELEMENTS)
-    return chunked_attention_core(inp)
+        total = torch.cuda.get_device_properties(inp.q.device).total_memory
+        max_elements = int(total * TWIN_MEMORY_FRACTION / TWIN_BYTES_PER_ELEMENT)
+    return block_plan(inp, max_elements=max_elements)
+
+
+class _FusedCoreGrad(torch.autograd.Function):
+    """``(m, s, dout, inputs) -> d<dout, out>/d inputs`` by the fused kernels; its own backward
+    (the second order) recomputes target blocks of ``plan`` in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, plan, gamma, cutoff, eps, m, s, dout, *tensors):
+        t = dict(zip(TENSOR_NAMES, tensors))
+        grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
+        ctx.plan = plan
+        ctx.save_for_backward(dout, *tensors)
+        return tuple(grads[name].to(x.dtype) for name, x in zip(TENSOR_NAMES, tensors) if name != "nbr")
+
+    @staticmethod
+    def backward(ctx, *gg):
+        dout, *tensors = ctx.saved_tensors
+        t = dict(zip(TENSOR_NAMES, tensors))
+        gg = dict(zip([name for name in TENSOR_NAMES if name != "nbr"], gg))
+        d_dout, grads = second_order_grads(ctx.plan, dout, t, gg, torch.is_grad_enabled())
+        return (None, None, None, None, None, None, d_dout, *(grads.get(name) for name in TENSOR_NAMES))
 
 
 class _FusedCore(torch.autograd.Function):
@@ -581,14 +583,14 @@ class _FusedCore(torch.autograd.Function):
         gamma, cutoff, eps = ctx.scalars
         needs = ctx.needs_input_grad[3:]
         if torch.is_grad_enabled():
-            # create_graph: differentiate the PyTorch twin so the gradient is itself differentiable
+            # create_graph (force training): gradients that are themselves differentiable
             inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps)
-            wanted = [x for x, need in zip(tensors, needs) if need]
-            out = _differentiable_twin(inp)
-            got = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
-            res = [next(got) if need else None for need in needs]
-            res = [torch.zeros_like(x) if (r is None and need) else r for x, r, need in zip(tensors, res, needs)]
-            return (None, None, None, *res)
+            plan = twin_plan(inp)
+            _last["twin_target_block"] = plan.target_block
+            got = dict(zip([name for name in TENSOR_NAMES if name != "nbr"],
+                           _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)))
+            return (None, None, None, *(got[name] if need and name != "nbr" else None
+                                        for name, need in zip(TENSOR_NAMES, needs)))
         t = dict(zip(TENSOR_NAMES, tensors))
         grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
         res = []

@@ -197,41 +197,65 @@ def test_backward_while_autotuning(monkeypatch):
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
-@pytest.mark.parametrize("twin", ["chunked", "materialized", "auto"])
-def test_double_backward_routes_through_the_twin(twin, monkeypatch):
-    monkeypatch.setenv("E2F_TRITON_TWIN", twin)
-    inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
+def _force_training_pair(inp):
+    """Forces-like first-order gradients (create_graph) and a parameter gradient through them,
+    for the fused core and for plain autograd through the reference."""
     ref_inp = detached_copy(inp)
     results = []
     for fn, x in ((fused_attention_core, inp), (attention_core_reference, ref_inp)):
         energy = (fn(x) ** 2).sum()
         (gpos,) = torch.autograd.grad(energy, x.pos_dst, create_graph=True)
-        (gg,) = torch.autograd.grad(gpos.square().sum(), x.w_radial)
-        results.append((gpos, gg))
-    assert rel(results[0][0], results[1][0]) < 1e-5
-    assert rel(results[0][1], results[1][1]) < 1e-4
+        second = torch.autograd.grad(gpos.square().sum(), (x.w_radial, x.v, x.q, x.pos_src))
+        results.append((gpos, second))
+    return results
 
 
-def test_auto_twin_streams_above_its_bound(monkeypatch):
-    from e2f.attention.triton import function
+@pytest.mark.parametrize("block", ["", "1", "4", "100"])
+def test_second_order_matches_the_reference(block, monkeypatch):
+    from e2f.attention.triton.function import TWIN_BLOCK_ENV
 
-    inp = make_inputs(6, 7, 4, seed=17, drop=0.0)
-    width = inp.nbr.numel() * inp.v.shape[1] * inp.v.shape[2]
-    monkeypatch.delenv("E2F_TRITON_TWIN", raising=False)
-    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width)
-    assert function.twin_choice(inp) == "materialized"
-    monkeypatch.setattr(function, "_twin_materialized_max_elements", lambda device: width - 1)
-    assert function.twin_choice(inp) == "chunked"
-    energy = (fused_attention_core(inp) ** 2).sum()
-    torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
-    assert last_config()["twin"] == "chunked"
+    monkeypatch.setenv(TWIN_BLOCK_ENV, block)
+    fused, ref = _force_training_pair(make_inputs(6, 7, 4, seed=17, drop=0.0))
+    assert rel(fused[0], ref[0]) < 1e-5
+    for got, want in zip(fused[1], ref[1]):
+        assert rel(got, want) < 1e-4
+    assert last_config()["twin_target_block"] == (min(int(block), 6) if block else 6)
 
 
-def test_unknown_twin_is_rejected(monkeypatch):
-    monkeypatch.setenv("E2F_TRITON_TWIN", "fast")
+def test_second_order_splits_blocks_that_run_out_of_memory(monkeypatch):
+    from e2f.attention import chunked
+    from e2f.attention.triton.function import TWIN_BLOCK_ENV
+
+    real, sizes = chunked._second_order_block, []
+
+    def small_blocks_only(plan, dout, t, gg, rows, create):
+        sizes.append(rows.stop - rows.start)
+        if rows.stop - rows.start > 2:
+            raise torch.OutOfMemoryError("test: block too large")
+        return real(plan, dout, t, gg, rows, create)
+
+    monkeypatch.setattr(chunked, "_second_order_block", small_blocks_only)
+    monkeypatch.setenv(TWIN_BLOCK_ENV, "6")
+    fused, ref = _force_training_pair(make_inputs(6, 7, 4, seed=19, drop=0.1))
+    assert sizes == [6, 3, 1, 2, 3, 1, 2]
+    for got, want in zip(fused[1], ref[1]):
+        assert rel(got, want) < 1e-4
+
+    def never(plan, dout, t, gg, rows, create):
+        raise torch.OutOfMemoryError("test: nothing fits")
+
+    monkeypatch.setattr(chunked, "_second_order_block", never)
+    with pytest.raises(torch.OutOfMemoryError):
+        _force_training_pair(make_inputs(6, 7, 4, seed=19, drop=0.1))
+
+
+def test_bad_second_order_block_is_rejected(monkeypatch):
+    from e2f.attention.triton.function import TWIN_BLOCK_ENV
+
+    monkeypatch.setenv(TWIN_BLOCK_ENV, "fast")
     inp = make_inputs(4, 4, 3, seed=18, drop=0.0)
     energy = (fused_attention_core(inp) ** 2).sum()
-    with pytest.raises(ValueError, match="E2F_TRITON_TWIN"):
+    with pytest.raises(ValueError, match=TWIN_BLOCK_ENV):
         torch.autograd.grad(energy, inp.pos_dst, create_graph=True)
 
 
