@@ -395,8 +395,13 @@ def fig_lmax(df: pd.DataFrame, paper: bool) -> Drawn | None:
                  "Line style = mode (solid fwd, dashed fwd+bwd); crosses: out of memory.")
 
 
+#: The accuracy suite's error metrics, as drawn.
+ACCURACY_PANELS = (("metrics.energy_mae_mev_per_atom", "energy MAE (meV/atom)"),
+                   ("metrics.force_mae_mev_per_A", "force MAE (meV/Å)"))
+
+
 def fig_accuracy(df: pd.DataFrame, paper: bool) -> Drawn | None:
-    """The accuracy records as a table figure (energy/force errors per model and data set)."""
+    """Energy and force errors per model (bars, log scale); the table holds every record's metrics."""
     d = df[(df["suite"] == "accuracy") & (df["status"] == "ok")]
     if d.empty:
         return None
@@ -406,16 +411,39 @@ def fig_accuracy(df: pd.DataFrame, paper: bool) -> Drawn | None:
                    and (pd.api.types.is_numeric_dtype(d[c]) or c == "metrics.time_budget_reached")
                    and not c.endswith(("_ms", "repeats"))]
     param_cols = [c for c in _series_columns(d) if c != "params.dtype"] + (["params.dataset"] if "params.dataset" in d else [])
-    cols = ["impl", *dict.fromkeys(param_cols), *metric_cols]
-    table = _table(d, cols)
-    fig, ax = plt.subplots(figsize=style.panel_size(2, max(1, len(table)) * 0.25 + 0.3, paper))
-    ax.axis("off")
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
-    tab = ax.table(cellText=cells, colLabels=list(table.columns), loc="center")
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(6 if paper else 8)
-    ax.set_title("Accuracy (units as named: eV, eV/Å)")
-    return Drawn("accuracy", "Accuracy", "accuracy", fig, table, "From the accuracy suite's records.")
+    # bar labels: the model, and what else tells two of its records apart (not the steps asked)
+    series = [c for c in _series_columns(d, ("params.steps_asked", "params.mode")) if c != "params.dtype"]
+    table = _table(d, ["impl", *dict.fromkeys(param_cols), *metric_cols])
+    panels = [(m, label) for m, label in ACCURACY_PANELS if m in d and d[m].notna().any()]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=style.panel_size(len(panels), paper=paper), squeeze=False)
+    stopped = d["metrics.time_budget_reached"].fillna(False).astype(bool) if "metrics.time_budget_reached" in d \
+        else pd.Series(False, index=d.index)
+    for ax, (metric, label) in zip(axes[0], panels):
+        sub = d[d[metric].notna()]
+        labels = [_label(impl, {c: row[c] for c in series}) if (sub["impl"] == impl).sum() > 1 else impl
+                  for impl, (_, row) in zip(sub["impl"], sub.iterrows())]
+        bars = ax.bar(range(len(sub)), sub[metric].astype(float),
+                      color=[style.impl_style(impl).colour for impl in sub["impl"]],
+                      hatch=["//" if stopped[i] else "" for i in sub.index], edgecolor="black", linewidth=0.5)
+        ax.bar_label(bars, fmt="%.3g", fontsize=6 if paper else 8)
+        ax.set_yscale("log")
+        # bars start a decade below the smallest: close values look close, not 10x apart
+        low, high = float(sub[metric].min()), float(sub[metric].max())
+        ax.set_ylim(10 ** math.floor(math.log10(low)), high * 1.6)
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylabel(label)
+        ax.set_xlabel("model")
+        ax.set_xticks(range(len(sub)), labels, rotation=30, ha="right")
+    data = sorted(str(x) for x in _col(d, "params.data").dropna().unique()) if "params.data" in d else []
+    fig.suptitle("Test-set errors" + (f" ({', '.join(data)})" if data else ""))
+    fig.tight_layout()
+    return Drawn("accuracy", "Accuracy", "accuracy", fig, table,
+                 "Mean absolute errors on the test split, log scale. Hatched: training stopped by its time "
+                 "budget before the steps asked (steps done in the table).")
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame, bool], Drawn | None]] = {
