@@ -72,6 +72,19 @@ def reference(nbr, w, v, rows):
     return torch.einsum("rkh,rkhd->rhd", wk, vals)
 
 
+def workload(n: int, dev: str):
+    """The suites' non-periodic workload at ``n`` atoms with padded value rows and random weights
+    ``w [N K, H]``: ``(nbr, v, w, rows, ref, logical)``, ``ref`` the sum on 256 sampled targets
+    ``rows`` and ``logical`` the value bytes the per-edge sum reads."""
+    inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64)
+    nbr, v = inp.nbr, inp.v
+    gen = torch.Generator(device=dev).manual_seed(1)
+    w = torch.rand(n * nbr.shape[1], v.shape[1], device=dev, generator=gen)
+    rows = torch.randperm(n, device=dev, generator=gen)[:256]
+    logical = float((nbr >= 0).sum()) * v.shape[1] * v.shape[2] * v.element_size()
+    return nbr, v, w, rows, reference(nbr, w, v, rows), logical
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -85,14 +98,8 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
-            inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64)
-            nbr, v = inp.nbr, inp.v
+            nbr, v, w, rows, ref, logical = workload(n, dev)
             kslots, heads, dv = nbr.shape[1], v.shape[1], v.shape[2]
-            gen = torch.Generator(device=dev).manual_seed(1)
-            w = torch.rand(n * kslots, heads, device=dev, generator=gen)
-            rows = torch.randperm(n, device=dev, generator=gen)[:256]
-            ref = reference(nbr, w, v, rows)
-            logical = float((nbr >= 0).sum()) * heads * dv * v.element_size()
             for text in args.variants:
                 outer, tr, hb, warps = (int(x) for x in text.split(","))
                 out = torch.zeros(n, heads, dv, device=dev)

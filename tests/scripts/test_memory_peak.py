@@ -2,30 +2,13 @@
 replay that decides what is reported does not)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _memory_peak():
-    sys.path.insert(0, str(SCRIPTS))  # the script imports its sibling fused_step
-    try:
-        spec = importlib.util.spec_from_file_location("memory_peak", SCRIPTS / "memory_peak.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return module
-
 
 def _frame(path: str, line: int, name: str = "f") -> dict:
     return {"filename": path, "line": line, "name": name}
 
 
-def test_live_at_peak_replays_allocations_and_completed_frees():
-    mp = _memory_peak()
+def test_live_at_peak_replays_allocations_and_completed_frees(load_script):
+    mp = load_script("memory_peak")
     ours = "/repo/e2f/attention/triton/function.py"
     trace = [
         {"action": "alloc", "addr": 1, "size": 100,
