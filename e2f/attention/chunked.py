@@ -219,6 +219,7 @@ def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: 
     n = t["nbr"].shape[0]
     grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
     d_dout = torch.zeros_like(dout)
+    # a stack: blocks pop in order, and a split block's halves go back on top
     pending = [slice(a, min(a + plan.target_block, n)) for a in range(0, n, plan.target_block)][::-1]
     while pending:
         rows = pending.pop()

@@ -10,8 +10,9 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     The configurations the autotuner chose for the four kernels (``fwd``, ``bwd_target``,
     ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the
     autotuner's timings when it benchmarked, for the forward also the registers and spills the
-    GPU driver reports), the number of target chunks of the last backward, and the gate-MLP
-    matmul precision used; the suites record it.
+    GPU driver reports), the number of target chunks of the last backward, the gate-MLP
+    matmul precision used, and after a ``create_graph`` backward the second order's targets
+    per block (``twin_target_block``); the suites record it.
 ``size_bucket(n_rows) -> int``
     The autotuning bucket of an atom count.
 
@@ -62,6 +63,7 @@ from e2f.attention.core import CoreInputs, padded_head_stride
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
+DIFF_NAMES = tuple(name for name in TENSOR_NAMES if name != "nbr")
 MAX_NEIGHBORS = 128
 _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FWD_CONFIG_ENV = "E2F_TRITON_FWD_CONFIG"
@@ -562,7 +564,7 @@ class _FusedCoreGrad(torch.autograd.Function):
     def backward(ctx, *gg):
         dout, *tensors = ctx.saved_tensors
         t = dict(zip(TENSOR_NAMES, tensors))
-        gg = dict(zip([name for name in TENSOR_NAMES if name != "nbr"], gg))
+        gg = dict(zip(DIFF_NAMES, gg))
         d_dout, grads = second_order_grads(ctx.plan, dout, t, gg, torch.is_grad_enabled())
         return (None, None, None, None, None, None, d_dout, *(grads.get(name) for name in TENSOR_NAMES))
 
@@ -587,8 +589,7 @@ class _FusedCore(torch.autograd.Function):
             inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps)
             plan = twin_plan(inp)
             _last["twin_target_block"] = plan.target_block
-            got = dict(zip([name for name in TENSOR_NAMES if name != "nbr"],
-                           _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)))
+            got = dict(zip(DIFF_NAMES, _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)))
             return (None, None, None, *(got[name] if need and name != "nbr" else None
                                         for name, need in zip(TENSOR_NAMES, needs)))
         t = dict(zip(TENSOR_NAMES, tensors))
