@@ -85,16 +85,39 @@ def workload(n: int, dev: str):
     return nbr, v, w, rows, reference(nbr, w, v, rows), logical
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def time_and_check(run, out, rows, ref, dev: str, rep: int):
+    """Runs ``run`` once and checks ``out[rows]`` against ``ref``, then times it on a GPU
+    (``do_bench`` median, L2 flushed): ``(relative error, ms or None)``."""
+    run()
+    err = float((out[rows] - ref).norm() / ref.norm())
+    ms = triton.testing.do_bench(run, warmup=50, rep=rep, return_mode="median") if dev == "cuda" else None
+    return err, ms
+
+
+def write_record(out_file, record: dict) -> None:
+    """One JSON line (the card and ``E2F_GIT_COMMIT`` first) to stdout and ``out_file``."""
+    record = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "git_commit": os.environ.get("E2F_GIT_COMMIT"), **record}
+    print(json.dumps(record), flush=True)
+    out_file.write(json.dumps(record) + "\n")
+    out_file.flush()
+
+
+def probe_args(description: str, variants: list[str], variant_fields: str) -> argparse.Namespace:
+    """The command line both aggregation probes take."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[65536])
-    ap.add_argument("--variants", nargs="+", default=[
+    ap.add_argument("--variants", nargs="+", default=variants, help=variant_fields)
+    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = probe_args(__doc__.splitlines()[0], [
         "0,1,16,4", "0,32,16,4", "1,8,1,1", "1,8,2,2", "1,8,4,4", "1,32,1,1", "1,32,2,2", "1,32,4,4",
         "1,32,8,4", "1,128,1,1", "1,128,2,2", "1,128,4,4", "1,32,1,2", "1,32,2,4", "1,128,2,4"],
-        help="HEADS_OUTER,TR,HB,num_warps")
-    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
-    args = ap.parse_args()
+        "HEADS_OUTER,TR,HB,num_warps")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
@@ -110,18 +133,10 @@ def main() -> None:
                         BK=triton.next_power_of_2(kslots), DV=dv, DVP=triton.next_power_of_2(dv),
                         VS=padded_head_stride(v) or 0, num_warps=warps)
 
-                run()
-                err = float((out[rows] - ref).norm() / ref.norm())
-                ms = None
-                if dev == "cuda":
-                    ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
-                record = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                          "git_commit": os.environ.get("E2F_GIT_COMMIT"), "n_atoms": n, "heads_outer": outer,
-                          "targets_per_program": tr, "heads_per_group": hb, "num_warps": warps, "ms": ms,
-                          "logical_TBps": logical / ms / 1e9 if ms else None, "rel_err": err}
-                print(json.dumps(record), flush=True)
-                out_file.write(json.dumps(record) + "\n")
-                out_file.flush()
+                err, ms = time_and_check(run, out, rows, ref, dev, args.rep)
+                write_record(out_file, {"n_atoms": n, "heads_outer": outer, "targets_per_program": tr,
+                                        "heads_per_group": hb, "num_warps": warps, "ms": ms,
+                                        "logical_TBps": logical / ms / 1e9 if ms else None, "rel_err": err})
 
 
 if __name__ == "__main__":

@@ -29,16 +29,13 @@ sum on sampled targets.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 
 import torch
 import triton
 import triton.language as tl
 
-from agg_order_probe import workload
+from agg_order_probe import probe_args, time_and_check, workload, write_record
 from e2f.attention.core import padded_head_stride
 
 
@@ -150,15 +147,10 @@ def union_agg_kernel(w, v, uptr, usrc, uslot, out, N, K, H, EH, TB: tl.constexpr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[65536])
-    ap.add_argument("--variants", nargs="+", default=[
+    args = probe_args(__doc__.splitlines()[0], [
         "16,32,1,1,0,1,tf32", "16,32,1,1,0,1,ieee", "16,32,1,1,0,1,tf32x3", "16,32,1,1,0,2,tf32",
         "16,32,1,1,0,4,tf32,3", "16,32,4,1,1,4,tf32,1,4", "32,32,1,1,0,1,tf32", "16,32,1,1,0,1,tf32,1,1,0,0"],
-        help="TB,UC,HG,HEAD_MAJOR_W,HEADS_FAST,num_warps,precision[,STAGES,HB,LOAD_W,LOAD_V]")
-    ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
-    args = ap.parse_args()
+        "TB,UC,HG,HEAD_MAJOR_W,HEADS_FAST,num_warps,precision[,STAGES,HB,LOAD_W,LOAD_V]")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
@@ -191,21 +183,13 @@ def main() -> None:
                         PREC=prec, STAGES=stages, HB=hb, LOAD_W=bool(load_w), LOAD_V=bool(load_v),
                         num_warps=warps)
 
-                run()
-                err = float((out[rows] - ref).norm() / ref.norm())
-                ms = None
-                if dev == "cuda":
-                    ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
-                record = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                          "git_commit": os.environ.get("E2F_GIT_COMMIT"), "n_atoms": n, "targets_per_block": tb,
-                          "union_chunk": uc, "heads_per_program": hg, "head_major_w": head_major,
-                          "heads_fast": heads_fast, "num_warps": warps, "precision": prec, "stages": stages,
-                          "heads_per_dot": hb, "load_w": load_w, "load_v": load_v,
-                          "union_rows_per_block": usrc.numel() / blocks, "union_build_ms": build_ms, "ms": ms,
-                          "logical_TBps": logical / ms / 1e9 if ms else None, "rel_err": err}
-                print(json.dumps(record), flush=True)
-                out_file.write(json.dumps(record) + "\n")
-                out_file.flush()
+                err, ms = time_and_check(run, out, rows, ref, dev, args.rep)
+                write_record(out_file, {
+                    "n_atoms": n, "targets_per_block": tb, "union_chunk": uc, "heads_per_program": hg,
+                    "head_major_w": head_major, "heads_fast": heads_fast, "num_warps": warps, "precision": prec,
+                    "stages": stages, "heads_per_dot": hb, "load_w": load_w, "load_v": load_v,
+                    "union_rows_per_block": usrc.numel() / blocks, "union_build_ms": build_ms, "ms": ms,
+                    "logical_TBps": logical / ms / 1e9 if ms else None, "rel_err": err})
 
 
 if __name__ == "__main__":
