@@ -67,16 +67,16 @@ def reference(nbr, w, v, rows):
     """The sum in PyTorch for the targets ``rows``."""
     src = nbr[rows]
     ok = (src >= 0).to(v.dtype)
-    vals = v[src.clamp_min(0)]  # [r, K, H, dv]
+    vals = v[src.clamp_min(0)].float()  # [r, K, H, dv]
     wk = w.reshape(nbr.shape[0], nbr.shape[1], -1)[rows] * ok[..., None]
     return torch.einsum("rkh,rkhd->rhd", wk, vals)
 
 
-def workload(n: int, dev: str):
-    """The suites' non-periodic workload at ``n`` atoms with padded value rows and random weights
-    ``w [N K, H]``: ``(nbr, v, w, rows, ref, logical)``, ``ref`` the sum on 256 sampled targets
-    ``rows`` and ``logical`` the value bytes the per-edge sum reads."""
-    inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64)
+def workload(n: int, dev: str, dtype: str = "float32"):
+    """The suites' non-periodic workload at ``n`` atoms with padded value rows of ``dtype`` and
+    random fp32 weights ``w [N K, H]``: ``(nbr, v, w, rows, ref, logical)``, ``ref`` the sum on
+    256 sampled targets ``rows`` and ``logical`` the value bytes the per-edge sum reads."""
+    inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64, dtype=getattr(torch, dtype))
     nbr, v = inp.nbr, inp.v
     gen = torch.Generator(device=dev).manual_seed(1)
     w = torch.rand(n * nbr.shape[1], v.shape[1], device=dev, generator=gen)
@@ -110,6 +110,7 @@ def probe_args(description: str, variants: list[str], variant_fields: str) -> ar
     ap.add_argument("--sizes", type=int, nargs="+", default=[65536])
     ap.add_argument("--variants", nargs="+", default=variants, help=variant_fields)
     ap.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of the value rows")
     return ap.parse_args()
 
 
@@ -121,7 +122,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
-            nbr, v, w, rows, ref, logical = workload(n, dev)
+            nbr, v, w, rows, ref, logical = workload(n, dev, args.dtype)
             kslots, heads, dv = nbr.shape[1], v.shape[1], v.shape[2]
             for text in args.variants:
                 outer, tr, hb, warps = (int(x) for x in text.split(","))
@@ -134,7 +135,7 @@ def main() -> None:
                         VS=padded_head_stride(v) or 0, num_warps=warps)
 
                 err, ms = time_and_check(run, out, rows, ref, dev, args.rep)
-                write_record(out_file, {"n_atoms": n, "heads_outer": outer, "targets_per_program": tr,
+                write_record(out_file, {"n_atoms": n, "dtype": args.dtype, "heads_outer": outer, "targets_per_program": tr,
                                         "heads_per_group": hb, "num_warps": warps, "ms": ms,
                                         "logical_TBps": logical / ms / 1e9 if ms else None, "rel_err": err})
 

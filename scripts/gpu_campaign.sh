@@ -63,7 +63,8 @@ run_step() {
             step leak-v2 "${LEAK_SECS:-120}" $B --suite memory-scaling --full --impl e2former-v2 --sizes 65536,1024 \
                 --out "$res/leak-v2" ;;
         probe)  # forward time split (no value gathers / no gate products) and a profiler breakdown of fwd+bwd
-            step probe "${PROBE_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check --sizes --probe ;;
+            step probe "${PROBE_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check --sizes \
+                --probe ${PROBE_SIZES:-16384} ;;
         big-check)  # triton against chunked at N = 65,536, forward and every gradient (fp32, TF32 off)
             step big-check "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev" \
                 --skip-check --sizes --value-layouts padded --big-check ;;

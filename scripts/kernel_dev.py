@@ -38,6 +38,7 @@ import time
 import torch
 
 from e2f.attention.core import attention_core_reference
+from e2f.attention.triton import function as F
 from e2f.attention.triton.function import check, fused_attention_core, last_config
 from e2f.attention.workload import random_core_inputs
 from suites.core.env import git_state
@@ -266,7 +267,6 @@ def bench_ms(fn):
 def fwd_variants(out_dir, n, dtype, variants, k=32, layout="contiguous"):
     """Forward latency of each forced configuration at one N and q/k/v dtype (TF32 gate
     products), after checking its out, m and s against the first configuration's."""
-    from e2f.attention.triton import function as F
     torch.set_float32_matmul_precision("high")
     inp = with_layout(inputs(n, dtype, seed=3, k=k), layout)
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
@@ -294,35 +294,37 @@ def fwd_variants(out_dir, n, dtype, variants, k=32, layout="contiguous"):
         os.environ.pop(F.FWD_CONFIG_ENV, None)
 
 
-# raw forward variants of the probe (padded value rows): the default, then the profiling
-# switches that skip the value gathers (AGG) and the gate MLP products (GATE), which split
-# the forward's time between the aggregation and the rest; then the previous default
-FWD_VARIANTS = [
-    dict(HC=16, RC=32, num_warps=4, GROUPS=2),
-    dict(HC=16, RC=32, num_warps=4, GROUPS=2, AGG=False),
-    dict(HC=16, RC=32, num_warps=4, GROUPS=2, GATE=False),
-    dict(HC=16, RC=32, num_warps=4, GROUPS=2, GATE=False, AGG=False),
-    dict(HC=16, RC=32, num_warps=4, GROUPS=4),
-]
+def probe_variants(dtype=torch.float32) -> list[dict]:
+    """Raw forward variants of the probe (padded value rows): the library's first configuration
+    for ``dtype``, then with the profiling switches that skip the value gathers (AGG) and the
+    gate MLP products (GATE), which split the forward's time between them and the rest; the
+    same four without the register cap, if the first configuration has one (under the cap the
+    switches change the spills: 6 -> 216 B with AGG off, perf-notes 21)."""
+    first = F._fwd_candidates(dtype)[0]
+    base = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+    bases = [base]
+    if first.maxnreg is not None:
+        bases = [{**base, "maxnreg": first.maxnreg}, base]
+    return [{**b, **switches} for b in bases
+            for switches in ({}, {"AGG": False}, {"GATE": False}, {"GATE": False, "AGG": False})]
 
 
-def probe(out_dir, n=16384, variants=None):
+def probe(out_dir, n=16384, dtype=torch.float32):
     """Raw forward-kernel variants (explicit meta-parameters, no autotuning), compiler
     resource report, and a torch.profiler breakdown of one fwd+bwd step."""
     import triton
     import triton.testing
 
-    from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
     torch.set_float32_matmul_precision("high")
-    inp = with_layout(inputs(n), "padded")
+    inp = with_layout(inputs(n) if dtype == torch.float32 else to_qkv(inputs(n), dtype), "padded")
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
     d = F._dims(t)
     out = torch.empty(n, d["H"], d["DV"], device=DEV)
     m = torch.empty(n, d["H"], device=DEV)
     s = torch.empty_like(m)
-    for var in variants or FWD_VARIANTS:
-        grid = (n,)
+    for var in probe_variants(dtype):
+        grid = (triton.cdiv(n, var.get("TB", 1)),)
 
         def run():
             return K.fwd_kernel[grid](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"],
@@ -335,11 +337,12 @@ def probe(out_dir, n=16384, variants=None):
             ck = run()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-            emit(out_dir, "probe-fwd", {"n_atoms": n, **var},
+            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": str(dtype).split(".")[-1], **var},
                  {"latency_ms": ms, "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
                   "shared": getattr(getattr(ck, "metadata", None), "shared", None)})
         except Exception as exc:  # a variant that does not compile is data
-            emit(out_dir, "probe-fwd", {"n_atoms": n, **var}, {"status": "error", "error": str(exc)[:300]})
+            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": str(dtype).split(".")[-1], **var},
+                 {"status": "error", "error": str(exc)[:300]})
     # profiler breakdown of one fwd+bwd (current autotune setting)
     lv = leaves(inp)
     dout = torch.randn(n, d["H"], d["DV"], device=DEV)
@@ -387,7 +390,8 @@ def main():
     ap.add_argument("--mem-sizes", type=int, nargs="*", default=[], help="peak memory only (fp32)")
     ap.add_argument("--mem-k", type=int, nargs="*", default=[32], help="neighbour caps of the --mem-sizes points")
     ap.add_argument("--k-sweep", type=int, nargs="*", default=[], help="neighbour caps timed at N = 16,384 (fp32)")
-    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--probe", type=int, nargs="*", default=None, metavar="N",
+                    help="the forward's time split at these atom counts (default 16,384), each of --dtypes")
     ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
     ap.add_argument("--value-layouts", nargs="*", default=["contiguous"], choices=["contiguous", "padded"],
                     help="layouts of v timed back to back at every triton point (padded: head rows of "
@@ -410,9 +414,10 @@ def main():
             fused_attention_core(inp)
         torch.cuda.synchronize()
         return
-    if args.probe:
-        guarded(probe, args.out)
-        print(f"[probe done {time.time() - t0:.0f}s]", flush=True)
+    for n in (args.probe or [16384]) if args.probe is not None else ():
+        for dt in args.dtypes:
+            guarded(probe, args.out, n, getattr(torch, dt))
+            print(f"[probe {dt} {n} done {time.time() - t0:.0f}s]", flush=True)
     if not args.skip_check:
         guarded(correctness, args.out, n=40 if args.tiny else 2048)
         print(f"[check done {time.time() - t0:.0f}s]", flush=True)

@@ -115,7 +115,8 @@ def union_agg_kernel(w, v, uptr, usrc, uslot, out, N, K, H, EH, TB: tl.constexpr
                 else:
                     wt = tl.load(w + edge * H + h, mask=slot >= 0, other=0.0)
                 if LOAD_V:
-                    vt = tl.load(v + src[:, None] * (H * VS) + h * VS + offs_d[None, :], mask=um[:, None], other=0.0)
+                    vt = tl.load(v + src[:, None] * (H * VS) + h * VS + offs_d[None, :], mask=um[:, None],
+                                 other=0.0).to(tl.float32)
                 else:
                     vt = tl.zeros([UC, DVP], dtype=tl.float32) + src[:, None].to(tl.float32)
                 vt = tl.where((offs_d < DV)[None, :], vt, 0.0)
@@ -129,7 +130,8 @@ def union_agg_kernel(w, v, uptr, usrc, uslot, out, N, K, H, EH, TB: tl.constexpr
                     wt = tl.where((slot >= 0)[None, :, :], 0.5, 0.0) + tl.zeros([HB, TB, UC], dtype=tl.float32)
                 offs_c = tl.arange(0, HB * DVP)
                 if LOAD_V:
-                    vr = tl.load(v + src[:, None] * (H * VS) + h * VS + offs_c[None, :], mask=um[:, None], other=0.0)
+                    vr = tl.load(v + src[:, None] * (H * VS) + h * VS + offs_c[None, :], mask=um[:, None],
+                                 other=0.0).to(tl.float32)
                 else:
                     vr = tl.zeros([UC, HB * DVP], dtype=tl.float32) + src[:, None].to(tl.float32)
                 vr = tl.where(((offs_c % DVP) < DV)[None, :], vr, 0.0)
@@ -154,7 +156,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
-            nbr, v, w_edge, rows, ref, logical = workload(n, dev)
+            nbr, v, w_edge, rows, ref, logical = workload(n, dev, args.dtype)
             kslots, heads, dv = nbr.shape[1], v.shape[1], v.shape[2]
             w_head = w_edge.t().contiguous()
             unions = {}
@@ -185,7 +187,7 @@ def main() -> None:
 
                 err, ms = time_and_check(run, out, rows, ref, dev, args.rep)
                 write_record(out_file, {
-                    "n_atoms": n, "targets_per_block": tb, "union_chunk": uc, "heads_per_program": hg,
+                    "n_atoms": n, "dtype": args.dtype, "targets_per_block": tb, "union_chunk": uc, "heads_per_program": hg,
                     "head_major_w": head_major, "heads_fast": heads_fast, "num_warps": warps, "precision": prec,
                     "stages": stages, "heads_per_dot": hb, "load_w": load_w, "load_v": load_v,
                     "union_rows_per_block": usrc.numel() / blocks, "union_build_ms": build_ms, "ms": ms,
