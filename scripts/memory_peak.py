@@ -22,7 +22,6 @@ from fused_step import paper_step
 from e2f.attention.triton.function import last_config
 
 
-
 def _where(frames: list) -> str:
     """The innermost frames of this repository (or of whatever imported e2f) as file:line."""
     ours = [f for f in frames if "/e2f/" in f.get("filename", "") or "/scripts/" in f.get("filename", "")]

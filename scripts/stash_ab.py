@@ -11,8 +11,9 @@ rounds over the budgets (``auto``: the library's default). Each point: ``do_benc
 forward + backward, peak bytes allocated above what was allocated before it (per atom), the
 number of target chunks, the forward alone (``do_bench`` median) and the backward kernels'
 configurations (with the autotuner's timings of one chunk when it tuned, i.e. unless
-``E2F_TRITON_AUTOTUNE=0``). One JSON line per point. The script only imports ``e2f``, so
-``PYTHONPATH=<an older checkout>`` times that commit's kernels with the same script.
+``E2F_TRITON_AUTOTUNE=0``). One JSON line per point. The script imports only ``e2f`` and
+``suites.core.memory``, so ``PYTHONPATH=<an older checkout>`` times that commit's kernels with
+the same script.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import triton
 from fused_step import paper_step
 
 from e2f.attention.triton.function import STASH_ENV, last_config
+from suites.core.memory import peak_bytes_above_inputs
 
 
 def main() -> None:
@@ -42,12 +44,7 @@ def main() -> None:
                     os.environ[STASH_ENV] = "" if budget == "auto" else budget
                     step()  # autotuning (first round) and warm-up
                     ms = triton.testing.do_bench(step, warmup=300, rep=2000, return_mode="median")
-                    torch.cuda.synchronize()
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    step()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - before) / n
+                    peak = peak_bytes_above_inputs(step, device="cuda") / n
                     config = last_config()
                     record = {"gpu": torch.cuda.get_device_name(), "git_commit": os.environ.get("E2F_GIT_COMMIT"),
                               "n_atoms": n, "stash_bytes": budget, "repeat": repeat, "fwd_bwd_ms": ms,

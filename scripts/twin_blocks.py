@@ -5,7 +5,7 @@ backward recomputes target blocks through the reference formula
 (``e2f.attention.chunked.second_order_grads``). Each block costs a fixed number of launches
 (thousands), so small blocks make the step launch-bound; large blocks hold more memory. One
 JSON line per (N, setting): median step time over ``--steps`` steps after two warm-up steps,
-peak allocated memory above what was allocated before the step, and the targets per block;
+peak allocated memory of one more step above what was allocated before it, and the targets per block;
 ``auto`` is the library's choice (``function.twin_plan``); E2Former v1 (the same function
 through plain autograd) at the same N for scale::
 
@@ -23,6 +23,7 @@ import torch
 
 from baselines.registry import default_config
 from e2f.attention.triton import function
+from suites.core.memory import peak_bytes_above_inputs
 from suites.workloads import liquid_box, model_call
 
 
@@ -37,15 +38,13 @@ def _step_stats(name: str, batch, device, steps: int) -> dict:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = peak_bytes_above_inputs(step, device=device)
     del forward, module
     torch.cuda.empty_cache()
     return {"step_ms": statistics.median(times) * 1e3, "step_ms_all": [t * 1e3 for t in times], "peak_gib": peak / 2**30}

@@ -37,6 +37,10 @@ _FIELDS = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src") +
 _DIFF_FIELDS = tuple(f for f in _FIELDS if f != "nbr")
 
 
+#: Default bound on a block's per-edge temporaries, in numbers.
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Block sizes and the non-tensor constants of one call."""
@@ -49,7 +53,7 @@ class BlockPlan:
 
 
 def block_plan(inp: CoreInputs, target_block: int | None = None, neighbor_block: int | None = None,
-               max_elements: int = 1 << 24) -> BlockPlan:
+               max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> BlockPlan:
     """Block sizes of one call: ``target_block`` rows (default: as many as fit ``max_elements``
     numbers of per-edge temporaries) and ``neighbor_block`` slots (default up to 64)."""
     n, kslots = inp.nbr.shape
@@ -172,8 +176,9 @@ class _CoreGrad(torch.autograd.Function):
 
 
 def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: dict, rows: slice, create: bool):
-    """One target block of :func:`second_order_grads`: ``(parts, src)``, or None if ``gg``
-    pairs with nothing here; ``parts`` holds the block leaves' gradients, then ``dout``'s."""
+    """One target block of :func:`second_order_grads`: ``(parts, d_dout, src)``, or None if
+    ``gg`` pairs with nothing here; ``parts`` maps the block's leaves to their gradients and
+    ``d_dout`` is the gradient of the block's rows of ``dout``."""
     kslots = t["nbr"].shape[1]
     block, src, valid = _gather_block(t, rows, slice(0, kslots))
     with torch.enable_grad():
@@ -198,9 +203,9 @@ def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg:
             pairing.append((gi * w).sum())
         if not pairing:
             return None
-        targets = list(leaves.values()) + [dout_blk]
-        return dict(zip([*leaves, "dout"], torch.autograd.grad(sum(pairing), targets, create_graph=create,
-                                                               allow_unused=True))), src
+        *parts, d_dout = torch.autograd.grad(sum(pairing), [*leaves.values(), dout_blk], create_graph=create,
+                                             allow_unused=True)
+    return dict(zip(leaves, parts)), d_dout, src
 
 
 def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: dict, create: bool):
@@ -237,8 +242,7 @@ def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: 
             continue
         if result is None:
             continue
-        parts, src = result
-        d_block = parts.pop("dout")
+        parts, d_block, src = result
         _scatter_grads(grads, parts, parts.values(), rows, src)
         if d_block is not None:
             d_dout = d_dout.index_add(0, torch.arange(rows.start, rows.stop, device=dout.device), d_block)
@@ -268,7 +272,7 @@ def chunked_attention_core(
     *,
     target_block: int | None = None,
     neighbor_block: int | None = None,
-    max_block_elements: int = 1 << 24,
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> Tensor:
     """The attention core, streamed and recomputed; same function as the reference.
 

@@ -528,8 +528,6 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
 #: count (measured ~16: +6.4 GiB of peak for 2**29 - 2**27 more elements at N = 4,000).
 TWIN_MEMORY_FRACTION = 1 / 8
 TWIN_BYTES_PER_ELEMENT = 16
-#: Off the GPU: ``chunked``'s default block.
-TWIN_CPU_BLOCK_ELEMENTS = 1 << 24
 #: Forces the second order's block size, in targets.
 TWIN_BLOCK_ENV = "E2F_TRITON_TWIN_BLOCK"
 
@@ -541,11 +539,17 @@ def twin_plan(inp: CoreInputs) -> BlockPlan:
         if not forced.isdigit() or int(forced) < 1:
             raise ValueError(f"{TWIN_BLOCK_ENV} must be a positive number of targets, got {forced!r}")
         return block_plan(inp, target_block=int(forced))
-    max_elements = TWIN_CPU_BLOCK_ELEMENTS
-    if inp.q.device.type == "cuda":
-        total = torch.cuda.get_device_properties(inp.q.device).total_memory
-        max_elements = int(total * TWIN_MEMORY_FRACTION / TWIN_BYTES_PER_ELEMENT)
-    return block_plan(inp, max_elements=max_elements)
+    if inp.q.device.type != "cuda":
+        return block_plan(inp)  # chunked's default block
+    total = torch.cuda.get_device_properties(inp.q.device).total_memory
+    return block_plan(inp, max_elements=int(total * TWIN_MEMORY_FRACTION / TWIN_BYTES_PER_ELEMENT))
+
+
+def _first_order(tensors, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> tuple:
+    """The fused backward's gradients of every ``DIFF_NAMES`` input, each in its input's dtype."""
+    t = dict(zip(TENSOR_NAMES, tensors))
+    grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
+    return tuple(grads[name].to(t[name].dtype) for name in DIFF_NAMES)
 
 
 class _FusedCoreGrad(torch.autograd.Function):
@@ -554,11 +558,9 @@ class _FusedCoreGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, gamma, cutoff, eps, m, s, dout, *tensors):
-        t = dict(zip(TENSOR_NAMES, tensors))
-        grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
         ctx.plan = plan
         ctx.save_for_backward(dout, *tensors)
-        return tuple(grads[name].to(x.dtype) for name, x in zip(TENSOR_NAMES, tensors) if name != "nbr")
+        return _first_order(tensors, m, s, dout, gamma, cutoff, eps)
 
     @staticmethod
     def backward(ctx, *gg):
@@ -589,15 +591,12 @@ class _FusedCore(torch.autograd.Function):
             inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps)
             plan = twin_plan(inp)
             _last["twin_target_block"] = plan.target_block
-            got = dict(zip(DIFF_NAMES, _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)))
-            return (None, None, None, *(got[name] if need and name != "nbr" else None
-                                        for name, need in zip(TENSOR_NAMES, needs)))
-        t = dict(zip(TENSOR_NAMES, tensors))
-        grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
-        res = []
-        for name, x, need in zip(TENSOR_NAMES, tensors, needs):
-            res.append(grads[name].to(x.dtype) if need and name != "nbr" else None)
-        return (None, None, None, *res)
+            grads = _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)
+        else:
+            grads = _first_order(tensors, m, s, dout, gamma, cutoff, eps)
+        got = dict(zip(DIFF_NAMES, grads))
+        return (None, None, None, *(got[name] if need and name != "nbr" else None
+                                    for name, need in zip(TENSOR_NAMES, needs)))
 
 
 def fused_attention_core(inp: CoreInputs) -> Tensor:
