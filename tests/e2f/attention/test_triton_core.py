@@ -561,10 +561,11 @@ def test_force_training_step_of_the_model_matches_the_chunked_backend(monkeypatc
     from tests.baselines.helpers import molecules
 
     monkeypatch.setattr(function, "_last", {})
-    batch = molecules(sizes=(5, 7), seed=3, dtype=torch.float32)
+    batch = molecules(sizes=(5, 7), seed=3, dtype=torch.float32).to(DEVICE)
     results = []
     for backend in ("triton", "chunked"):
-        model = build_model("e2former-v2", default_config("tiny", attention_backend=backend), seed=2).train()
+        model = build_model("e2former-v2", default_config("tiny", attention_backend=backend), device=DEVICE,
+                            seed=2).train()
         energy, forces = model(batch)
         (energy.square().sum() + forces.square().sum()).backward()
         results.append((forces.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
