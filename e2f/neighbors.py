@@ -81,7 +81,7 @@ def _as_batch_cell_pbc(pos, batch, cell, pbc):
 
 
 def _raw_pairs(pos, batch, cell, pbc, cutoff):
-    """All (i, j, S) pairs with a margin on the cutoff; filtered exactly by the caller."""
+    """All (i, j, S, S @ cell) pairs with a margin on the cutoff; filtered exactly by the caller."""
     calculator = vesin.NeighborList(cutoff=cutoff * (1.0 + 1e-9) + 1e-9, full_list=True)
     num_systems = cell.shape[0]
     starts = np.searchsorted(batch, np.arange(num_systems + 1))
@@ -101,16 +101,69 @@ def _raw_pairs(pos, batch, cell, pbc, cutoff):
             p[rows, 0] += offset - lo
             offset += hi - lo + 2.0 * cutoff + 1.0
         i, j = calculator.compute(p, np.zeros((3, 3)), False, quantities="ij")
-        chunks.append((idx[i], idx[j], np.zeros((len(i), 3), dtype=np.int64)))
+        zeros = np.zeros((len(i), 3))
+        chunks.append((idx[i], idx[j], zeros.astype(np.int64), zeros))
     for b in np.flatnonzero(periodic & (starts[1:] > starts[:-1])):
         lo = starts[b]
         p = pos[lo : starts[b + 1]]
         i, j, shift = calculator.compute(p, cell[b], [bool(x) for x in pbc[b]], quantities="ijS")
-        chunks.append((i.astype(np.int64) + lo, j.astype(np.int64) + lo, shift.astype(np.int64)))
+        shift = shift.astype(np.int64)
+        chunks.append((i.astype(np.int64) + lo, j.astype(np.int64) + lo, shift, shift.astype(np.float64) @ cell[b]))
     if not chunks:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros((0, 3), dtype=np.int64)
+        return empty, empty, np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3))
     return tuple(np.concatenate(parts) for parts in zip(*chunks))
+
+
+def _source_codes(j, shift):
+    """One int64 per (source atom, lattice shift), increasing in the tuple's lexicographic
+    order; None if they would not fit 62 bits."""
+    reach = int(np.abs(shift).max()) if len(shift) else 0
+    base = 2 * reach + 1
+    if (int(j.max()) + 1 if len(j) else 1) * base**3 >= 2**62:
+        return None
+    s = shift + reach
+    return ((j * base + s[:, 0]) * base + s[:, 1]) * base + s[:, 2]
+
+
+def _nearest_first(i, d, is_image, j, shift, code, n, max_neighbors):
+    """The kept pairs in table order: ``(order, rank, counts)`` with pair ``order[e]`` in slot
+    ``rank[e]`` of its target and ``counts`` kept pairs a target.
+
+    Table order: target, then distance, then the atom itself before its images, then
+    (atom, shift). A global lexsort of the pairs costs O(E log E) on float keys; instead each
+    target's pairs are sorted by distance alone in a padded ``[N, width]`` table, and only
+    targets with two equal distances are re-sorted with the tie-breaking keys.
+    """
+    by_target = np.argsort(i, kind="stable")
+    counts = np.bincount(i, minlength=n)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    width = int(counts.max()) if len(i) else 0
+    row = i[by_target]
+    cell = row * width + np.arange(len(i)) - first[row]
+    dist = np.full(n * width, np.inf)
+    dist[cell] = d[by_target]
+    dist = dist.reshape(n, width)
+    cols = np.argsort(dist, axis=1)
+    sorted_dist = np.take_along_axis(dist, cols, axis=1)
+    equal = (sorted_dist[:, 1:] == sorted_dist[:, :-1]) & np.isfinite(sorted_dist[:, 1:])
+    tied = np.flatnonzero(equal.any(1))
+    if len(tied):
+        if code is None:
+            keys = (shift[:, 2], shift[:, 1], shift[:, 0], j, is_image)
+        else:
+            keys = (code + (is_image.astype(np.int64) << 62),)
+        tables = []
+        for key in keys:
+            table = np.full(n * width, np.iinfo(np.int64).max)
+            table[cell] = key[by_target]
+            tables.append(table.reshape(n, width)[tied])
+        cols[tied] = np.lexsort((*tables, dist[tied]), axis=1)
+    keep = counts if max_neighbors is None else np.minimum(counts, max_neighbors)
+    ranks = np.arange(width)
+    taken = ranks[None, :] < keep[:, None]
+    order = by_target[(first[:, None] + cols)[taken]]
+    return order, np.broadcast_to(ranks, (n, width))[taken], keep
 
 
 def neighbor_list(
@@ -162,37 +215,32 @@ def neighbor_list(
     if not np.isfinite(host).all():
         raise ValueError("positions contain NaN or inf")
     batch_np, cell_np, pbc_np = _as_batch_cell_pbc(pos, batch, cell, pbc)
-    i, j, shift = _raw_pairs(host, batch_np, cell_np, pbc_np, cutoff)
-    # Shifts of non-periodic directions are zero by construction, so the cell rows of a
-    # molecule (zeros) never matter.
-    shift_cart = np.einsum("ea,eab->eb", shift.astype(np.float64), cell_np[batch_np[i]]) if len(i) else np.zeros((0, 3))
-    d = np.linalg.norm(host[i] - host[j] - shift_cart, axis=1)
+    i, j, shift, shift_cart = _raw_pairs(host, batch_np, cell_np, pbc_np, cutoff)
+    r = host[i] - host[j] - shift_cart
+    d = np.sqrt(r[:, 0] * r[:, 0] + r[:, 1] * r[:, 1] + r[:, 2] * r[:, 2])
     keep = d < cutoff
-    i, j, shift, shift_cart, d = i[keep], j[keep], shift[keep], shift_cart[keep], d[keep]
+    if not keep.all():
+        i, j, shift, shift_cart, d = i[keep], j[keep], shift[keep], shift_cart[keep], d[keep]
     if (d <= 0.0).any():
         e = int(np.flatnonzero(d <= 0.0)[0])
         raise ValueError(f"atoms {i[e]} and {j[e]} (shift {shift[e].tolist()}) coincide")
     is_image = shift.any(1)
-    order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], j, is_image, d, i))
-    i, j, shift, shift_cart, d, is_image = (a[order] for a in (i, j, shift, shift_cart, d, is_image))
-    counts = np.bincount(i, minlength=n)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(i)) - first[i]
-    if max_neighbors is not None:
-        keep = rank < max_neighbors
-        i, j, shift, shift_cart, is_image, rank = (a[keep] for a in (i, j, shift, shift_cart, is_image, rank))
-        counts = np.minimum(counts, max_neighbors)
+    code = _source_codes(j, shift)
+    order, rank, counts = _nearest_first(i, d, is_image, j, shift, code, n, max_neighbors)
+    i, j, is_image = i[order], j[order], is_image[order]
     slot = j.copy()
     img_atom = np.zeros(0, dtype=np.int64)
     img_shift = np.zeros((0, 3))
     if is_image.any():
-        keys = np.concatenate([j[is_image, None], shift[is_image]], axis=1)
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        images = order[is_image]
+        if code is None:
+            keys = np.concatenate([j[is_image, None], shift[images]], axis=1)
+            _, first_use, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        else:
+            _, first_use, inverse = np.unique(code[images], return_index=True, return_inverse=True)
         slot[is_image] = n + inverse.reshape(-1)
-        img_atom = uniq[:, 0]
-        first_use = np.zeros(len(uniq), dtype=np.int64)
-        first_use[inverse.reshape(-1)] = np.flatnonzero(is_image)
-        img_shift = shift_cart[first_use]
+        img_atom = j[is_image][first_use]
+        img_shift = shift_cart[images[first_use]]
     width = max(1, int(counts.max()) if n else 1)
     nbr = np.full((n, width), -1, dtype=np.int64)
     nbr[i, rank] = slot

@@ -11,12 +11,22 @@ precision (TF32 products on a GPU), warms it up (Triton autotuning included), th
 one call per mode. Prints, per mode: wall time, device time (sum of kernel times), the
 number of launched kernels and aten ops, and the top entries by device (or CPU) time; writes
 the same as JSON. Launch-bound calls show wall time far above device time.
+
+``--host`` adds where the host's time goes, for launch-bound calls: one more call under
+cProfile (the functions of this repository and of torch with the most time of their own and
+in all) and, on a GPU, the calls that synchronise the host with the device (CUDA's
+sync-debug mode), counted by the line of this repository that made them.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import cProfile
 import json
+import pstats
 import time
+import traceback
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -54,6 +64,42 @@ def profile_call(fn, device: torch.device, top: int) -> dict:
     }
 
 
+def _repo_line(stack) -> str:
+    frames = [f for f in stack if "/site-packages/" not in f.filename and "/lib/python" not in f.filename
+              and not f.filename.endswith("profile_model.py")]
+    return f"{frames[-1].filename.rsplit('/', 2)[-2:][-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+
+
+def host_profile(fn, device: torch.device, top: int) -> dict:
+    """cProfile of one call, and the host synchronisations by the repository line making them."""
+    fn()
+    _sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    _sync(device)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (filename, line, name), (_, calls, own, total, _) in stats.stats.items():
+        rows.append({"function": f"{filename.rsplit('/', 2)[-1]}:{line} {name}", "calls": calls,
+                     "own_ms": own * 1e3, "total_ms": total * 1e3})
+    syncs = collections.Counter()
+    if device.type == "cuda":
+        with warnings.catch_warnings():  # restores showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda *args, **kwargs: syncs.update([_repo_line(traceback.extract_stack())])
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+                _sync(device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    return {"by_own_time": sorted(rows, key=lambda r: -r["own_ms"])[:top],
+            "by_total_time": sorted(rows, key=lambda r: -r["total_ms"])[:top],
+            "syncs": dict(syncs.most_common())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="e2former-v2")
@@ -61,6 +107,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host", action="store_true", help="also cProfile one call and list its host synchronisations")
     a = ap.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda":
@@ -82,6 +129,16 @@ def main() -> None:
               f"{r['kernel_launches']} kernels, {r['aten_ops']} aten ops")
         for row in r["top"]:
             print(f"  {row['ms']:9.2f} ms  x{row['count']:<6} {row['name']}")
+        if a.host:
+            h = host_profile(call, device, a.top)
+            r["host"] = h
+            for title, key in (("own", "own_ms"), ("total", "total_ms")):
+                print(f"  -- host, by {title} time")
+                for row in h[f"by_{title}_time"]:
+                    print(f"  {row[key]:9.2f} ms  x{row['calls']:<6} {row['function'][:110]}")
+            print(f"  -- host synchronisations: {sum(h['syncs'].values())}")
+            for where, count in h["syncs"].items():
+                print(f"  x{count:<5} {where}")
         del forward, module
     if a.out:
         with open(a.out, "w") as f:

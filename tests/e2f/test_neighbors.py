@@ -4,6 +4,7 @@ import torch
 from ase.build import bulk, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
+from e2f import neighbors
 from e2f.neighbors import neighbor_list
 from e2f.ordering import spatial_order
 
@@ -117,3 +118,63 @@ def test_spatial_order_keeps_systems_and_is_local():
     assert torch.equal(batch[perm], batch)
     step = (pos[perm][1:] - pos[perm][:-1]).norm(dim=-1).mean()
     assert step < 0.3 * (pos[1:] - pos[:-1]).norm(dim=-1).mean()
+
+
+def _brute_force(pos, cutoff, max_neighbors, batch, cell, pbc, reach=3):
+    """Every (target, source atom, lattice shift within ``reach``) pair by plain loops, in
+    the documented order (distance, the atom before its images, then (atom, shift)), image
+    slots numbered in the (atom, shift) order of the images that kept edges use."""
+    n = len(pos)
+    rows, used = [], set()
+    for i in range(n):
+        b = batch[i]
+        shifts = [(a, c, e) for a in range(-reach, reach + 1) for c in range(-reach, reach + 1)
+                  for e in range(-reach, reach + 1)
+                  if all(pbc[b][k] or s == 0 for k, s in enumerate((a, c, e)))]
+        cands = []
+        for j in range(n):
+            if batch[j] != b:
+                continue
+            for s in shifts:
+                d = np.linalg.norm(pos[i] - pos[j] - np.asarray(s, dtype=np.float64) @ cell[b])
+                if d < cutoff and not (j == i and s == (0, 0, 0)):
+                    cands.append((d, s != (0, 0, 0), j, s))
+        cands.sort()
+        kept = cands[:max_neighbors]
+        used.update((j, s) for _, image, j, s in kept if image)
+        rows.append(kept)
+    image_slot = {key: n + k for k, key in enumerate(sorted(used))}
+    width = max([1] + [len(r) for r in rows])
+    nbr = np.full((n, width), -1)
+    for i, kept in enumerate(rows):
+        for k, (_, image, j, s) in enumerate(kept):
+            nbr[i, k] = image_slot[(j, s)] if image else j
+    src_atom = list(range(n)) + [j for j, _ in sorted(used)]
+    src_shift = [(0, 0, 0)] * n + [s for _, s in sorted(used)]
+    return nbr, np.asarray(src_atom), np.asarray(src_shift, dtype=np.float64)
+
+
+@pytest.mark.parametrize("packed_keys", [True, False])
+@pytest.mark.parametrize("rattle", [0.0, 0.3])
+def test_matches_brute_force_with_ties_images_and_molecules(rattle, packed_keys, monkeypatch):
+    # A simple-cubic crystal in a cell of side 3 (exact ties among images: every distance is
+    # computed exactly when unrattled), a slab periodic in x and y, and a molecule, in one batch.
+    gen = np.random.default_rng(0)
+    grid = np.array([[x, y, z] for x in (0.0, 1.5) for y in (0.0, 1.5) for z in (0.0, 1.5)])
+    slab = gen.uniform(0, 4, size=(6, 3))
+    mol = gen.uniform(0, 3, size=(5, 3))
+    pos = np.concatenate([grid + rattle * gen.uniform(-1, 1, grid.shape), slab, mol])
+    batch = [0] * 8 + [1] * 6 + [2] * 5
+    cell = np.stack([3.0 * np.eye(3), np.diag([4.0, 4.0, 0.0]), np.zeros((3, 3))])
+    pbc = [(True, True, True), (True, True, False), (False, False, False)]
+    if not packed_keys:  # the path for (atom, shift) codes too wide for 62 bits
+        monkeypatch.setattr(neighbors, "_source_codes", lambda j, shift: None)
+    for max_neighbors in (None, 9):
+        nl = neighbor_list(torch.tensor(pos), 3.4, max_neighbors, batch=torch.tensor(batch),
+                           cell=torch.tensor(cell), pbc=torch.tensor(pbc))
+        nbr, src_atom, src_shift = _brute_force(pos, 3.4, max_neighbors, batch, cell, pbc)
+        assert np.array_equal(nl.nbr.numpy(), nbr)
+        assert np.array_equal(nl.src_atom.numpy(), src_atom)
+        expected_shift = np.einsum("ma,mab->mb", src_shift, cell[np.asarray(batch)[src_atom]])
+        assert np.allclose(nl.src_shift.numpy(), expected_shift, atol=1e-12)
+        assert np.array_equal(nl.num_neighbors.numpy(), (nbr >= 0).sum(1))
