@@ -70,17 +70,45 @@ def _so3_generators(l: int) -> Tensor:
         torch.set_default_dtype(previous)
 
 
+@functools.lru_cache(maxsize=None)
+def _rotation_basis(l: int, axis: int, device: torch.device) -> Tensor:
+    """``B [2l+1, 2l+1, 2l+1]`` float64 with ``exp(a J) = sum_k f_k(a) B[k]`` for the
+    generator ``J`` of ``axis`` and ``f(a) = (1, cos a, .., cos la, sin a, .., sin la)``.
+
+    ``J`` is real and antisymmetric with the simple eigenvalues ``i m``, ``m = -l..l``, so
+    ``exp(a J) = sum_m e^{i m a} P_m`` with the projectors ``P_m = v_m v_m^H`` on its unit
+    eigenvectors (from the Hermitian ``i J``: stable to rounding); pairing ``m`` with ``-m``
+    gives the real terms ``cos(m a) 2 Re P_m`` and ``sin(m a) (-2 Im P_m)``.
+    """
+    # i J v = -m v  <=>  J v = i m v
+    values, vectors = torch.linalg.eigh(1j * _so3_generators(l)[axis].to(torch.complex128))
+    proj = {int(round(-float(v))): torch.outer(vectors[:, k], vectors[:, k].conj()) for k, v in enumerate(values)}
+    cos = [proj[0].real] + [2 * proj[m].real for m in range(1, l + 1)]
+    sin = [-2 * proj[m].imag for m in range(1, l + 1)]
+    # cached per device: a host-to-device copy each call would wait for the device's queue
+    return torch.stack(cos + sin).to(device)
+
+
+def _axis_rotation(l: int, axis: int, angle: Tensor) -> Tensor:
+    """``exp(angle J_axis)`` for degree ``l``, ``[..., 2l+1, 2l+1]`` float64, by the
+    closed form of ``_rotation_basis`` (no matrix exponential: no host synchronisation)."""
+    freq = torch.arange(1, l + 1, dtype=torch.float64, device=angle.device) * angle[..., None]
+    f = torch.cat([torch.ones_like(angle)[..., None], torch.cos(freq), torch.sin(freq)], dim=-1)
+    basis = _rotation_basis(l, axis, angle.device)
+    return (f @ basis.reshape(2 * l + 1, -1)).reshape(*angle.shape, 2 * l + 1, 2 * l + 1)
+
+
 def wigner_d(l: int, alpha: Tensor, beta: Tensor, gamma: Tensor | None = None) -> Tensor:
     """e3nn Wigner-D of ``R_y(alpha) R_x(beta) R_y(gamma)`` for degree ``l``, ``[..., 2l+1, 2l+1]``.
 
-    Same definition as ``o3.wigner_D``, evaluated in float64 whatever the angles' dtype.
+    Same definition as ``o3.wigner_D`` (``matrix_exp`` of e3nn's generators), evaluated in
+    float64 whatever the angles' dtype.
     """
-    gens = _so3_generators(l).to(alpha.device)
-    # gamma None: R_y(0) is the identity, two matrix exponentials instead of three
+    # gamma None: R_y(0) is the identity, two factors instead of three
     angles = (alpha, beta) if gamma is None else (alpha, beta, gamma)
-    angles = [a.double()[..., None, None] for a in torch.broadcast_tensors(*angles)]
-    d = torch.matrix_exp(angles[0] * gens[1]) @ torch.matrix_exp(angles[1] * gens[0])
-    return d if gamma is None else d @ torch.matrix_exp(angles[2] * gens[1])
+    angles = [a.double() for a in torch.broadcast_tensors(*angles)]
+    d = _axis_rotation(l, 1, angles[0]) @ _axis_rotation(l, 0, angles[1])
+    return d if gamma is None else d @ _axis_rotation(l, 1, angles[2])
 
 
 def wigner_d_from_matrix(lmax: int, rot: Tensor) -> Tensor:
