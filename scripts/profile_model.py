@@ -23,6 +23,7 @@ import argparse
 import collections
 import cProfile
 import json
+import os
 import pstats
 import time
 import traceback
@@ -64,10 +65,14 @@ def profile_call(fn, device: torch.device, top: int) -> dict:
     }
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _repo_line(stack) -> str:
-    frames = [f for f in stack if "/site-packages/" not in f.filename and "/lib/python" not in f.filename
-              and not f.filename.endswith("profile_model.py")]
-    return f"{frames[-1].filename.rsplit('/', 2)[-2:][-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+    """``file:line function`` of the innermost frame of this repository (not this script)."""
+    frames = [f for f in stack if os.path.abspath(f.filename).startswith(REPOSITORY + os.sep)
+              and os.path.abspath(f.filename) != os.path.abspath(__file__) and "/site-packages/" not in f.filename]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
 
 
 def host_profile(fn, device: torch.device, top: int) -> dict:
@@ -82,7 +87,7 @@ def host_profile(fn, device: torch.device, top: int) -> dict:
     stats = pstats.Stats(prof)
     rows = []
     for (filename, line, name), (_, calls, own, total, _) in stats.stats.items():
-        rows.append({"function": f"{filename.rsplit('/', 2)[-1]}:{line} {name}", "calls": calls,
+        rows.append({"function": f"{os.path.basename(filename)}:{line} {name}", "calls": calls,
                      "own_ms": own * 1e3, "total_ms": total * 1e3})
     syncs = collections.Counter()
     if device.type == "cuda":
