@@ -8,9 +8,10 @@ products) O(N).
 
 vesin runs on the CPU: positions are copied to the host (for CUDA tensors this is a
 device-to-host copy and a synchronisation, O(N) bytes) and the result is moved back to the
-input's device. vesin's own distances are not used for ordering; they are recomputed in
-float64 from the caller's coordinates so that the order (nearest first, ties by source
-slot) does not depend on how systems are packed into one vesin call.
+input's device. Molecules share one vesin call (packed apart along x), so their distances
+are recomputed in float64 from the caller's coordinates: the order (nearest first, ties by
+source slot) does not depend on the packing. Each periodic system has a call of its own and
+keeps vesin's distances.
 """
 from __future__ import annotations
 
@@ -81,7 +82,12 @@ def _as_batch_cell_pbc(pos, batch, cell, pbc):
 
 
 def _raw_pairs(pos, batch, cell, pbc, cutoff):
-    """All (i, j, S, S @ cell) pairs with a margin on the cutoff; filtered exactly by the caller."""
+    """All (i, j, S, d) pairs with a margin on the cutoff; filtered exactly by the caller.
+
+    Distances of periodic systems are vesin's (one call a system, from the caller's
+    coordinates); those of molecules are recomputed from the caller's coordinates, since the
+    packing below moves them.
+    """
     calculator = vesin.NeighborList(cutoff=cutoff * (1.0 + 1e-9) + 1e-9, full_list=True)
     num_systems = cell.shape[0]
     starts = np.searchsorted(batch, np.arange(num_systems + 1))
@@ -101,17 +107,18 @@ def _raw_pairs(pos, batch, cell, pbc, cutoff):
             p[rows, 0] += offset - lo
             offset += hi - lo + 2.0 * cutoff + 1.0
         i, j = calculator.compute(p, np.zeros((3, 3)), False, quantities="ij")
-        zeros = np.zeros((len(i), 3))
-        chunks.append((idx[i], idx[j], zeros.astype(np.int64), zeros))
+        i, j = idx[i], idx[j]
+        r = pos[i] - pos[j]
+        d = np.sqrt(r[:, 0] * r[:, 0] + r[:, 1] * r[:, 1] + r[:, 2] * r[:, 2])
+        chunks.append((i, j, np.zeros((len(i), 3), dtype=np.int64), d))
     for b in np.flatnonzero(periodic & (starts[1:] > starts[:-1])):
         lo = starts[b]
         p = pos[lo : starts[b + 1]]
-        i, j, shift = calculator.compute(p, cell[b], [bool(x) for x in pbc[b]], quantities="ijS")
-        shift = shift.astype(np.int64)
-        chunks.append((i.astype(np.int64) + lo, j.astype(np.int64) + lo, shift, shift.astype(np.float64) @ cell[b]))
+        i, j, shift, d = calculator.compute(p, cell[b], [bool(x) for x in pbc[b]], quantities="ijSd")
+        chunks.append((i.astype(np.int64) + lo, j.astype(np.int64) + lo, shift.astype(np.int64), d))
     if not chunks:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3))
+        return empty, empty, np.zeros((0, 3), dtype=np.int64), np.zeros(0)
     return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
@@ -126,7 +133,17 @@ def _source_codes(j, shift):
     return ((j * base + s[:, 0]) * base + s[:, 1]) * base + s[:, 2]
 
 
-def _nearest_first(i, d, is_image, j, shift, code, n, max_neighbors):
+def _tie_keys(j, shift):
+    """Sort keys, least significant first, ordering pairs by: the atom itself before its
+    images, then (atom, shift)."""
+    is_image = shift.any(1).astype(np.int64)
+    code = _source_codes(j, shift)
+    if code is None:
+        return shift[:, 2], shift[:, 1], shift[:, 0], j, is_image
+    return (code + (is_image << 62),)
+
+
+def _nearest_first(i, d, j, shift, n, max_neighbors):
     """The kept pairs in table order: ``(order, rank, counts)`` with pair ``order[e]`` in slot
     ``rank[e]`` of its target and ``counts`` kept pairs a target.
 
@@ -149,14 +166,14 @@ def _nearest_first(i, d, is_image, j, shift, code, n, max_neighbors):
     equal = (sorted_dist[:, 1:] == sorted_dist[:, :-1]) & np.isfinite(sorted_dist[:, 1:])
     tied = np.flatnonzero(equal.any(1))
     if len(tied):
-        if code is None:
-            keys = (shift[:, 2], shift[:, 1], shift[:, 0], j, is_image)
-        else:
-            keys = (code + (is_image.astype(np.int64) << 62),)
+        in_tied = np.zeros(n, dtype=bool)
+        in_tied[tied] = True
+        sel = in_tied[row]  # the pairs of the tied targets, in by_target order
+        pairs = by_target[sel]
         tables = []
-        for key in keys:
+        for key in _tie_keys(j[pairs], shift[pairs]):
             table = np.full(n * width, np.iinfo(np.int64).max)
-            table[cell] = key[by_target]
+            table[cell[sel]] = key
             tables.append(table.reshape(n, width)[tied])
         cols[tied] = np.lexsort((*tables, dist[tied]), axis=1)
     keep = counts if max_neighbors is None else np.minimum(counts, max_neighbors)
@@ -215,32 +232,31 @@ def neighbor_list(
     if not np.isfinite(host).all():
         raise ValueError("positions contain NaN or inf")
     batch_np, cell_np, pbc_np = _as_batch_cell_pbc(pos, batch, cell, pbc)
-    i, j, shift, shift_cart = _raw_pairs(host, batch_np, cell_np, pbc_np, cutoff)
-    r = host[i] - host[j] - shift_cart
-    d = np.sqrt(r[:, 0] * r[:, 0] + r[:, 1] * r[:, 1] + r[:, 2] * r[:, 2])
+    i, j, shift, d = _raw_pairs(host, batch_np, cell_np, pbc_np, cutoff)
     keep = d < cutoff
     if not keep.all():
-        i, j, shift, shift_cart, d = i[keep], j[keep], shift[keep], shift_cart[keep], d[keep]
+        i, j, shift, d = i[keep], j[keep], shift[keep], d[keep]
     if (d <= 0.0).any():
         e = int(np.flatnonzero(d <= 0.0)[0])
         raise ValueError(f"atoms {i[e]} and {j[e]} (shift {shift[e].tolist()}) coincide")
+    order, rank, counts = _nearest_first(i, d, j, shift, n, max_neighbors)
+    i, j, shift = i[order], j[order], shift[order]
     is_image = shift.any(1)
-    code = _source_codes(j, shift)
-    order, rank, counts = _nearest_first(i, d, is_image, j, shift, code, n, max_neighbors)
-    i, j, is_image = i[order], j[order], is_image[order]
     slot = j.copy()
     img_atom = np.zeros(0, dtype=np.int64)
     img_shift = np.zeros((0, 3))
     if is_image.any():
-        images = order[is_image]
+        img_j, img_s = j[is_image], shift[is_image]
+        code = _source_codes(img_j, img_s)
         if code is None:
-            keys = np.concatenate([j[is_image, None], shift[images]], axis=1)
+            keys = np.concatenate([img_j[:, None], img_s], axis=1)
             _, first_use, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         else:
-            _, first_use, inverse = np.unique(code[images], return_index=True, return_inverse=True)
+            _, first_use, inverse = np.unique(code, return_index=True, return_inverse=True)
         slot[is_image] = n + inverse.reshape(-1)
-        img_atom = j[is_image][first_use]
-        img_shift = shift_cart[images[first_use]]
+        img_atom = img_j[first_use]
+        # an image's Cartesian shift, S @ cell of its system
+        img_shift = np.einsum("ea,eab->eb", img_s[first_use].astype(np.float64), cell_np[batch_np[img_atom]])
     width = max(1, int(counts.max()) if n else 1)
     nbr = np.full((n, width), -1, dtype=np.int64)
     nbr[i, rank] = slot
