@@ -107,6 +107,10 @@ def test_bad_positions(bad):
 def test_coincident_atoms():
     with pytest.raises(ValueError, match="coincide"):
         neighbor_list(torch.zeros(2, 3), 2.0)
+    # periodic systems use vesin's distances: an atom on another's image is caught too
+    cell, pbc = torch.eye(3, dtype=torch.float64) * 8.0, torch.tensor([True, True, True])
+    with pytest.raises(ValueError, match=r"shift \[-1, 0, 0\]\) coincide"):
+        neighbor_list(torch.tensor([[0.0, 0, 0], [8.0, 0, 0]], dtype=torch.float64), 3.0, cell=cell, pbc=pbc)
 
 
 def test_spatial_order_keeps_systems_and_is_local():
