@@ -143,6 +143,18 @@ def _tie_keys(j, shift):
     return (code + (is_image << 62),)
 
 
+def _by_target(i, n):
+    """Stable argsort of the pairs' targets ``i`` (all in ``[0, n)``) in 16-bit radix passes:
+    numpy's stable sort is a radix sort for 16-bit integers and a timsort for wider ones
+    (~6x slower for 0.5 M pairs)."""
+    if n <= 1 << 16:
+        return np.argsort(i.astype(np.uint16), kind="stable")
+    if n > 1 << 32:
+        return np.argsort(i, kind="stable")
+    order = np.argsort((i & 0xFFFF).astype(np.uint16), kind="stable")
+    return order[np.argsort((i[order] >> 16).astype(np.uint16), kind="stable")]
+
+
 def _nearest_first(i, d, j, shift, n, max_neighbors):
     """The kept pairs in table order: ``(order, rank, counts)`` with pair ``order[e]`` in slot
     ``rank[e]`` of its target and ``counts`` kept pairs a target.
@@ -152,7 +164,7 @@ def _nearest_first(i, d, j, shift, n, max_neighbors):
     target's pairs are sorted by distance alone in a padded ``[N, width]`` table, and only
     targets with two equal distances are re-sorted with the tie-breaking keys.
     """
-    by_target = np.argsort(i, kind="stable")
+    by_target = _by_target(i, n)
     counts = np.bincount(i, minlength=n)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     width = int(counts.max()) if len(i) else 0

@@ -182,3 +182,9 @@ def test_matches_brute_force_with_ties_images_and_molecules(rattle, packed_keys,
         expected_shift = np.einsum("ma,mab->mb", src_shift, cell[np.asarray(batch)[src_atom]])
         assert np.allclose(nl.src_shift.numpy(), expected_shift, atol=1e-12)
         assert np.array_equal(nl.num_neighbors.numpy(), (nbr >= 0).sum(1))
+
+
+@pytest.mark.parametrize("n", [1, 300, 1 << 16, (1 << 16) + 1, 200_000])
+def test_target_order_is_the_stable_argsort(n):
+    i = np.random.default_rng(n).integers(0, n, size=50_000)
+    assert np.array_equal(neighbors._by_target(i, n), np.argsort(i, kind="stable"))
