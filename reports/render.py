@@ -422,8 +422,9 @@ def fig_accuracy(df: pd.DataFrame, paper: bool) -> Drawn | None:
         else pd.Series(False, index=d.index)
     for ax, (metric, label) in zip(axes[0], panels):
         sub = d[d[metric].notna()]
-        labels = [_label(impl, {c: row[c] for c in series}) if (sub["impl"] == impl).sum() > 1 else impl
-                  for impl, (_, row) in zip(sub["impl"], sub.iterrows())]
+        repeated = sub["impl"].duplicated(keep=False)
+        labels = [_label(row["impl"], {c: row[c] for c in series}) if repeated[i] else row["impl"]
+                  for i, row in sub.iterrows()]
         bars = ax.bar(range(len(sub)), sub[metric].astype(float),
                       color=[style.impl_style(impl).colour for impl in sub["impl"]],
                       hatch=["//" if stopped[i] else "" for i in sub.index], edgecolor="black", linewidth=0.5)

@@ -318,6 +318,7 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     from e2f.attention.triton import kernels as K
     torch.set_float32_matmul_precision("high")
     inp = with_layout(inputs(n) if dtype == torch.float32 else to_qkv(inputs(n), dtype), "padded")
+    dtype_name = str(dtype).split(".")[-1]
     t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
     d = F._dims(t)
     out = torch.empty(n, d["H"], d["DV"], device=DEV)
@@ -337,11 +338,11 @@ def probe(out_dir, n=16384, dtype=torch.float32):
             ck = run()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": str(dtype).split(".")[-1], **var},
+            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": dtype_name, **var},
                  {"latency_ms": ms, "n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
                   "shared": getattr(getattr(ck, "metadata", None), "shared", None)})
         except Exception as exc:  # a variant that does not compile is data
-            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": str(dtype).split(".")[-1], **var},
+            emit(out_dir, "probe-fwd", {"n_atoms": n, "dtype": dtype_name, **var},
                  {"status": "error", "error": str(exc)[:300]})
     # profiler breakdown of one fwd+bwd (current autotune setting)
     lv = leaves(inp)
@@ -414,7 +415,8 @@ def main():
             fused_attention_core(inp)
         torch.cuda.synchronize()
         return
-    for n in (args.probe or [16384]) if args.probe is not None else ():
+    probe_sizes = [] if args.probe is None else args.probe or [16384]  # bare --probe: 16,384
+    for n in probe_sizes:
         for dt in args.dtypes:
             guarded(probe, args.out, n, getattr(torch, dt))
             print(f"[probe {dt} {n} done {time.time() - t0:.0f}s]", flush=True)

@@ -119,8 +119,9 @@ def _forward(t: dict[str, Tensor], plan: BlockPlan):
     return out, m_all, s_all
 
 
-def _scatter_grads(grads: dict[str, Tensor], leaves: dict[str, Tensor], parts, rows: slice, src: Tensor):
-    for name, g in zip(leaves, parts):
+def _scatter_grads(grads: dict[str, Tensor], parts: dict[str, Tensor | None], rows: slice, src: Tensor):
+    """Add a block's gradients (by input name) into the full ones: target rows, source rows or whole."""
+    for name, g in parts.items():
         if g is None:
             continue
         if name in _DST_FIELDS:
@@ -152,7 +153,7 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
                 dv_dot = torch.einsum("rhd,rkhd->rkh", dout[rows], leaves["v"].reshape(nr, kb, h, dv))
                 surrogate = (p * (coef.reshape(nr, kb, h) * dv_dot - delta[rows, None]) * inv_s[:, None]).sum()
                 parts = torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True)
-            _scatter_grads(grads, leaves, parts, rows, src)
+            _scatter_grads(grads, dict(zip(leaves, parts)), rows, src)
     return grads
 
 
@@ -243,7 +244,7 @@ def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: 
         if result is None:
             continue
         parts, d_block, src = result
-        _scatter_grads(grads, parts, parts.values(), rows, src)
+        _scatter_grads(grads, parts, rows, src)
         if d_block is not None:
             d_dout = d_dout.index_add(0, torch.arange(rows.start, rows.stop, device=dout.device), d_block)
     return d_dout, grads

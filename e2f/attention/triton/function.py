@@ -595,8 +595,7 @@ class _FusedCore(torch.autograd.Function):
         else:
             grads = _first_order(tensors, m, s, dout, gamma, cutoff, eps)
         got = dict(zip(DIFF_NAMES, grads))
-        return (None, None, None, *(got[name] if need and name != "nbr" else None
-                                    for name, need in zip(TENSOR_NAMES, needs)))
+        return (None, None, None, *(got.get(name) if need else None for name, need in zip(TENSOR_NAMES, needs)))
 
 
 def fused_attention_core(inp: CoreInputs) -> Tensor:
