@@ -374,6 +374,78 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
             _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 7, H, DV, DVP, VS, AGG, 8, TB)
 
 
+@triton.jit(do_not_specialize=["N", "T0"])
+def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+                     logit_edge, coef_edge, env_edge,
+                     T0, N, K, H, G, R, gamma, cutoff, inv_sqrt_dk,
+                     DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
+                     RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
+    # targets T0 + program id * TB ..; their edges are stash rows (target - T0) K + slot
+    E: tl.constexpr = TB * BK
+    t0 = T0 + tl.program_id(0).to(tl.int64) * TB
+    edge = tl.arange(0, E)
+    tgt = t0 + edge // BK
+    slot = edge % BK
+    keep = (slot < K) & (tgt < N)
+    j = tl.load(nbr + tgt * K + slot, mask=keep, other=-1)
+    ok = j >= 0
+    src = _row_index(j, ok)
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
+    hid = pre * tl.sigmoid(pre)
+    row = (tgt - T0) * K + slot
+    tl.store(env_edge + row, tl.where(live, env, 0.0), mask=keep)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        qk = _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, TB, BK)
+        at = row[:, None] * H + offs_h[None, :]
+        m2 = keep[:, None] & hmask[None, :]
+        tl.store(logit_edge + at, tl.where(live[:, None], g * qk, float("-inf")), mask=m2)
+        tl.store(coef_edge + at, u * inv_d[:, None], mask=m2)
+
+
+@triton.jit(do_not_specialize=["N", "T0"])
+def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
+                         T0, N, K, H, eps,
+                         DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
+    # target T0 + program id 0, heads program id 1 * HB ..: an online softmax over the slots
+    # with the sink (logit 0, weight eps) as its start, every sum inside a thread
+    i = T0 + tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * HB + tl.arange(0, HB)
+    hm = hh < H
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
+    offs_d = tl.arange(0, DVP)
+    dmask = offs_d < DV
+    mx = tl.zeros([HB], dtype=tl.float32)
+    s = tl.zeros([HB], dtype=tl.float32) + eps
+    acc = tl.zeros([HB, DVP], dtype=tl.float32)
+    for slot in range(K):
+        row = (i - T0) * K + slot
+        j = tl.load(nbr + i * K + slot)
+        src = tl.where(j >= 0, j, 0).to(tl.int64)
+        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
+        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
+        env = tl.load(env_edge + row)
+        # padded rows are read whole (16-byte vectors); their padding only reaches columns
+        # that are never stored
+        vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
+        vt = tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
+                     other=0.0).to(tl.float32)
+        m_new = tl.maximum(mx, lg)
+        scale = tl.exp(mx - m_new)
+        p = env * tl.exp(lg - m_new)
+        s = s * scale + p
+        acc = acc * scale[:, None] + (p * c)[:, None] * vt
+        mx = m_new
+    stat = i * H + hh
+    tl.store(m_out + stat, mx, mask=hm)
+    tl.store(s_out + stat, s, mask=hm)
+    tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], acc / s[:, None],
+             mask=hm[:, None] & dmask[None, :])
+
+
 @triton.jit
 def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
                      VS: tl.constexpr):
