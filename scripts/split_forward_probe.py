@@ -34,34 +34,44 @@ from e2f.attention.workload import random_core_inputs
 from suites.workloads import prepared_inputs
 
 
-def split_forward(t: dict, gamma: float, cutoff: float, eps: float, *, tb=1, hc=16, rc=32, warps_a=4,
-                  maxnreg_a=None, hb=32, warps_b=1, chunk=None, stash=None):
-    """``out``, ``m``, ``s`` through the two kernels, targets in chunks of ``chunk``."""
+def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: int, *, tb=1, hc=16, rc=32,
+                  warps=4, maxnreg=None):
     d = F._dims(t)
-    n, kk, h = d["N"], d["K"], d["H"]
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
+    K.fwd_logit_kernel[(triton.cdiv(rows, tb),)](
+        t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
+        t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], *stash,
+        t0, t0 + rows, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
+        DK=d["DK"], BK=d["BK"], HC=hc, DKP=d["DKP"], GP=d["GP"], RC=rc, PREC=F._gate_precision(), TB=tb,
+        num_warps=warps, num_stages=1, **extra)
+
+
+def launch_aggregate(t: dict, eps: float, stash, out, t0: int, rows: int, *, hb=32, warps=1, stages=1):
+    d = F._dims(t)
+    K.fwd_aggregate_kernel[(rows, triton.cdiv(d["H"], hb))](
+        t["nbr"], t["v"], *stash, *out, t0, t0 + rows, d["K"], d["H"], float(eps),
+        DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps, num_stages=stages)
+
+
+def new_stash(rows: int, kk: int, h: int, dev):
+    return (torch.empty(rows * kk, h, device=dev), torch.empty(rows * kk, h, device=dev),
+            torch.empty(rows * kk, device=dev))
+
+
+def split_forward(t: dict, gamma: float, cutoff: float, eps: float, *, logits=None, aggregate=None, chunk=None,
+                  stash=None):
+    """``out``, ``m``, ``s`` through the two kernels, targets in chunks of ``chunk``."""
+    n, kk = t["nbr"].shape
+    h, dv = t["q"].shape[1], t["v"].shape[-1]
     dev = t["q"].device
-    out = torch.empty(n, h, d["DV"], device=dev, dtype=torch.float32)
-    m = torch.empty(n, h, device=dev, dtype=torch.float32)
-    s = torch.empty(n, h, device=dev, dtype=torch.float32)
+    out = (torch.empty(n, h, dv, device=dev), torch.empty(n, h, device=dev), torch.empty(n, h, device=dev))
     chunk = chunk or n
-    if stash is None:
-        stash = (torch.empty(chunk * kk, h, device=dev), torch.empty(chunk * kk, h, device=dev),
-                 torch.empty(chunk * kk, device=dev))
-    logit, coef, env = stash
-    prec = F._gate_precision()
-    extra = {"maxnreg": maxnreg_a} if maxnreg_a else {}
+    stash = stash or new_stash(chunk, kk, h, dev)
     for t0 in range(0, n, chunk):
         rows = min(chunk, n - t0)
-        K.fwd_logit_kernel[(triton.cdiv(rows, tb),)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], logit, coef, env,
-            t0, t0 + rows, kk, h, d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
-            DK=d["DK"], BK=d["BK"], HC=hc, DKP=d["DKP"], GP=d["GP"], RC=rc, PREC=prec, TB=tb,
-            num_warps=warps_a, num_stages=1, **extra)
-        K.fwd_aggregate_kernel[(rows, triton.cdiv(h, hb))](
-            t["nbr"], t["v"], logit, coef, env, out, m, s, t0, t0 + rows, kk, h, float(eps),
-            DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps_b, num_stages=1)
-    return out, m, s
+        launch_logits(t, gamma, cutoff, stash, t0, rows, **(logits or {}))
+        launch_aggregate(t, eps, stash, out, t0, rows, **(aggregate or {}))
+    return out
 
 
 def max_rel(a, b):
@@ -76,16 +86,11 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-VARIANTS = [  # tb, hc, rc, warps_a, maxnreg_a, hb, warps_b
-    dict(tb=1, hc=16, rc=32, warps_a=4, hb=32, warps_b=1),
-    dict(tb=1, hc=16, rc=32, warps_a=4, maxnreg_a=128, hb=32, warps_b=1),
-    dict(tb=2, hc=16, rc=32, warps_a=4, hb=32, warps_b=1),
-    dict(tb=4, hc=16, rc=32, warps_a=8, hb=32, warps_b=1),
-    dict(tb=2, hc=32, rc=32, warps_a=8, hb=32, warps_b=1),
-    dict(tb=1, hc=16, rc=32, warps_a=4, hb=64, warps_b=2),
-    dict(tb=1, hc=16, rc=32, warps_a=4, hb=128, warps_b=4),
-    dict(tb=1, hc=16, rc=32, warps_a=4, hb=16, warps_b=1),
-]
+LOGIT_VARIANTS = [dict(tb=1, hc=16, warps=4), dict(tb=1, hc=16, warps=4, maxnreg=128), dict(tb=2, hc=16, warps=4),
+                  dict(tb=2, hc=16, warps=8), dict(tb=4, hc=16, warps=8), dict(tb=4, hc=16, warps=4),
+                  dict(tb=1, hc=32, warps=4), dict(tb=4, hc=32, warps=8)]
+AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=32, warps=1, stages=2), dict(hb=32, warps=1, stages=3),
+                      dict(hb=64, warps=2), dict(hb=16, warps=1, stages=2)]
 
 
 def main() -> None:
@@ -93,12 +98,17 @@ def main() -> None:
     ap.add_argument("--out", default="split-forward.jsonl")
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--variants", default=",".join(str(i) for i in range(len(VARIANTS))))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_float32_matmul_precision("high")
     gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
     commit = os.environ.get("E2F_GIT_COMMIT", "")
+
+    def record(rec):
+        print(json.dumps(rec), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     for n in (int(x) for x in args.sizes.split(",")):
         base = random_core_inputs(n, device=dev, seed=3)
         for dt in args.dtypes.split(","):
@@ -106,32 +116,33 @@ def main() -> None:
                 **{name: getattr(base, name).to(getattr(torch, dt)) for name in ("q", "k", "v")})
             inp = prepared_inputs(get_backend("triton"), inp)
             t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
-            ref = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)
-            fused_ms = bench(lambda: F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps))
-            rec = {"n_atoms": n, "dtype": dt, "gpu": gpu, "commit": commit, "fused_config": F.last_config().get("fwd")}
-            print(json.dumps({**rec, "variant": "fused", "ms": fused_ms}), flush=True)
-            for vi in (int(x) for x in args.variants.split(",")):
-                var = VARIANTS[vi]
-                try:
-                    kk, h = t["nbr"].shape[1], t["q"].shape[1]
-                    stash = (torch.empty(n * kk, h, device=dev), torch.empty(n * kk, h, device=dev),
-                             torch.empty(n * kk, device=dev))
-                    got = split_forward(t, inp.rbf_gamma, inp.cutoff, inp.eps, stash=stash, **var)
-                    err = {f"max_rel_{k}": max_rel(a, b) for k, a, b in zip(("out", "m", "s"), got, ref)}
-                    pair_ms = bench(lambda: split_forward(t, inp.rbf_gamma, inp.cutoff, inp.eps, stash=stash, **var))
-                    d = F._dims(t)
-                    agg_ms = bench(lambda: K.fwd_aggregate_kernel[(n, triton.cdiv(h, var["hb"]))](
-                        t["nbr"], t["v"], *stash, *got, 0, n, kk, h, float(inp.eps), DV=d["DV"], DVP=d["DVP"],
-                        VS=d["VS"], HB=var["hb"], num_warps=var["warps_b"], num_stages=1))
-                    rec2 = {**rec, "variant": var, "ms": pair_ms, "aggregate_ms": agg_ms,
-                            "logit_ms": pair_ms - agg_ms, "fused_ms": fused_ms, **err}
-                except Exception as exc:  # a variant that does not compile or run is data
-                    rec2 = {**rec, "variant": var, "error": str(exc)[:400]}
-                print(json.dumps(rec2), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec2) + "\n")
-            del ref
-            torch.cuda.empty_cache() if dev == "cuda" else None
+            gamma, cutoff, eps = inp.rbf_gamma, inp.cutoff, inp.eps
+            ref = F._forward(t, gamma, cutoff, eps)
+            head = {"n_atoms": n, "dtype": dt, "gpu": gpu, "commit": commit}
+            record({**head, "kernel": "fused", "config": F.last_config().get("fwd"),
+                    "ms": bench(lambda: F._forward(t, gamma, cutoff, eps))})
+            stash = new_stash(n, t["nbr"].shape[1], t["q"].shape[1], dev)
+            got = split_forward(t, gamma, cutoff, eps, stash=stash)
+            record({**head, "kernel": "split-check", **{f"max_rel_{k}": max_rel(a, b)
+                                                       for k, a, b in zip(("out", "m", "s"), got, ref)}})
+            for kind, variants in (("logits", LOGIT_VARIANTS), ("aggregate", AGGREGATE_VARIANTS)):
+                for var in variants:
+                    try:
+                        if kind == "logits":
+                            def run():
+                                launch_logits(t, gamma, cutoff, stash, 0, n, **var)
+                        else:
+                            def run():
+                                launch_aggregate(t, eps, stash, got, 0, n, **var)
+                        run()
+                        check = split_forward(t, gamma, cutoff, eps, **{kind: var})
+                        err = max(max_rel(a, b) for a, b in zip(check, ref))
+                        record({**head, "kernel": kind, "variant": var, "ms": bench(run), "max_rel_vs_fused": err})
+                    except Exception as exc:  # a variant that does not compile or run is data
+                        record({**head, "kernel": kind, "variant": var, "error": str(exc)[:400]})
+            del ref, got, stash
+            if dev == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -374,6 +374,18 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
             _fwd_group(v, out, nbr, wb, t0, N, K, h0 + 7, H, DV, DVP, VS, AGG, 8, TB)
 
 
+@triton.jit
+def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr):
+    """Scaled q.k ``[E, HC]`` of every edge row for the heads ``offs_h`` (the target's query row
+    is read once per edge: the rows of one target hit L1)."""
+    offs_k = tl.arange(0, DKP)
+    hk = offs_h[:, None] * DK + offs_k[None, :]
+    m3 = ok[:, None, None] & (hmask[:, None] & (offs_k < DK)[None, :])[None, :, :]
+    qi = tl.load(q + tgt[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
+    kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
+    return tl.sum(qi * kj, axis=2) * inv_sqrt_dk
+
+
 @triton.jit(do_not_specialize=["N", "T0"])
 def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                      logit_edge, coef_edge, env_edge,
@@ -399,7 +411,7 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
         g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-        qk = _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, TB, BK)
+        qk = _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP)
         at = row[:, None] * H + offs_h[None, :]
         m2 = keep[:, None] & hmask[None, :]
         tl.store(logit_edge + at, tl.where(live[:, None], g * qk, float("-inf")), mask=m2)
