@@ -38,7 +38,7 @@ def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: in
                   warps=4, maxnreg=None):
     d = F._dims(t)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
-    K.fwd_logit_kernel[(triton.cdiv(rows, tb),)](
+    return K.fwd_logit_kernel[(triton.cdiv(rows, tb),)](
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
         t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], *stash,
         t0, t0 + rows, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
@@ -48,7 +48,7 @@ def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: in
 
 def launch_aggregate(t: dict, eps: float, stash, out, t0: int, rows: int, *, hb=32, warps=1, stages=1):
     d = F._dims(t)
-    K.fwd_aggregate_kernel[(rows, triton.cdiv(d["H"], hb))](
+    return K.fwd_aggregate_kernel[(rows, triton.cdiv(d["H"], hb))](
         t["nbr"], t["v"], *stash, *out, t0, t0 + rows, d["K"], d["H"], float(eps),
         DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps, num_stages=stages)
 
@@ -86,11 +86,10 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-LOGIT_VARIANTS = [dict(tb=1, hc=16, warps=4), dict(tb=1, hc=16, warps=4, maxnreg=128), dict(tb=2, hc=16, warps=4),
-                  dict(tb=2, hc=16, warps=8), dict(tb=4, hc=16, warps=8), dict(tb=4, hc=16, warps=4),
-                  dict(tb=1, hc=32, warps=4), dict(tb=4, hc=32, warps=8)]
-AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=32, warps=1, stages=2), dict(hb=32, warps=1, stages=3),
-                      dict(hb=64, warps=2), dict(hb=16, warps=1, stages=2)]
+LOGIT_VARIANTS = [dict(tb=4, hc=32, warps=8), dict(tb=4, hc=32, warps=8, maxnreg=128), dict(tb=8, hc=32, warps=8),
+                  dict(tb=4, hc=64, warps=8), dict(tb=2, hc=32, warps=4), dict(tb=1, hc=16, warps=4, maxnreg=128),
+                  dict(tb=4, hc=16, warps=8), dict(tb=4, hc=32, warps=4), dict(tb=8, hc=16, warps=8)]
+AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=64, warps=2), dict(hb=128, warps=4), dict(hb=32, warps=2)]
 
 
 def main() -> None:
@@ -98,6 +97,8 @@ def main() -> None:
     ap.add_argument("--out", default="split-forward.jsonl")
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--neighbors", type=int, default=32, help="K (the suites' workload keeps the 32 nearest)")
+    ap.add_argument("--chunks", default="", help="also time the pair with the targets in these numbers of chunks")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_float32_matmul_precision("high")
@@ -110,7 +111,7 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
 
     for n in (int(x) for x in args.sizes.split(",")):
-        base = random_core_inputs(n, device=dev, seed=3)
+        base = random_core_inputs(n, max_neighbors=args.neighbors, device=dev, seed=3)
         for dt in args.dtypes.split(","):
             inp = base if dt == "float32" else base.replace(
                 **{name: getattr(base, name).to(getattr(torch, dt)) for name in ("q", "k", "v")})
@@ -118,7 +119,7 @@ def main() -> None:
             t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
             gamma, cutoff, eps = inp.rbf_gamma, inp.cutoff, inp.eps
             ref = F._forward(t, gamma, cutoff, eps)
-            head = {"n_atoms": n, "dtype": dt, "gpu": gpu, "commit": commit}
+            head = {"n_atoms": n, "dtype": dt, "neighbors": args.neighbors, "gpu": gpu, "commit": commit}
             record({**head, "kernel": "fused", "config": F.last_config().get("fwd"),
                     "ms": bench(lambda: F._forward(t, gamma, cutoff, eps))})
             stash = new_stash(n, t["nbr"].shape[1], t["q"].shape[1], dev)
@@ -134,12 +135,19 @@ def main() -> None:
                         else:
                             def run():
                                 launch_aggregate(t, eps, stash, got, 0, n, **var)
-                        run()
+                        compiled = run()
                         check = split_forward(t, gamma, cutoff, eps, **{kind: var})
                         err = max(max_rel(a, b) for a, b in zip(check, ref))
-                        record({**head, "kernel": kind, "variant": var, "ms": bench(run), "max_rel_vs_fused": err})
+                        record({**head, "kernel": kind, "variant": var, "ms": bench(run), "max_rel_vs_fused": err,
+                                "n_regs": getattr(compiled, "n_regs", None), "n_spills": getattr(compiled, "n_spills", None)})
                     except Exception as exc:  # a variant that does not compile or run is data
                         record({**head, "kernel": kind, "variant": var, "error": str(exc)[:400]})
+            for parts in (int(x) for x in filter(None, args.chunks.split(","))):
+                chunk = -(-n // parts)
+                small = new_stash(chunk, t["nbr"].shape[1], t["q"].shape[1], dev)
+                record({**head, "kernel": "pair", "chunks": parts, "ms": bench(
+                    lambda: split_forward(t, gamma, cutoff, eps, chunk=chunk, stash=small,
+                                          logits=LOGIT_VARIANTS[0], aggregate=AGGREGATE_VARIANTS[0]))})
             del ref, got, stash
             if dev == "cuda":
                 torch.cuda.empty_cache()
