@@ -92,6 +92,39 @@ LOGIT_VARIANTS = [dict(tb=4, hc=32, warps=8), dict(tb=4, hc=32, warps=8, maxnreg
 AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=64, warps=2), dict(hb=128, warps=4), dict(hb=32, warps=2)]
 
 
+FORMS = [("fused", ""), ("split", "3072"), ("split", "6144"), ("split", str(1 << 30))]
+
+
+def forms(record, sizes, dtypes, dev) -> None:
+    """The library's forward (``function._forward``) in each form and stash budget
+    (``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``): time and peak bytes above the inputs."""
+    from suites.core.memory import free_memory, peak_bytes_above_inputs
+
+    for n in sizes:
+        base = random_core_inputs(n, device=dev, seed=3)
+        for dt in dtypes:
+            inp = base if dt == "float32" else base.replace(
+                **{name: getattr(base, name).to(getattr(torch, dt)) for name in ("q", "k", "v")})
+            inp = prepared_inputs(get_backend("triton"), inp)
+            t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+            ref = None
+            for mode, budget in FORMS:
+                os.environ[F.FWD_MODE_ENV], os.environ[F.FWD_STASH_ENV] = mode, budget
+                run = lambda: F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)  # noqa: E731
+                got = run()
+                ref = got if ref is None else ref
+                err = max(max_rel(a, b) for a, b in zip(got, ref))
+                del got
+                free_memory(dev)
+                peak = peak_bytes_above_inputs(run, device=dev)
+                record({"n_atoms": n, "dtype": dt, "kernel": "form", "mode": mode, "stash_bytes": budget,
+                        "chunks": F.last_config().get("fwd_chunks", 1), "ms": bench(run),
+                        "kib_per_atom": peak / n / 1024 if peak else None, "max_rel_vs_fused": err})
+            os.environ.pop(F.FWD_MODE_ENV)
+            os.environ.pop(F.FWD_STASH_ENV)
+            del ref
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="split-forward.jsonl")
@@ -99,6 +132,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--neighbors", type=int, default=32, help="K (the suites' workload keeps the 32 nearest)")
     ap.add_argument("--chunks", default="", help="also time the pair with the targets in these numbers of chunks")
+    ap.add_argument("--forms", action="store_true", help="only the library's forward in each form and stash budget")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_float32_matmul_precision("high")
@@ -110,6 +144,9 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    if args.forms:
+        forms(record, [int(x) for x in args.sizes.split(",")], args.dtypes.split(","), dev)
+        return
     for n in (int(x) for x in args.sizes.split(",")):
         base = random_core_inputs(n, max_neighbors=args.neighbors, device=dev, seed=3)
         for dt in args.dtypes.split(","):

@@ -7,10 +7,11 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
 ``check(inp) -> None``
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
-    The configurations the autotuner chose for the four kernels (``fwd``, ``bwd_target``,
-    ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the
-    autotuner's timings when it benchmarked, for the forward also the registers and spills the
-    GPU driver reports), the number of target chunks of the last backward, the gate-MLP
+    The configurations the autotuner chose for the kernels (``fwd``, or ``fwd_logits`` and
+    ``fwd_aggregate`` after a split forward, then ``bwd_target``, ``bwd_gate``, ``bwd_source``;
+    the last shapes run: meta-parameters and warps, the autotuner's timings when it
+    benchmarked, the registers and spills the GPU driver reports), the last forward's form
+    (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last backward, the gate-MLP
     matmul precision used, and after a ``create_graph`` backward the second order's targets
     per block (``twin_target_block``); the suites record it.
 ``size_bucket(n_rows) -> int``
@@ -36,6 +37,19 @@ Environment:
     in: 2, 4 or 8; see ``kernels``), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
     more programs share an SM; spills beyond it); a key left out keeps its ``FWD_BASE``
     value (no cap). Unset or empty: autotuned as above.
+
+``E2F_TRITON_FORWARD=auto|split|fused``
+    The forward's form. ``fused``: one kernel (``kernels.fwd_kernel``) that writes only per-atom
+    outputs. ``split``: two kernels a chunk of targets, ``fwd_logit_kernel`` (geometry, gate
+    MLP and q.k on edge tiles; writes each edge's logits and ``u / d``) then
+    ``fwd_aggregate_kernel`` (online softmax and value sums, one thread per head and value
+    columns), through a per-edge stash of one chunk (``FWD_STASH_BYTES_PER_ATOM``); faster
+    where the chunks fill the GPU (H100, N = 65,536: 15.3 against 17.6 ms in fp32, 10.8
+    against 17.3 ms with bf16 q/k/v; perf-notes section 24). ``auto`` (unset): ``split`` when a
+    chunk holds at least ``SPLIT_MIN_TARGETS`` targets, else ``fused`` (and ``fused`` whenever
+    ``E2F_TRITON_FWD_CONFIG`` forces a fused configuration).
+``E2F_TRITON_FWD_STASH_BYTES=3072``
+    The split forward's stash, in bytes per atom (default ``FWD_STASH_BYTES_PER_ATOM``).
 
 Precision: the gate MLP's products run on tensor cores in TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
@@ -67,6 +81,15 @@ DIFF_NAMES = tuple(name for name in TENSOR_NAMES if name != "nbr")
 MAX_NEIGHBORS = 128
 _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FWD_CONFIG_ENV = "E2F_TRITON_FWD_CONFIG"
+FWD_MODE_ENV = "E2F_TRITON_FORWARD"
+FWD_MODES = ("auto", "split", "fused")
+FWD_STASH_ENV = "E2F_TRITON_FWD_STASH_BYTES"
+#: The split forward's per-edge stash (a logit and ``u / d`` per edge and head, the envelope per
+#: edge: K (8 H + 4) bytes a target, 33 KB at the paper sizes) runs in chunks that keep it
+#: within this many bytes an atom, so the forward's peak stays ~10 % above the output's 30 KB.
+FWD_STASH_BYTES_PER_ATOM = 3 * 1024
+#: Targets a chunk below which ``auto`` takes the fused forward (smaller launches leave SMs idle).
+SPLIT_MIN_TARGETS = 2048
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}
@@ -171,6 +194,51 @@ def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     # forced-configuration experiments.
     capped_at_96 = _cfg(8 if dtype == torch.float32 else 16, 32, 4, maxnreg=96, TB=1, GROUPS=2)
     return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
+
+
+def _logit_candidates(bk: int) -> list:
+    """Configurations of the split forward's logits kernel for ``bk``-row slot tiles, the
+    default first.
+
+    Every candidate keeps ``TB * BK / (num_warps / 4) <= 64`` edge rows a warp group: with more,
+    Triton 3.6's Hopper code for this kernel returns wrong logits (H100, K = 16 / 32 / 64: every
+    configuration above 64 rows a warp group was off by 0.2-0.4 relative, every one at or below
+    it within 7e-7 of the fused forward; perf-notes section 24).
+    """
+    if _interpreting():
+        return [_cfg(16, 16, 4, TB=2)]
+    # H100, N = 65,536, K = 32, fp32 / bf16 q/k/v, ms: TB=4 HC=32 8 warps 6.61 / 6.15, TB=1 HC=16
+    # capped at 128 registers 6.69 / 6.47, TB=4 HC=16 8 warps 6.89 / 6.55, TB=2 HC=32 4 warps 6.97 / 6.92
+    wide, narrow = max(1, 128 // bk), max(1, 64 // bk)
+    return [_cfg(32, 32, max(4, wide * bk // 16), TB=wide),
+            _cfg(16, 32, max(4, narrow * bk // 16), maxnreg=128, TB=narrow),
+            _cfg(16, 32, max(4, wide * bk // 16), TB=wide),
+            _cfg(32, 32, max(4, narrow * bk // 16), TB=narrow)]
+
+
+def _aggregate_candidates() -> list:
+    """Configurations of the split forward's aggregation kernel (``HB`` heads a program)."""
+    import triton
+
+    if _interpreting():
+        return [triton.Config({"HB": 2}, num_warps=1, num_stages=1)]
+    # H100, N = 65,536, fp32 / bf16 values, ms: HB=32 1 warp 8.66 / 4.59, HB=64 2 warps 9.00 / 4.75,
+    # HB=128 4 warps 9.23 / 5.53, HB=32 2 warps 9.49 / 6.49
+    return [triton.Config({"HB": hb}, num_warps=w, num_stages=1) for hb, w in ((32, 1), (64, 2), (16, 1))]
+
+
+def _split_kernels(bucket: int, bk: int) -> tuple:
+    """The split forward's autotuned kernels (logits, aggregation) for one ``size_bucket`` and
+    slot tile ``bk``."""
+    key = ("split", bucket, bk)
+    if key not in _kernels:
+        from e2f.attention.triton import kernels as K
+
+        first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"
+        logit_cfgs, aggregate_cfgs = _logit_candidates(bk), _aggregate_candidates()
+        _kernels[key] = (_autotuned(K.fwd_logit_kernel, logit_cfgs[:1] if first_only else logit_cfgs),
+                         _autotuned(K.fwd_aggregate_kernel, aggregate_cfgs[:1] if first_only else aggregate_cfgs))
+    return _kernels[key]
 
 
 def _bwd_candidates() -> dict:
@@ -330,6 +398,21 @@ def _dims(t: dict) -> dict:
                 VS=padded_head_stride(t["v"]) or 0)
 
 
+def forward_plan(n_rows: int, kslots: int, h: int) -> tuple[str, int]:
+    """``(mode, targets per chunk)`` of a forward over ``n_rows`` targets (module docstring:
+    ``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``)."""
+    mode = os.environ.get(FWD_MODE_ENV, "").strip() or "auto"
+    if mode not in FWD_MODES:
+        raise ValueError(f"{FWD_MODE_ENV} must be one of {FWD_MODES}, got {mode!r}")
+    budget = _bytes_from_env(FWD_STASH_ENV) or FWD_STASH_BYTES_PER_ATOM
+    chunk = _chunk_within(n_rows, kslots * (8 * h + 4), budget)
+    if mode == "auto":
+        # a forced fused configuration is an experiment on the fused kernel
+        forced = bool(os.environ.get(FWD_CONFIG_ENV, "").strip())
+        mode = "split" if chunk >= SPLIT_MIN_TARGETS and not forced else "fused"
+    return mode, chunk
+
+
 def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     d = _dims(t)
     dev = t["q"].device
@@ -338,8 +421,14 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
     if d["N"] == 0 or d["M"] == 0:
         return out, m, s
-    fwd = _fwd_kernel(t["q"].dtype, d["N"])
     prec = _gate_precision()
+    mode, chunk = forward_plan(d["N"], d["K"], d["H"])
+    _last["precision"] = prec
+    _last["fwd_mode"] = mode
+    if mode == "split":
+        _forward_split(t, d, chunk, out, m, s, gamma, cutoff, eps, prec)
+        return out, m, s
+    fwd = _fwd_kernel(t["q"].dtype, d["N"])
     n = d["N"]
     compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
@@ -347,8 +436,30 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
         n, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]),
         DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("fwd", fwd, compiled)
-    _last["precision"] = prec
     return out, m, s
+
+
+def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tensor, gamma: float, cutoff: float,
+                   eps: float, prec: str) -> None:
+    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation."""
+    n, kslots, h = d["N"], d["K"], d["H"]
+    f32 = dict(device=t["q"].device, dtype=torch.float32)
+    stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
+             torch.empty(chunk * kslots, **f32))
+    logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
+    for t0 in range(0, n, chunk):
+        rows = min(chunk, n - t0)
+        done = logits[lambda meta: (triton_cdiv(rows, meta["TB"]),)](
+            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
+            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], *stash,
+            t0, t0 + rows, kslots, h, d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
+            DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
+        aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
+            t["nbr"], t["v"], *stash, out, m, s, t0, t0 + rows, kslots, h, float(eps),
+            DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
+    _record("fwd_logits", logits, done)
+    _record("fwd_aggregate", aggregate, aggregated)
+    _last["fwd_chunks"] = triton_cdiv(n, chunk)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -405,21 +516,33 @@ def _gate_stash_width(h: int, g: int, r: int) -> int:
     return max(2 * h + g, g + r)
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
-    """Targets per chunk of the backward (the stash budget above)."""
-    text = os.environ.get(STASH_ENV, "").strip()
-    if text:
-        try:
-            budget = int(text)
-        except ValueError:
-            budget = 0
-        if budget < 1:
-            raise ValueError(f"{STASH_ENV} must be a positive number of bytes, got {text!r}")
-    else:
-        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // max(1, n_rows)))
-    per_target = kslots * (2 * h + _gate_stash_width(h, g, r)) * 4
+def _bytes_from_env(name: str) -> int | None:
+    """A positive byte count from the environment variable ``name``; None where unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        budget = int(text)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ValueError(f"{name} must be a positive number of bytes, got {text!r}")
+    return budget
+
+
+def _chunk_within(n_rows: int, per_target: int, budget: int) -> int:
+    """Targets per chunk: as many equal chunks as keep ``per_target`` bytes a target within
+    ``budget`` bytes an atom."""
     chunks = max(1, triton_cdiv(per_target, budget))
     return max(1, triton_cdiv(n_rows, chunks))
+
+
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
+    """Targets per chunk of the backward (the stash budget above)."""
+    budget = _bytes_from_env(STASH_ENV)
+    if budget is None:
+        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // max(1, n_rows)))
+    return _chunk_within(n_rows, kslots * (2 * h + _gate_stash_width(h, g, r)) * 4, budget)
 
 
 #: Targets per chunk below which the backward stops halving a stash that does not fit.

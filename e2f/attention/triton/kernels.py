@@ -18,6 +18,15 @@ recompile every autotune candidate.
   targets share many neighbours and the second gather of a row hits L1. Writes
   ``out [N, H, DV]`` and the per-target, per-head statistics ``m`` (max logit, sink 0
   included) and ``s`` (denominator, sink included).
+* ``fwd_logit_kernel`` and ``fwd_aggregate_kernel``: the same forward in two kernels (the
+  ``split`` form, ``function.forward_plan``). The first runs the edge-tile part above for ``TB``
+  targets (geometry, gate MLP, q.k) and writes per edge and head the logit (``-inf`` where the
+  edge is not live) and ``u / d``, and per edge the envelope, into a stash of one chunk of
+  targets. The second owns one target and ``HB`` heads a program and walks the slots with an
+  online softmax that starts from the sink (logit 0, weight eps): every head's running max,
+  denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
+  threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
+  across warps).
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, three
 kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``):
 

@@ -26,6 +26,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOATS = ("pos_dst", "pos_src", "q", "k", "v", "gate_dst", "gate_src", "rbf_centers", "w_radial", "w_out", "b_out")
 
 
+@pytest.fixture(params=["fused", "split"])
+def forward_mode(request, monkeypatch):
+    """Runs a test with each form of the forward (``E2F_TRITON_FORWARD``)."""
+    from e2f.attention.triton.function import FWD_MODE_ENV
+
+    monkeypatch.setenv(FWD_MODE_ENV, request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _ieee_matmuls():
     old = torch.get_float32_matmul_precision()
@@ -104,16 +113,18 @@ def compare(inp: CoreInputs, tol: float, seed: int = 1, ref_dtype=None):
     return out, grads
 
 
-def test_forward_and_all_gradients_fp32_odd_sizes():
+def test_forward_and_all_gradients_fp32_odd_sizes(forward_mode):
     # 13 targets, 17 source slots (4 images), K = 6; rows 2 and 11 have no neighbour
     inp = make_inputs(13, 17, 6, empty_rows=(2, 11))
     out, _ = compare(inp, 1e-5)
     assert torch.count_nonzero(out[2]) == 0 and torch.count_nonzero(out[11]) == 0
     cfg = last_config()
-    assert {"fwd", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg) and cfg["precision"] == "ieee"
+    kernels = {"fwd"} if forward_mode == "fused" else {"fwd_logits", "fwd_aggregate", "fwd_chunks"}
+    assert kernels | {"bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
+    assert cfg["precision"] == "ieee" and cfg["fwd_mode"] == forward_mode
 
 
-def test_wider_tiles_and_multi_chunk_sources():
+def test_wider_tiles_and_multi_chunk_sources(forward_mode):
     # 18 atoms all within the cutoff, K = 17: every source has 17 > 16 in-edges (two chunks of
     # the source pass); H = 17 > 16 heads: two head chunks; G, R above one tile.
     inp = make_inputs(18, 18, 17, h=17, dk=4, dv=9, g=17, r=20, drop=0.0, box=2.0, cutoff=3.5, seed=3)
@@ -121,14 +132,14 @@ def test_wider_tiles_and_multi_chunk_sources():
     compare(inp, 1e-5)
 
 
-def test_slot_tiles_of_64():
+def test_slot_tiles_of_64(forward_mode):
     # K = 40 neighbour slots: BK = 64-row edge tiles (on Hopper, the gate products' M reaches
     # wgmma's 64), with the slots beyond 40 masked
     inp = make_inputs(44, 48, 40, drop=0.1, box=3.0, cutoff=4.0, seed=4)
     compare(inp, 1e-5)
 
 
-def test_against_float64():
+def test_against_float64(forward_mode):
     inp = make_inputs(9, 11, 5, seed=5)
     dout = torch.randn(9, 3, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     out, grads = value_and_grads(fused_attention_core, inp, dout)
@@ -138,7 +149,7 @@ def test_against_float64():
         assert rel(grads[name], ref_grads[name]) < 1e-3, name
 
 
-def test_one_atom_systems():
+def test_one_atom_systems(forward_mode):
     # alone: no neighbour at all, zero message and zero gradients
     inp = make_inputs(1, 1, 1, seed=7, drop=0.0)
     inp = inp.replace(nbr=torch.tensor([[-1, -1]], device=DEVICE))
@@ -160,7 +171,7 @@ def test_one_atom_systems():
         assert rel(grads[name], ref_grads[name]) < (1e-4 if name in ("q", "k") else 1e-5), name
 
 
-def test_bf16_and_fp16_qkv():
+def test_bf16_and_fp16_qkv(forward_mode):
     for dtype in (torch.bfloat16, torch.float16):
         inp = make_inputs(11, 14, 5, qkv_dtype=dtype, seed=11)
         compare(inp, 2e-2, ref_dtype=torch.float32)
@@ -267,7 +278,7 @@ def padded_leaf(v: torch.Tensor, head_stride: int, fill=float("nan")) -> torch.T
 
 
 @pytest.mark.parametrize("dv, head_stride", [(5, 16), (9, 16), (5, 8)])
-def test_padded_value_rows_are_read_and_the_padding_ignored(dv, head_stride):
+def test_padded_value_rows_are_read_and_the_padding_ignored(dv, head_stride, forward_mode):
     # head stride 16 >= the padded tile width: unmasked (vectorised) row loads; 8 < 16 for
     # dv = 5: the masked path with a stride. NaN padding must not leak into any result.
     # In the interpreter both layouts run one configuration and must agree bitwise. On a GPU
@@ -538,6 +549,61 @@ def test_several_target_tiles_bf16_qkv(monkeypatch):
     inp = make_inputs(11, 14, 5, qkv_dtype=torch.bfloat16, seed=11)
     ref = attention_core_reference(detached_copy(inp, torch.float32))
     assert rel(fused_attention_core(inp), ref) < 2e-2
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_split_forward_in_target_chunks(monkeypatch, chunks):
+    # the split forward's stash bounded to a fraction of all targets' edges: chunk by chunk,
+    # the same out, m and s as the fused forward (another order of the same sums)
+    from e2f.attention.triton import function as F
+
+    n, kslots, h = 13, 6, 3
+    monkeypatch.setenv(F.FWD_MODE_ENV, "split")
+    monkeypatch.setenv(F.FWD_STASH_ENV, str(kslots * (8 * h + 4) // chunks + 1))
+    assert F.forward_plan(n, kslots, h) == ("split", F.triton_cdiv(n, chunks))
+    inp = make_inputs(n, 17, kslots, h=h, empty_rows=(2, 11), seed=43)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    split = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)
+    assert last_config()["fwd_chunks"] == chunks
+    monkeypatch.setenv(F.FWD_MODE_ENV, "fused")
+    fused = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)
+    for a, b in zip(split, fused):
+        assert rel(a, b) < 1e-6
+    monkeypatch.setenv(F.FWD_MODE_ENV, "split")
+    compare(inp, 1e-5)
+
+
+def test_forward_plan(monkeypatch):
+    from e2f.attention.triton import function as F
+
+    for name in (F.FWD_MODE_ENV, F.FWD_STASH_ENV, F.FWD_CONFIG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    per_target = 32 * (8 * 128 + 4)
+    # auto: split once a chunk within the stash budget holds SPLIT_MIN_TARGETS targets
+    small = F.SPLIT_MIN_TARGETS * per_target // F.FWD_STASH_BYTES_PER_ATOM
+    mode, chunk = F.forward_plan(65536, 32, 128)
+    assert mode == "split" and chunk * per_target <= 65536 * F.FWD_STASH_BYTES_PER_ATOM + per_target
+    assert F.forward_plan(small // 2, 32, 128)[0] == "fused"
+    assert F.forward_plan(1, 32, 128) == ("fused", 1)
+    monkeypatch.setenv(F.FWD_CONFIG_ENV, "TB=2")
+    assert F.forward_plan(65536, 32, 128)[0] == "fused"
+    monkeypatch.setenv(F.FWD_MODE_ENV, "split")
+    assert F.forward_plan(10, 32, 128)[0] == "split"
+    for name, bad in ((F.FWD_MODE_ENV, "fast"), (F.FWD_STASH_ENV, "0"), (F.FWD_STASH_ENV, "lots")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            F.forward_plan(100, 32, 128)
+        monkeypatch.delenv(name)
+
+
+def test_logit_tiles_stay_within_64_rows_a_warp_group(monkeypatch):
+    # Triton 3.6 computes wrong logits on Hopper above 64 edge rows a warp group (perf-notes 24)
+    from e2f.attention.triton import function as F
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for bk in (16, 32, 64, 128):
+        for cfg in F._logit_candidates(bk):
+            assert cfg.kwargs["TB"] * bk * 4 // cfg.num_warps <= 64, (bk, cfg)
 
 
 def test_size_buckets_of_the_autotuners():
