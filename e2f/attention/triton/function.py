@@ -88,8 +88,11 @@ FWD_STASH_ENV = "E2F_TRITON_FWD_STASH_BYTES"
 #: edge: K (8 H + 4) bytes a target, 33 KB at the paper sizes) runs in chunks that keep it
 #: within this many bytes an atom, so the forward's peak stays ~10 % above the output's 30 KB.
 FWD_STASH_BYTES_PER_ATOM = 3 * 1024
-#: Targets a chunk below which ``auto`` takes the fused forward (smaller launches leave SMs idle).
-SPLIT_MIN_TARGETS = 2048
+#: Targets a chunk below which ``auto`` takes the fused forward (smaller launches leave SMs
+#: idle), for float32 and for 16-bit q/k/v. H100, 11 chunks, fused against split (ms): fp32
+#: 2.21 / 2.51 at N = 8,192 (745 targets a chunk), 4.41 / 4.26 at 16,384 (1,490); bf16 0.60 / 0.98
+#: at 2,048 (187), 1.16 / 1.11 at 4,096 (373), 4.42 / 3.24 at 16,384 (perf-notes section 24).
+SPLIT_MIN_TARGETS = {True: 1024, False: 320}
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}
@@ -398,9 +401,9 @@ def _dims(t: dict) -> dict:
                 VS=padded_head_stride(t["v"]) or 0)
 
 
-def forward_plan(n_rows: int, kslots: int, h: int) -> tuple[str, int]:
-    """``(mode, targets per chunk)`` of a forward over ``n_rows`` targets (module docstring:
-    ``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``)."""
+def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True) -> tuple[str, int]:
+    """``(mode, targets per chunk)`` of a forward over ``n_rows`` targets with float32 (or
+    16-bit) q/k/v (module docstring: ``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``)."""
     mode = os.environ.get(FWD_MODE_ENV, "").strip() or "auto"
     if mode not in FWD_MODES:
         raise ValueError(f"{FWD_MODE_ENV} must be one of {FWD_MODES}, got {mode!r}")
@@ -409,20 +412,22 @@ def forward_plan(n_rows: int, kslots: int, h: int) -> tuple[str, int]:
     if mode == "auto":
         # a forced fused configuration is an experiment on the fused kernel
         forced = bool(os.environ.get(FWD_CONFIG_ENV, "").strip())
-        mode = "split" if chunk >= SPLIT_MIN_TARGETS and not forced else "fused"
+        mode = "split" if chunk >= SPLIT_MIN_TARGETS[fp32] and not forced else "fused"
     return mode, chunk
 
 
 def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     d = _dims(t)
-    dev = t["q"].device
-    out = torch.zeros(d["N"], d["H"], d["DV"], device=dev, dtype=torch.float32)
-    m = torch.zeros(d["N"], d["H"], device=dev, dtype=torch.float32)
-    s = torch.full((d["N"], d["H"]), eps, device=dev, dtype=torch.float32)
+    f32 = dict(device=t["q"].device, dtype=torch.float32)
     if d["N"] == 0 or d["M"] == 0:
-        return out, m, s
+        return (torch.zeros(d["N"], d["H"], d["DV"], **f32), torch.zeros(d["N"], d["H"], **f32),
+                torch.full((d["N"], d["H"]), eps, **f32))
+    # both forms write every row (a target without neighbours gets 0, 0 and eps)
+    out = torch.empty(d["N"], d["H"], d["DV"], **f32)
+    m = torch.empty(d["N"], d["H"], **f32)
+    s = torch.empty(d["N"], d["H"], **f32)
     prec = _gate_precision()
-    mode, chunk = forward_plan(d["N"], d["K"], d["H"])
+    mode, chunk = forward_plan(d["N"], d["K"], d["H"], t["q"].dtype == torch.float32)
     _last["precision"] = prec
     _last["fwd_mode"] = mode
     if mode == "split":

@@ -579,11 +579,15 @@ def test_forward_plan(monkeypatch):
     for name in (F.FWD_MODE_ENV, F.FWD_STASH_ENV, F.FWD_CONFIG_ENV):
         monkeypatch.delenv(name, raising=False)
     per_target = 32 * (8 * 128 + 4)
-    # auto: split once a chunk within the stash budget holds SPLIT_MIN_TARGETS targets
-    small = F.SPLIT_MIN_TARGETS * per_target // F.FWD_STASH_BYTES_PER_ATOM
+    # auto: split once a chunk within the stash budget holds SPLIT_MIN_TARGETS targets (fewer
+    # with 16-bit q/k/v, whose aggregation moves half the bytes)
     mode, chunk = F.forward_plan(65536, 32, 128)
     assert mode == "split" and chunk * per_target <= 65536 * F.FWD_STASH_BYTES_PER_ATOM + per_target
-    assert F.forward_plan(small // 2, 32, 128)[0] == "fused"
+    for fp32 in (True, False):
+        small = F.SPLIT_MIN_TARGETS[fp32] * per_target // F.FWD_STASH_BYTES_PER_ATOM
+        assert F.forward_plan(small // 2, 32, 128, fp32)[0] == "fused"
+        assert F.forward_plan(small * 2, 32, 128, fp32)[0] == "split"
+    assert F.forward_plan(8192, 32, 128, True)[0] == "fused" and F.forward_plan(8192, 32, 128, False)[0] == "split"
     assert F.forward_plan(1, 32, 128) == ("fused", 1)
     monkeypatch.setenv(F.FWD_CONFIG_ENV, "TB=2")
     assert F.forward_plan(65536, 32, 128)[0] == "fused"
