@@ -77,12 +77,14 @@ run_step() {
         twin)  # E2Former-V2's force-training step against the second order's block size, v1 beside it
             step twin "${TWIN_SECS:-300}" python3 scripts/twin_blocks.py --out "$res/twin-blocks.jsonl" --sizes 1000 4000 \
                 --blocks 250 auto --steps 3 ;;
-        ncu-fwd)  # hardware counters of one forward launch (Firecracker machines; clocks left alone)
-            step ncu-fwd "${NCU_SECS:-150}" ncu --clock-control none -k regex:fwd_kernel -c 1 \
+        ncu-fwd)  # hardware counters of one forward (Firecracker machines; clocks left alone): the fused
+            # kernel's launch, or with the split form the logits and the aggregation kernels of one chunk
+            step ncu-fwd "${NCU_SECS:-150}" ncu --clock-control none -k regex:fwd_ -c 2 \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                 --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
                 --section SourceCounters --section MemoryWorkloadAnalysis_Tables \
-                env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded --ncu-fwd 16384 ;;
+                env E2F_TRITON_AUTOTUNE=0 E2F_TRITON_FWD_STASH_BYTES=${NCU_STASH_BYTES:-1073741824} \
+                python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded --ncu-fwd 16384 ;;
         regression-vs)  # the committed baseline of this card against this code; saves a new baseline
             step regression-vs "${REGVS_SECS:-180}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
                 --compare "reports/baselines/${BASELINE_NAME:-h200}.json" --allow-mismatch --save-baseline "$res/baseline.json"
