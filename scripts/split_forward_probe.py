@@ -46,11 +46,13 @@ def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: in
         num_warps=warps, num_stages=1, **extra)
 
 
-def launch_aggregate(t: dict, eps: float, stash, out, t0: int, rows: int, *, hb=32, warps=1, stages=1):
+def launch_aggregate(t: dict, eps: float, stash, out, t0: int, rows: int, *, hb=32, warps=1, stages=1,
+                     maxnreg=None):
     d = F._dims(t)
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
     return K.fwd_aggregate_kernel[(rows, triton.cdiv(d["H"], hb))](
         t["nbr"], t["v"], *stash, *out, t0, t0 + rows, d["K"], d["H"], float(eps),
-        DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps, num_stages=stages)
+        DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps, num_stages=stages, **extra)
 
 
 def new_stash(rows: int, kk: int, h: int, dev):
@@ -90,7 +92,8 @@ LOGIT_VARIANTS = [dict(tb=4, hc=32, warps=8), dict(tb=4, hc=32, warps=8, dc=4), 
                   dict(tb=4, hc=32, warps=8, dc=1), dict(tb=4, hc=16, warps=8, dc=2), dict(tb=4, hc=64, warps=8, dc=2),
                   dict(tb=2, hc=32, warps=4, dc=2), dict(tb=1, hc=16, warps=4, maxnreg=128, dc=2),
                   dict(tb=2, hc=16, warps=4, dc=2), dict(tb=1, hc=32, warps=4, dc=2)]
-AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=64, warps=2), dict(hb=128, warps=4), dict(hb=32, warps=2)]
+AGGREGATE_VARIANTS = [dict(hb=32, warps=1), dict(hb=32, warps=1, maxnreg=128), dict(hb=32, warps=1, maxnreg=96),
+                      dict(hb=16, warps=1), dict(hb=64, warps=2, maxnreg=128)]
 
 
 FORMS = [("fused", ""), ("split", "3072"), ("split", "6144"), ("split", str(1 << 30))]
