@@ -384,20 +384,15 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
 
 
 @triton.jit
-def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr,
-             DC: tl.constexpr):
-    """Scaled q.k ``[E, HC]`` of every edge row for the heads ``offs_h``, ``DC`` numbers of the
-    key width a step (``[E, HC, DC]`` tiles: registers ``DKP / DC`` times fewer than whole rows;
-    the target's query row is read per edge, and the rows of one target hit L1)."""
-    acc = tl.zeros([ok.shape[0], offs_h.shape[0]], dtype=tl.float32)
-    for d0 in tl.static_range(0, DKP, DC):
-        offs_k = d0 + tl.arange(0, DC)
-        hk = offs_h[:, None] * DK + offs_k[None, :]
-        m3 = ok[:, None, None] & (hmask[:, None] & (offs_k < DK)[None, :])[None, :, :]
-        qi = tl.load(q + tgt[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
-        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
-        acc += tl.sum(qi * kj, axis=2)
-    return acc * inv_sqrt_dk
+def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr):
+    """Scaled q.k ``[E, HC]`` of every edge row for the heads ``offs_h`` (the target's query row
+    is read once per edge: the rows of one target hit L1)."""
+    offs_k = tl.arange(0, DKP)
+    hk = offs_h[:, None] * DK + offs_k[None, :]
+    m3 = ok[:, None, None] & (hmask[:, None] & (offs_k < DK)[None, :])[None, :, :]
+    qi = tl.load(q + tgt[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
+    kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=m3, other=0.0).to(tl.float32)
+    return tl.sum(qi * kj, axis=2) * inv_sqrt_dk
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
@@ -405,7 +400,7 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
                      logit_edge, coef_edge, env_edge,
                      T0, N, K, H, G, R, gamma, cutoff, inv_sqrt_dk,
                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
-                     RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1, DC: tl.constexpr = 8):
+                     RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
     # targets T0 + program id * TB ..; their edges are stash rows (target - T0) K + slot
     E: tl.constexpr = TB * BK
     t0 = T0 + tl.program_id(0).to(tl.int64) * TB
@@ -425,7 +420,7 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
         g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-        qk = _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, min(DC, DKP))
+        qk = _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP)
         at = row[:, None] * H + offs_h[None, :]
         m2 = keep[:, None] & hmask[None, :]
         tl.store(logit_edge + at, tl.where(live[:, None], g * qk, float("-inf")), mask=m2)

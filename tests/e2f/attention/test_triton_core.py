@@ -610,6 +610,28 @@ def test_logit_tiles_stay_within_64_rows_a_warp_group(monkeypatch):
             assert cfg.kwargs["TB"] * bk * 4 // cfg.num_warps <= 64, (bk, cfg)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the wrong logits come from Hopper's compiled tensor-core code")
+@pytest.mark.parametrize("kslots", [16, 32, 64, 128])
+def test_every_logit_candidate_with_tf32_products(kslots, monkeypatch):
+    # each configuration the split forward may tune to, at the paper's head sizes and with TF32
+    # gate products (the tensor-core path where Triton 3.6 went wrong; IEEE products do not use it)
+    from e2f.attention.triton import function as F
+    from e2f.attention.workload import random_core_inputs
+
+    monkeypatch.setenv(F.FWD_MODE_ENV, "split")
+    monkeypatch.setenv("E2F_TRITON_AUTOTUNE", "1")
+    torch.set_float32_matmul_precision("high")
+    inp = random_core_inputs(1024, max_neighbors=kslots, density=0.1 * max(1, kslots // 32), device=DEVICE, seed=5)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    with torch.no_grad():
+        ref = attention_core_reference(inp)
+    for cfg in F._logit_candidates(F._dims(t)["BK"]):
+        monkeypatch.setattr(F, "_logit_candidates", lambda bk, cfg=cfg: [cfg])
+        F._kernels.clear()
+        out, _, _ = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)
+        assert rel(out, ref) < 1e-2, cfg
+
+
 def test_size_buckets_of_the_autotuners():
     from e2f.attention.triton.function import size_bucket
 
