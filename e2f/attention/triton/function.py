@@ -90,9 +90,9 @@ FWD_STASH_ENV = "E2F_TRITON_FWD_STASH_BYTES"
 FWD_STASH_BYTES_PER_ATOM = 3 * 1024
 #: Targets a chunk below which ``auto`` takes the fused forward (smaller launches leave SMs
 #: idle), for float32 and for 16-bit q/k/v. H100, 11 chunks, fused against split (ms): fp32
-#: 2.21 / 2.51 at N = 8,192 (745 targets a chunk), 4.41 / 4.26 at 16,384 (1,490; the split 4.52
-#: and 4.80 in two processes of the regression gate: a chunk's stash, 49 MB, is the L2's size),
-#: 8.78 / 8.39 at 32,768 (2,979); bf16 0.60 / 0.98 at 2,048 (187), 1.16 / 1.11 at 4,096 (373),
+#: 2.21 / 2.51 at N = 8,192 (745 targets a chunk), 4.41 / 4.26 at 16,384 (1,490: within the
+#: 5-7 % that two processes of the regression gate differ by there), 8.78 / 8.39 at 32,768
+#: (2,979); bf16 0.60 / 0.98 at 2,048 (187), 1.16 / 1.11 at 4,096 (373),
 #: 4.42 / 3.24 at 16,384 (perf-notes section 24).
 SPLIT_MIN_TARGETS = {True: 2048, False: 320}
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
