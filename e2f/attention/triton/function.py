@@ -92,9 +92,10 @@ FWD_STASH_BYTES_PER_ATOM = 3 * 1024
 #: idle), for float32 and for 16-bit q/k/v. H100, 11 chunks, fused against split (ms): fp32
 #: 2.21 / 2.51 at N = 8,192 (745 targets a chunk), 4.41 / 4.26 at 16,384 (1,490: within the
 #: 5-7 % that two processes of the regression gate differ by there), 8.78 / 8.39 at 32,768
-#: (2,979); bf16 0.60 / 0.98 at 2,048 (187), 1.16 / 1.11 at 4,096 (373),
-#: 4.42 / 3.24 at 16,384 (perf-notes section 24).
-SPLIT_MIN_TARGETS = {True: 2048, False: 320}
+#: (2,979); bf16 0.60 / 0.98 at 2,048 (187), 1.16 / 1.11 at 4,096 (373; 1.61 on another
+#: machine, whose host launched the 22 kernels slower than the GPU ran them), 2.24 / 2.06 at
+#: 8,192 (745), 4.42 / 3.24 at 16,384 (perf-notes section 24).
+SPLIT_MIN_TARGETS = {True: 2048, False: 1024}
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}

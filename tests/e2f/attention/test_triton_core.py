@@ -587,7 +587,7 @@ def test_forward_plan(monkeypatch):
         small = F.SPLIT_MIN_TARGETS[fp32] * per_target // F.FWD_STASH_BYTES_PER_ATOM
         assert F.forward_plan(small // 2, 32, 128, fp32)[0] == "fused"
         assert F.forward_plan(small * 2, 32, 128, fp32)[0] == "split"
-    assert F.forward_plan(8192, 32, 128, True)[0] == "fused" and F.forward_plan(8192, 32, 128, False)[0] == "split"
+    assert F.forward_plan(16384, 32, 128, True)[0] == "fused" and F.forward_plan(16384, 32, 128, False)[0] == "split"
     assert F.forward_plan(1, 32, 128) == ("fused", 1)
     monkeypatch.setenv(F.FWD_CONFIG_ENV, "TB=2")
     assert F.forward_plan(65536, 32, 128)[0] == "fused"
