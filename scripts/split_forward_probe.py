@@ -51,7 +51,7 @@ def launch_aggregate(t: dict, eps: float, stash, out, t0: int, rows: int, *, hb=
     d = F._dims(t)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
     return K.fwd_aggregate_kernel[(rows, triton.cdiv(d["H"], hb))](
-        t["nbr"], t["v"], *stash, *out, t0, t0 + rows, d["K"], d["H"], float(eps),
+        t["nbr"], t["v"], *stash, *out, t0, d["K"], d["H"], float(eps),
         DV=d["DV"], DVP=d["DVP"], VS=d["VS"], HB=hb, num_warps=warps, num_stages=stages, **extra)
 
 

@@ -44,8 +44,8 @@ Environment:
     MLP and q.k on edge tiles; writes each edge's logits and ``u / d``) then
     ``fwd_aggregate_kernel`` (online softmax and value sums, one thread per head and value
     columns), through a per-edge stash of one chunk (``FWD_STASH_BYTES_PER_ATOM``); faster
-    where the chunks fill the GPU (H100, N = 65,536: 15.3 against 17.6 ms in fp32, 10.8
-    against 17.3 ms with bf16 q/k/v; perf-notes section 24). ``auto`` (unset): ``split`` when a
+    where the chunks fill the GPU (H100, N = 65,536, 11 chunks: 16.1 against 17.6 ms in fp32,
+    11.6 against 17.4 ms with bf16 q/k/v; perf-notes section 24). ``auto`` (unset): ``split`` when a
     chunk holds at least ``SPLIT_MIN_TARGETS`` targets, else ``fused`` (and ``fused`` whenever
     ``E2F_TRITON_FWD_CONFIG`` forces a fused configuration).
 ``E2F_TRITON_FWD_STASH_BYTES=3072``
@@ -229,7 +229,7 @@ def _aggregate_candidates() -> list:
     if _interpreting():
         return [triton.Config({"HB": 2}, num_warps=1, num_stages=1)]
     # H100, N = 65,536, fp32 / bf16 values, ms: HB=32 1 warp 8.66 / 4.59, HB=64 2 warps 9.00 / 4.75,
-    # HB=128 4 warps 9.23 / 5.53, HB=32 2 warps 9.49 / 6.49
+    # HB=16 1 warp 9.27 / 7.08 (HB=128 at 4 warps 9.23 / 5.53 and register caps were slower)
     return [triton.Config({"HB": hb}, num_warps=w, num_stages=1) for hb, w in ((32, 1), (64, 2), (16, 1))]
 
 
@@ -463,7 +463,7 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
             t0, t0 + rows, kslots, h, d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
         aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
-            t["nbr"], t["v"], *stash, out, m, s, t0, t0 + rows, kslots, h, float(eps),
+            t["nbr"], t["v"], *stash, out, m, s, t0, kslots, h, float(eps),
             DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
     _record("fwd_logits", logits, done)
     _record("fwd_aggregate", aggregate, aggregated)

@@ -427,9 +427,9 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
         tl.store(coef_edge + at, u * inv_d[:, None], mask=m2)
 
 
-@triton.jit(do_not_specialize=["N", "T0"])
+@triton.jit(do_not_specialize=["T0"])
 def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
-                         T0, N, K, H, eps,
+                         T0, K, H, eps,
                          DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
     # target T0 + program id 0, heads program id 1 * HB ..: an online softmax over the slots
     # with the sink (logit 0, weight eps) as its start, every sum inside a thread
