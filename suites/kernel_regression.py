@@ -44,7 +44,11 @@ from suites.core.runner import Point, SkipPoint, Suite, SweepConfig, register_su
 INVARIANTS_PATH = Path(__file__).resolve().parents[1] / "reports" / "baselines" / "cpu-invariants.json"
 INVARIANTS_FORMAT = "e2f-cpu-invariants"
 INVARIANTS_VERSION = 1
-CHECKED_BACKENDS = ("triton", "chunked")
+CHECKED_BACKENDS = ("triton", "triton-split", "chunked")
+#: Checked forms of a registered backend: name -> (backend, environment while its forward runs).
+#: At the probe's size the triton backend runs its fused forward; ``triton-split`` pins the
+#: split forward's launches and its per-edge stash (one chunk of the probe's edges).
+BACKEND_FORMS = {"triton-split": ("triton", {"E2F_TRITON_FORWARD": "split"})}
 
 # The small probe input of the saved-tensor, launch and correctness checks. Every size is
 # distinct (and E = N*K is distinct from all of them) so a saved tensor's shape can be read
@@ -61,8 +65,24 @@ class BackendUnavailable(RuntimeError):
     """The named backend cannot be built here (module missing, or no Triton)."""
 
 
+@contextlib.contextmanager
+def _environment(changes: dict):
+    """``os.environ`` with ``changes`` applied inside the block, restored after."""
+    old = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def resolve_backend(name: str) -> Callable[[CoreInputs], Tensor]:
-    """The attention-core backend ``name`` as ``fn(inp) -> out``, through the registry.
+    """The attention-core backend ``name`` (or a form of one, ``BACKEND_FORMS``) as
+    ``fn(inp) -> out``, through the registry.
 
     Raises ``BackendUnavailable`` (with the reason) if it cannot be imported here.
     """
@@ -70,14 +90,16 @@ def resolve_backend(name: str) -> Callable[[CoreInputs], Tensor]:
         from e2f.attention.backends import get_backend, unavailable_reason
     except ImportError as e:
         raise BackendUnavailable(f"e2f.attention.backends is not importable: {e}") from e
-    reason = unavailable_reason(name)
+    registered, env = BACKEND_FORMS.get(name, (name, {}))
+    reason = unavailable_reason(registered)
     if reason is not None:
-        raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
-    backend = get_backend(name)
+        raise BackendUnavailable(f"backend {registered!r} is unavailable: {reason}")
+    backend = get_backend(registered)
 
     def call(inp: CoreInputs) -> Tensor:
         backend.check(inp)
-        return backend(inp)
+        with _environment(env):
+            return backend(inp)
 
     call.__name__ = name
     return call
