@@ -8,9 +8,11 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
 passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate`` or ``kernel=source``
-for a backward pass (its meta-parameters given as ``KEY=INT``: ``HC``, ``RC`` for the target
-pass, ``HC``, ``RC``, ``TB`` for the gate backward, ``HC``, ``BKS`` for the source pass,
-and ``num_warps``, ``maxnreg``; 16 / 32 heads and RBFs, 8 warps otherwise). Shapes are the paper
+for a backward pass, ``kernel=logits`` or ``kernel=aggregate`` for the split forward's two
+kernels (their meta-parameters given as ``KEY=INT``: ``HC``, ``RC`` for the target pass,
+``HC``, ``RC``, ``TB`` for the gate backward and the logits kernel, ``HC``, ``BKS`` for the
+source pass, ``HB`` for the aggregation, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for
+the ones left out). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
@@ -42,7 +44,10 @@ SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=_gate_stash_width(128, 128, 
 # row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
 UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC")
 KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
-           "source": "bwd_source_kernel"}
+           "source": "bwd_source_kernel", "logits": "fwd_logit_kernel", "aggregate": "fwd_aggregate_kernel"}
+# meta-parameters of a kernel= argument that does not name them
+DEFAULT_META = {"source": {"HC": 16, "BKS": 16, "num_warps": 4}, "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8},
+                "aggregate": {"HB": 32, "num_warps": 1}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
@@ -54,7 +59,7 @@ SYNC_AND_SHARED = {"bar.sync": r"\bbar\.sync\b", "ld.shared": r"\bld\.shared", "
 
 
 def compile_fwd(config, qkv: str = "fp32", arch: int = 90, vs: int = 0, kernel: str = "fwd"):
-    """The compiled kernel (``fwd``, ``target`` or ``source`` pass) of one ``triton.Config`` (its
+    """The compiled kernel (``KERNELS``: the forward, a backward pass, a split-forward kernel) of one ``triton.Config`` (its
     PTX and metadata); ``vs``: the value head stride (0: contiguous rows, 64: the padded rows
     the library passes)."""
     fn = getattr(kernels, KERNELS[kernel])
@@ -111,7 +116,7 @@ def parse_config(text: str):
     if kernel == "fwd":
         config = parse_fwd_config(",".join(rest))
     else:
-        meta = {"HC": 16, "BKS": 16, "num_warps": 4} if kernel == "source" else {"HC": 16, "RC": 32, "num_warps": 8}
+        meta = dict(DEFAULT_META.get(kernel, {"HC": 16, "RC": 32, "num_warps": 8}))
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
         warps, maxnreg = meta.pop("num_warps"), meta.pop("maxnreg", None)
         config = Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)
