@@ -176,11 +176,12 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _src_cfg(hc, bks, warps):
-    """A source-pass configuration: ``HC`` heads a chunk, ``BKS`` in-edges a step."""
+def _src_cfg(hb, bks, warps):
+    """A source-pass configuration: ``HB`` heads a program, ``BKS`` in-edges a step of the
+    gate and position part."""
     import triton
 
-    return triton.Config({"HC": hc, "BKS": bks}, num_warps=warps, num_stages=1)
+    return triton.Config({"HB": hb, "BKS": bks}, num_warps=warps, num_stages=1)
 
 
 #: Meta-parameters a forced forward configuration starts from (``E2F_TRITON_FWD_CONFIG``).
@@ -251,17 +252,18 @@ def _bwd_candidates() -> dict:
     """Configurations of the backward kernels by role (``target``, ``gate``, ``source``), the
     defaults first."""
     if _interpreting():
-        return {"target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(16, 16, 4)]}
+        return {"target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
     # Tuned on an H100 (fp32, TF32 products, N = 65,536, one chunk of 1/14 of the targets; ms):
     # target pass 1.83 at 4 warps (255 registers, 264 B spilled a thread), 2.02 with HC=8,
     # 2.55 at 8 warps (16 B spilled); gate backward 1.98 at 4 warps, 1.99 with two targets a
-    # tile at 8 warps, 2.19 at 8 warps; source pass 2.61 (HC=16, BKS=8, 4 warps), 2.93
-    # (BKS=4), 3.57 (HC=8), 3.73 (BKS=16), 4.4-4.8 at 8 warps (perf-notes section 13). Every
-    # configuration ran at K = 64 with TF32 products (64-row edge tiles; the single target pass
-    # they replaced faulted there with 8 warps, perf-notes section 11).
+    # tile at 8 warps, 2.19 at 8 warps (perf-notes section 13). Every configuration ran at
+    # K = 64 with TF32 products (64-row edge tiles; the single target pass they replaced faulted
+    # there with 8 warps, perf-notes section 11). Source pass, one chunk of 1/6 (fp32 / bf16 q):
+    # HB=32 at 1 warp 2.72 / 2.65, HB=64 at 2 warps 2.75 / 2.66, HB=16 2.79 / 3.14; two or four
+    # in-edges an iteration and num_stages 2-3 were no faster (perf-notes section 25).
     return {"target": [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
-            "source": [_src_cfg(16, 8, 4), _src_cfg(16, 4, 4), _src_cfg(8, 8, 4), _src_cfg(16, 16, 4)]}
+            "source": [_src_cfg(32, 16, 1), _src_cfg(64, 16, 2), _src_cfg(16, 16, 1)]}
 
 
 def parse_fwd_config(text: str):
@@ -637,7 +639,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         grads["w_radial"].addmm_(rows[:, g:g + r].t(), rows[:, :g])
         a0, a1 = active_ptr[c], active_ptr[c + 1]
         if a1 > a0:
-            kern["source"][(a1 - a0,)](
+            kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
                 t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
                 edge_ids, active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
                 a0, kslots, h, g, sw, c, chunks, t0, cutoff,

@@ -43,10 +43,11 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
   so ``dpos_dst``); stashes the radial basis next to ``dpre`` for the radial weight gradient
   ``rbf^T dpre`` (``function``'s second product) and keeps per-program partial sums of the
   centres' gradient (reduced afterwards in a fixed order).
-* ``bwd_source_kernel``: one source with in-edges from the chunk a program (the transposed
-  neighbour list, CSR by (source, chunk)), looping over them in steps of ``BKS``: ``dv += w dout``,
-  ``dk += dqk q``, ``dgate_src += dpre``, ``dpos_src`` from ``dd``; nothing recomputed but the
-  edge vectors.
+* ``bwd_source_kernel``: one source with in-edges from the chunk (the transposed neighbour
+  list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, looping over the in-edges
+  one at a time: ``dv += w dout``, ``dk += dqk q``, every sum in the threads that own its head's
+  columns (the aggregation's layout); one more program a source sums ``dgate_src += dpre`` and
+  ``dpos_src`` from ``dd`` in steps of ``BKS`` in-edges. Nothing recomputed but the edge vectors.
 
 Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
 numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
@@ -55,9 +56,8 @@ groups of heads, and each group moves one value tile. Two tile shapes exist:
 * ``GROUPS`` = 4 or 8 (forward), the target pass: heads ``h0 + r + 4 i``, a
   ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
   over edges ends in a cross-warp reduction through shared memory and a barrier.
-* ``GROUPS`` = 2, and the source pass's whole head chunk: groups of contiguous
-  heads, each read as one ``[BK, HA * DVP]`` block a row (``_value_rows``) and reshaped to
-  heads. The warps then own heads and each thread holds all edges of its columns: the sum
+* ``GROUPS`` = 2 (forward): groups of contiguous heads, each read as one ``[BK, HA * DVP]``
+  block a row (``_value_rows``) and reshaped to heads. The warps then own heads and each thread holds all edges of its columns: the sum
   over edges stays in registers (perf-notes section 9).
 Performance notes and measurements: ``docs/perf-notes.md``.
 """
@@ -637,54 +637,61 @@ def _in_edges(edge_ids, start, c0, count, K, BKS: tl.constexpr):
 def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr, edge_ids, active,
                       dk, dv, dgate_src, dpos_src,
                       A0, K, H, G, SW, C, NC, T0, cutoff,
-                      DK: tl.constexpr, DV: tl.constexpr, BKS: tl.constexpr, HC: tl.constexpr,
-                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr):
-    # source j = active[A0 + program id], one of those with in-edges from target chunk C
-    # (targets T0 ..): edge_ids[rowptr[j NC + C] ..]; stash rows eid - T0 K
+                      DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr,
+                      HB: tl.constexpr, BKS: tl.constexpr):
+    # source j = active[A0 + program id 0], one of those with in-edges from target chunk C
+    # (targets T0 ..): edge_ids[rowptr[j NC + C] ..]; stash rows eid - T0 K. Program id 1
+    # below cdiv(H, HB) owns the heads HB pid1 ..; the one past them, the source's gate and
+    # position gradients
     E0 = T0 * K
     j = tl.load(active + A0 + tl.program_id(0)).to(tl.int64)
     start = tl.load(rowptr + j * NC + C)
     count = tl.load(rowptr + j * NC + C + 1) - start
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
-    offs_k = tl.arange(0, DKP)
-    offs_d = tl.arange(0, DVP)
-    for h0 in range(0, H, HC):
-        offs_h = h0 + tl.arange(0, HC)
-        hmask = offs_h < H
-        acc_k = tl.zeros([HC, DKP], dtype=tl.float32)
-        acc_v = tl.zeros([HC, DVP], dtype=tl.float32)
+    h0 = tl.program_id(1) * HB
+    if h0 < H:
+        # in-edges one at a time, each head's dv and dk sums in the threads that own its
+        # columns: nothing is reduced across threads (as in fwd_aggregate_kernel)
+        hh = h0 + tl.arange(0, HB)
+        hm = hh < H
+        offs_d = tl.arange(0, DVP)
+        offs_k = tl.arange(0, DKP)
+        vm = hm[:, None] & (offs_d < DV)[None, :]
+        km = hm[:, None] & (offs_k < DK)[None, :]
+        acc_v = tl.zeros([HB, DVP], dtype=tl.float32)
+        acc_k = tl.zeros([HB, DKP], dtype=tl.float32)
+        for c in range(count):
+            eid = tl.load(edge_ids + start + c)
+            i = eid // K
+            at = (eid - E0) * H + hh
+            w = tl.load(w_edge + at, mask=hm, other=0.0)
+            dqk = tl.load(dqk_edge + at, mask=hm, other=0.0)
+            go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=vm, other=0.0)
+            qi = tl.load(q + i * (H * DK) + hh[:, None] * DK + offs_k[None, :], mask=km, other=0.0)
+            acc_v += w[:, None] * go
+            acc_k += dqk[:, None] * qi.to(tl.float32)
+        pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
+        tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc_v, mask=vm)
+        pk = dk + j * (H * DK) + hh[:, None] * DK + offs_k[None, :]
+        tl.store(pk, tl.load(pk, mask=km, other=0.0) + acc_k, mask=km)
+    else:
+        offs_g = tl.arange(0, GP)
+        gmask = offs_g < G
+        src = tl.zeros([BKS], dtype=tl.int64) + j
+        dgs = tl.zeros([GP], dtype=tl.float32)
+        fx = tl.sum(tl.zeros([BKS], dtype=tl.float32), axis=0)
+        fy = fx
+        fz = fx
         for c0 in range(0, count, BKS):
             ok, eid, tgt = _in_edges(edge_ids, start, c0, count, K, BKS)
-            em = ok[:, None] & hmask[None, :]
-            stash = (eid - E0)[:, None] * H + offs_h[None, :]
-            w = tl.load(w_edge + stash, mask=em, other=0.0)
-            dqk = tl.load(dqk_edge + stash, mask=em, other=0.0)
-            # whole rows of the chunk's heads (warps own heads: the sums over edges stay in registers)
-            acc_v += tl.sum(w[:, :, None] * _value_rows(dout, tgt, ok, h0, H, HC, DV, DVP), axis=0)
-            acc_k += tl.sum(dqk[:, :, None] * _value_rows(q, tgt, ok, h0, H, HC, DK, DKP), axis=0)
-        vm = hmask[:, None] & (offs_d < DV)[None, :]
-        pv = dv + j * (H * DV) + offs_h[:, None] * DV + offs_d[None, :]
-        tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc_v, mask=vm)
-        km = hmask[:, None] & (offs_k < DK)[None, :]
-        pk = dk + j * (H * DK) + offs_h[:, None] * DK + offs_k[None, :]
-        tl.store(pk, tl.load(pk, mask=km, other=0.0) + acc_k, mask=km)
-    src = tl.zeros([BKS], dtype=tl.int64) + j
-    dgs = tl.zeros([GP], dtype=tl.float32)
-    fx = tl.sum(tl.zeros([BKS], dtype=tl.float32), axis=0)
-    fy = fx
-    fz = fx
-    for c0 in range(0, count, BKS):
-        ok, eid, tgt = _in_edges(edge_ids, start, c0, count, K, BKS)
-        dgs += tl.sum(tl.load(gate_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
-                              mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
-        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        f = tl.load(dd_edge + eid, mask=ok, other=0.0) * inv_d
-        fx -= tl.sum(f * dx, axis=0)
-        fy -= tl.sum(f * dy, axis=0)
-        fz -= tl.sum(f * dz, axis=0)
-    pg = dgate_src + j * G + offs_g
-    tl.store(pg, tl.load(pg, mask=gmask, other=0.0) + dgs, mask=gmask)
-    tl.store(dpos_src + j * 3 + 0, tl.load(dpos_src + j * 3 + 0) + fx)
-    tl.store(dpos_src + j * 3 + 1, tl.load(dpos_src + j * 3 + 1) + fy)
-    tl.store(dpos_src + j * 3 + 2, tl.load(dpos_src + j * 3 + 2) + fz)
+            dgs += tl.sum(tl.load(gate_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
+                                  mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
+            dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+            f = tl.load(dd_edge + eid, mask=ok, other=0.0) * inv_d
+            fx -= tl.sum(f * dx, axis=0)
+            fy -= tl.sum(f * dy, axis=0)
+            fz -= tl.sum(f * dz, axis=0)
+        pg = dgate_src + j * G + offs_g
+        tl.store(pg, tl.load(pg, mask=gmask, other=0.0) + dgs, mask=gmask)
+        tl.store(dpos_src + j * 3 + 0, tl.load(dpos_src + j * 3 + 0) + fx)
+        tl.store(dpos_src + j * 3 + 1, tl.load(dpos_src + j * 3 + 1) + fy)
+        tl.store(dpos_src + j * 3 + 2, tl.load(dpos_src + j * 3 + 2) + fz)

@@ -384,13 +384,13 @@ def test_forward_kernel_head_groups(padded):
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: a target pass
     # with 8-head chunks, a gate backward with two targets a tile, and a source pass with
-    # 8-head chunks and in-edge steps of 4
+    # 4 heads a program (a partial last block of the 19) and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
     chosen_cfg = {"target": (F._cfg(8, 16, 4), {"HC": 8}),
                   "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
-                  "source": (F._src_cfg(8, 4, 4), {"HC": 8, "BKS": 4})}
+                  "source": (F._src_cfg(4, 4, 2), {"HB": 4, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs())
     tuned[backward_pass] = F.backward_role(backward_pass, [cfg])
