@@ -43,10 +43,10 @@ SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=_gate_stash_width(128, 128, 
              NC=11)
 # row counts and offsets the kernels do not specialise on (``do_not_specialize``): no divisibility hint
 UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC")
-KERNELS = {"fwd": "fwd_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
+KERNELS = {"fwd": "fwd_kernel", "dw": "bwd_dw_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
            "source": "bwd_source_kernel", "logits": "fwd_logit_kernel", "aggregate": "fwd_aggregate_kernel"}
 # meta-parameters of a kernel= argument that does not name them
-DEFAULT_META = {"source": {"HB": 32, "BKS": 16, "num_warps": 1}, "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8},
+DEFAULT_META = {"dw": {"HB": 32, "num_warps": 1}, "source": {"HB": 32, "BKS": 16, "num_warps": 1}, "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8},
                 "aggregate": {"HB": 32, "num_warps": 1}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)

@@ -8,11 +8,11 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
     The configurations the autotuner chose for the kernels (``fwd``, or ``fwd_logits`` and
-    ``fwd_aggregate`` after a split forward, then ``bwd_target``, ``bwd_gate``, ``bwd_source``;
-    the last shapes run: meta-parameters and warps, the autotuner's timings when it
-    benchmarked, the registers and spills the GPU driver reports), the last forward's form
-    (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last backward, the gate-MLP
-    matmul precision used, and after a ``create_graph`` backward the second order's targets
+    ``fwd_aggregate`` after a split forward, then ``bwd_dw``, ``bwd_target``, ``bwd_gate``,
+    ``bwd_source``; the last shapes run: meta-parameters and warps, the autotuner's timings
+    when it benchmarked, the registers and spills the GPU driver reports), the last forward's
+    form (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last
+    backward, the gate-MLP matmul precision used, and after a ``create_graph`` backward the second order's targets
     per block (``twin_target_block``); the suites record it.
 ``size_bucket(n_rows) -> int``
     The autotuning bucket of an atom count.
@@ -176,6 +176,13 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+def _heads_cfg(hb, warps):
+    """A configuration of a kernel with ``HB`` heads a program (the per-edge ``dw`` pass)."""
+    import triton
+
+    return triton.Config({"HB": hb}, num_warps=warps, num_stages=1)
+
+
 def _src_cfg(hb, bks, warps):
     """A source-pass configuration: ``HB`` heads a program, ``BKS`` in-edges a step of the
     gate and position part."""
@@ -249,10 +256,11 @@ def _split_kernels(bucket: int, bk: int) -> tuple:
 
 
 def _bwd_candidates() -> dict:
-    """Configurations of the backward kernels by role (``target``, ``gate``, ``source``), the
+    """Configurations of the backward kernels by role (``dw``, ``target``, ``gate``, ``source``), the
     defaults first."""
     if _interpreting():
-        return {"target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
+        return {"dw": [_heads_cfg(8, 1)], "target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)],
+                "source": [_src_cfg(8, 16, 1)]}
     # Tuned on an H100 (fp32, TF32 products, N = 65,536, one chunk of 1/14 of the targets; ms):
     # target pass 1.83 at 4 warps (255 registers, 264 B spilled a thread), 2.02 with HC=8,
     # 2.55 at 8 warps (16 B spilled); gate backward 1.98 at 4 warps, 1.99 with two targets a
@@ -261,7 +269,8 @@ def _bwd_candidates() -> dict:
     # there with 8 warps, perf-notes section 11). Source pass, one chunk of 1/6 (fp32 / bf16 q):
     # HB=32 at 1 warp 2.72 / 2.65, HB=64 at 2 warps 2.75 / 2.66, HB=16 2.79 / 3.14; two or four
     # in-edges an iteration and num_stages 2-3 were no faster (perf-notes section 25).
-    return {"target": [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)],
+    return {"dw": [_heads_cfg(32, 1), _heads_cfg(64, 2), _heads_cfg(16, 1)],
+            "target": [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
             "source": [_src_cfg(32, 16, 1), _src_cfg(64, 16, 2), _src_cfg(16, 16, 1)]}
 
@@ -347,11 +356,13 @@ def _configs(bucket: int = 0) -> dict:
 
 #: Backward kernels by role, with the buffers the autotuner must reset (``reset_to_zero``:
 #: sums a launch adds into, chunk after chunk; they are zero at the first chunk, where tuning
-#: happens) or restore (``restore_value``: read and then overwritten: the gate backward writes
-#: ``dpre`` over the ``dg``, ``du`` it reads and adds into ``dd``) around every trial, so the
+#: happens) or restore (``restore_value``: read and then overwritten: the target pass writes
+#: ``dqk`` over the ``dw`` it reads, the gate backward ``dpre`` over the ``dg``, ``du`` it reads,
+#: and it adds into ``dd``) around every trial, so the
 #: launch after tuning finds its inputs as an untuned one would. Without the restore, the
 #: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
-_BACKWARD = {"target": ("bwd_target_kernel", {}),
+_BACKWARD = {"dw": ("bwd_dw_kernel", {}),
+             "target": ("bwd_target_kernel", {"restore_value": ["dqk_edge"]}),
              "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dc_part"],
                                           "restore_value": ["gate_edge", "dd_edge"]}),
              "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dv", "dgate_src", "dpos_src"]})}
@@ -367,9 +378,9 @@ def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
 
 
 def backward_role(role: str, cfgs: list):
-    """The backward kernel of ``role`` (``"target"``, ``"gate"``, ``"source"``) autotuned over
-    ``cfgs`` alone, its buffers reset or restored around trials as the library's (experiments
-    and tests that pick configurations)."""
+    """The backward kernel of ``role`` (``"dw"``, ``"target"``, ``"gate"``, ``"source"``)
+    autotuned over ``cfgs`` alone, its buffers reset or restored around trials as the library's
+    (experiments and tests that pick configurations)."""
     from e2f.attention.triton import kernels as K
 
     name, buffers = _BACKWARD[role]
@@ -619,12 +630,14 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         t0 = c * chunk
         nt = min(chunk, n - t0)
         rows = gate_edge[:nt * kslots]
+        kern["dw"][lambda meta: (nt, triton_cdiv(h, meta["HB"]))](
+            t["nbr"], t["v"], dout, dqk_edge, t0, kslots, h, DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
         kern["target"][(nt,)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], dout, m, s,
+            t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
+            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], m, s,
             grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
             t0, kslots, h, g, r, sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
-            DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
+            DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
         # the output layer's weights: hid^T [dg du] over the chunk's edges (slots without an
         # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision).
         # The bias as a product too: a column sum of the strided stash (.sum(0)) took a

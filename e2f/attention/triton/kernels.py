@@ -27,12 +27,13 @@ recompile every autotune candidate.
   denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
   threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
   across warps).
-The backward runs the targets in chunks (``function._stash_chunk``); per chunk, three
+The backward runs the targets in chunks (``function._stash_chunk``); per chunk, four
 kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``):
 
+* ``bwd_dw_kernel``: one target and ``HB`` heads a one-warp program (the aggregation's
+  layout): ``dw = dout_i . v_j`` per slot and head, into the stash's ``dqk`` numbers.
 * ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,
-  softmax weights from the forward's ``m`` and ``s``), gathers ``v`` for ``dw = dout . v``,
-  writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
+  softmax weights from the forward's ``m`` and ``s``), reads ``dw``, writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
   per edge and head the softmax weight ``w``, the logit gradient ``dqk``, and per edge the
   gradients of the two gate outputs ``dg``, ``du`` and the gate's hidden layer ``hid``: a
   ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers. ``function`` then adds
@@ -49,16 +50,18 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
   columns (the aggregation's layout); one more program a source sums ``dgate_src += dpre`` and
   ``dpos_src`` from ``dd`` in steps of ``BKS`` in-edges. Nothing recomputed but the edge vectors.
 
-Value traffic dominates, so the per-head rows of ``v`` / ``dout`` (``DV`` contiguous
-numbers) are moved whole: a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into
-groups of heads, and each group moves one value tile. Two tile shapes exist:
+Value traffic dominates. The one-warp kernels (aggregation, ``dw``, source pass) move one
+edge's ``[HB, DVP]`` head rows at a time, each head's sums in the threads that own its
+columns. The fused forward moves the per-head rows of ``v`` (``DV`` contiguous numbers) whole:
+a head chunk's weights ``[BK, HC]`` are split (``tl.split``) into groups of heads, and each
+group moves one value tile. Two tile shapes exist:
 
-* ``GROUPS`` = 4 or 8 (forward), the target pass: heads ``h0 + r + 4 i``, a
-  ``[BK, HC / 4, DVP]`` tile. The compiler spreads its warps over the *edges*, so every sum
-  over edges ends in a cross-warp reduction through shared memory and a barrier.
-* ``GROUPS`` = 2 (forward): groups of contiguous heads, each read as one ``[BK, HA * DVP]``
-  block a row (``_value_rows``) and reshaped to heads. The warps then own heads and each thread holds all edges of its columns: the sum
-  over edges stays in registers (perf-notes section 9).
+* ``GROUPS`` = 4 or 8: heads ``h0 + r + 4 i``, a ``[BK, HC / 4, DVP]`` tile. The compiler
+  spreads its warps over the *edges*, so every sum over edges ends in a cross-warp reduction
+  through shared memory and a barrier.
+* ``GROUPS`` = 2: groups of contiguous heads, each read as one ``[BK, HA * DVP]`` block a
+  row (``_value_rows``) and reshaped to heads. The warps then own heads and each thread holds
+  all edges of its columns: the sum over edges stays in registers (perf-notes section 9).
 Performance notes and measurements: ``docs/perf-notes.md``.
 """
 from __future__ import annotations
@@ -153,16 +156,6 @@ def _split2(x):
 
 
 @triton.jit
-def _join4(a0, a1, b0, b1):
-    """Inverse of ``_split4``."""
-    E: tl.constexpr = a0.shape[0]
-    HA: tl.constexpr = a0.shape[1]
-    a = tl.reshape(tl.join(a0, a1), (E, 2 * HA))
-    b = tl.reshape(tl.join(b0, b1), (E, 2 * HA))
-    return tl.reshape(tl.join(a, b), (E, 4 * HA))
-
-
-@triton.jit
 def _value_tile(base, rows, rmask, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr = 0):
     """[E, HA, DVP] float32 tile of a [*, H, DV] tensor with head stride ``VS`` (0: ``DV``):
     rows x heads hh x all DV numbers, zero beyond DV.
@@ -215,14 +208,6 @@ def _group_tile(base, rows, rmask, hbase, hh, hm, H, HA: tl.constexpr, DV: tl.co
     if STEP == 1:
         return _value_rows(base, rows, rmask, hbase, H, HA, DV, DVP, VS)
     return _value_tile(base, rows, rmask, hh, hm, H, DV, DVP, VS)
-
-
-@triton.jit
-def _row_tile(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr):
-    """[HA, DVP] float32 tile of one row of a contiguous [*, H, DV] tensor, zero beyond DV."""
-    offs_d = tl.arange(0, DVP)
-    ptr = base + row * (H * DV) + hh[:, None] * DV + offs_d[None, :]
-    return tl.load(ptr, mask=hm[:, None] & (offs_d < DV)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -467,27 +452,40 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
              mask=hm[:, None] & dmask[None, :])
 
 
-@triton.jit
-def _dw_target_group(v, dout, src, ok, i, hbase, H, HA: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-                     VS: tl.constexpr):
-    """dw[e, h] = dout[i, h] . v[src[e], h] for the heads hbase + 4 a."""
-    hh = hbase + 4 * tl.arange(0, HA)
+@triton.jit(do_not_specialize=["T0"])
+def bwd_dw_kernel(nbr, v, dout, dw_edge, T0, K, H,
+                  DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
+    # target T0 + program id 0, heads program id 1 * HB ..: dw = dout_i . v_j for every slot
+    # (0 where empty), into stash rows (i - T0) K + slot. The value rows are walked as in
+    # fwd_aggregate_kernel; dout_i stays in registers
+    i = T0 + tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
-    vt = _value_tile(v, src, ok, hh, hm, H, DV, DVP, VS)
-    gi = _row_tile(dout, i, hh, hm, H, DV, DVP)
-    return tl.sum(vt * gi[None, :, :], axis=2)
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
+    offs_d = tl.arange(0, DVP)
+    dmask = (offs_d < DV)[None, :]
+    go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=hm[:, None] & dmask, other=0.0)
+    for slot in range(K):
+        j = tl.load(nbr + i * K + slot)
+        src = tl.where(j >= 0, j, 0).to(tl.int64)
+        # padded rows are read whole (16-byte vectors) and their padding, which may hold
+        # anything, zeroed before the product
+        vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
+        vt = tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
+                     other=0.0).to(tl.float32)
+        dw = tl.sum(tl.where(dmask, vt, 0.0) * go, axis=1)
+        tl.store(dw_edge + ((i - T0) * K + slot) * H + hh, dw, mask=hm)
 
 
 @triton.jit(do_not_specialize=["T0"])
-def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
-                      dout, m_in, s_in,
+def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+                      m_in, s_in,
                       dq, dd_edge, w_edge, dqk_edge, gate_edge,
                       T0, K, H, G, R, SW, gamma, cutoff, eps, inv_sqrt_dk,
-                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
-                      DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
-                      PREC: tl.constexpr, VS: tl.constexpr = 0):
-    # target T0 + program id; its edges are stash rows (program id) K + slot
-    HA: tl.constexpr = HC // 4
+                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
+                      DKP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr):
+    # target T0 + program id; its edges are stash rows (program id) K + slot, whose dqk
+    # numbers hold dw = dout . v (bwd_dw_kernel) until this program overwrites them
     local = tl.program_id(0).to(tl.int64)
     i = T0 + local
     offs_k = tl.arange(0, DKP)
@@ -523,11 +521,11 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         e = tl.exp(logit - mx[None, :])
         p = env[:, None] * e
         w = u * p * inv_d[:, None] / s[None, :]
-        # four groups of strided heads (contiguous halves, TG = 2, spilled 612 B and ran slower)
-        dw = _join4(_dw_target_group(v, dout, src, ok, i, h0 + 0, H, HA, DV, DVP, VS),
-                    _dw_target_group(v, dout, src, ok, i, h0 + 2, H, HA, DV, DVP, VS),
-                    _dw_target_group(v, dout, src, ok, i, h0 + 1, H, HA, DV, DVP, VS),
-                    _dw_target_group(v, dout, src, ok, i, h0 + 3, H, HA, DV, DVP, VS))
+        em = (slot < K)[:, None] & hmask[None, :]
+        stash = row[:, None] * H + offs_h[None, :]
+        dw = tl.load(dqk_edge + stash, mask=em, other=0.0)
+        # every dqk stored below depends on this sum over all the chunk's dw loads, so no
+        # store can overtake a load of the same address
         bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
         dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
         dlogit = dp * p
@@ -536,8 +534,6 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, center
         denv += tl.sum(dp * e, axis=1)
         dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
         tl.store(dq + i * (H * DK) + hk, tl.sum(dqk[:, :, None] * kj, axis=0), mask=qm)
-        em = (slot < K)[:, None] & hmask[None, :]
-        stash = row[:, None] * H + offs_h[None, :]
         tl.store(w_edge + stash, w, mask=em)
         tl.store(dqk_edge + stash, dqk, mask=em)
         gu = row[:, None] * SW + offs_h[None, :]

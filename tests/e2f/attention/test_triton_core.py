@@ -120,7 +120,7 @@ def test_forward_and_all_gradients_fp32_odd_sizes(forward_mode):
     assert torch.count_nonzero(out[2]) == 0 and torch.count_nonzero(out[11]) == 0
     cfg = last_config()
     kernels = {"fwd"} if forward_mode == "fused" else {"fwd_logits", "fwd_aggregate", "fwd_chunks"}
-    assert kernels | {"bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
+    assert kernels | {"bwd_dw", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
     assert cfg["precision"] == "ieee" and cfg["fwd_mode"] == forward_mode
 
 
@@ -380,15 +380,16 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("backward_pass", ["target", "gate", "source"])
+@pytest.mark.parametrize("backward_pass", ["dw", "target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
-    # GPU autotune candidates the interpreter's single configurations leave out: a target pass
-    # with 8-head chunks, a gate backward with two targets a tile, and a source pass with
+    # GPU autotune candidates the interpreter's single configurations leave out: a dw pass with
+    # 4 heads a program, a target pass with 8-head chunks, a gate backward with two targets a tile, and a source pass with
     # 4 heads a program (a partial last block of the 19) and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
-    chosen_cfg = {"target": (F._cfg(8, 16, 4), {"HC": 8}),
+    chosen_cfg = {"dw": (F._heads_cfg(4, 1), {"HB": 4}),
+                  "target": (F._cfg(8, 16, 4), {"HC": 8}),
                   "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
                   "source": (F._src_cfg(4, 4, 2), {"HB": 4, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
