@@ -12,8 +12,8 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     ``bwd_source``; the last shapes run: meta-parameters and warps, the autotuner's timings
     when it benchmarked, the registers and spills the GPU driver reports), the last forward's
     form (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last
-    backward, the gate-MLP matmul precision used, and after a ``create_graph`` backward the second order's targets
-    per block (``twin_target_block``); the suites record it.
+    backward, the gate-MLP matmul precision used, and after a ``create_graph`` backward the
+    second order's targets per block (``twin_target_block``); the suites record it.
 ``size_bucket(n_rows) -> int``
     The autotuning bucket of an atom count.
 
@@ -256,8 +256,8 @@ def _split_kernels(bucket: int, bk: int) -> tuple:
 
 
 def _bwd_candidates() -> dict:
-    """Configurations of the backward kernels by role (``dw``, ``target``, ``gate``, ``source``), the
-    defaults first."""
+    """Configurations of the backward kernels by role (``dw``, ``target``, ``gate``,
+    ``source``), the defaults first."""
     if _interpreting():
         return {"dw": [_heads_cfg(8, 1)], "target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)],
                 "source": [_src_cfg(8, 16, 1)]}

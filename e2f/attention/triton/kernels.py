@@ -33,11 +33,12 @@ kernels pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K 
 * ``bwd_dw_kernel``: one target and ``HB`` heads a one-warp program (the aggregation's
   layout): ``dw = dout_i . v_j`` per slot and head, into the stash's ``dqk`` numbers.
 * ``bwd_target_kernel``: one target a program; recomputes its edges (geometry, gates, logits,
-  softmax weights from the forward's ``m`` and ``s``), reads ``dw``, writes ``dq``, the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes
-  per edge and head the softmax weight ``w``, the logit gradient ``dqk``, and per edge the
-  gradients of the two gate outputs ``dg``, ``du`` and the gate's hidden layer ``hid``: a
-  ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers. ``function`` then adds
-  ``hid^T [dg du]`` to the output layer's weight gradient (one matrix product a chunk).
+  softmax weights from the forward's ``m`` and ``s``), reads ``dw``, writes ``dq``, the
+  envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar), and stashes per edge and head
+  the softmax weight ``w``, the logit gradient ``dqk``, and per edge the gradients of the two
+  gate outputs ``dg``, ``du`` and the gate's hidden layer ``hid``: a ``gate_edge`` row of
+  ``SW = max(2 H + G, G + R)`` numbers. ``function`` then adds ``hid^T [dg du]`` to the output
+  layer's weight gradient (one matrix product a chunk).
 * ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
   ``dg``, ``du``: ``dhid``, the pre-activation gradient ``dpre`` (stashed in the same
   ``gate_edge`` row, and summed into ``dgate_dst``), the radial layer (its part of ``dd``,
@@ -524,8 +525,8 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, 
         em = (slot < K)[:, None] & hmask[None, :]
         stash = row[:, None] * H + offs_h[None, :]
         dw = tl.load(dqk_edge + stash, mask=em, other=0.0)
-        # every dqk stored below depends on this sum over all the chunk's dw loads, so no
-        # store can overtake a load of the same address
+        # every dqk stored below depends on this sum over all of the head chunk's dw loads, so
+        # no store can overtake a load of the same address
         bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
         dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
         dlogit = dp * p
