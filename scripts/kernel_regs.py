@@ -7,12 +7,12 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
-passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=target``, ``kernel=gate`` or ``kernel=source``
-for a backward pass, ``kernel=logits`` or ``kernel=aggregate`` for the split forward's two
-kernels (their meta-parameters given as ``KEY=INT``: ``HC``, ``RC`` for the target pass,
-``HC``, ``RC``, ``TB`` for the gate backward and the logits kernel, ``HC``, ``BKS`` for the
-source pass, ``HB`` for the aggregation, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for
-the ones left out). Shapes are the paper
+passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=dw``, ``kernel=target``,
+``kernel=gate`` or ``kernel=source`` for a backward pass, ``kernel=logits`` or
+``kernel=aggregate`` for the split forward's two kernels (their meta-parameters given as
+``KEY=INT``: ``HC``, ``RC`` for the target pass, ``HC``, ``RC``, ``TB`` for the gate backward
+and the logits kernel, ``HB``, ``BKS`` for the source pass, ``HB`` for the ``dw`` pass and the
+aggregation, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for the ones left out). Shapes are the paper
 sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
 arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
