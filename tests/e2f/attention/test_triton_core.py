@@ -380,6 +380,34 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+def test_dw_pass_is_dout_dot_v_per_slot(padded):
+    # bwd_dw_kernel alone against its twin (a gather and a dot per slot and head): a chunk that
+    # starts past target 0, empty slots (dw 0), 19 heads in programs of 8, and NaN-filled
+    # padding of the value rows, which the kernel reads and must keep out of dw
+    import triton
+
+    from e2f.attention.core import padded_head_stride, value_head_stride
+    from e2f.attention.triton import kernels as K
+
+    inp = make_inputs(13, 17, 6, h=19, dv=9, empty_rows=(7,), seed=31)
+    v = inp.v.detach()
+    if padded:
+        v = padded_leaf(v, value_head_stride(v.shape[-1])).detach()
+    n, kslots = inp.nbr.shape
+    h, dv = v.shape[1:]
+    dout = torch.randn(n, h, dv, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    t0, nt = 5, 6
+    dw = torch.full((nt * kslots, h), float("nan"), device=DEVICE)
+    K.bwd_dw_kernel[(nt, triton.cdiv(h, 8))](inp.nbr, v, dout, dw, t0, kslots, h, DV=dv, DVP=16,
+                                               VS=padded_head_stride(v) or 0, HB=8)
+    nbr = inp.nbr[t0:t0 + nt]
+    twin = torch.einsum("thd,tshd->tsh", dout[t0:t0 + nt].double(), v[nbr.clamp_min(0).long()].double())
+    twin = twin * (nbr >= 0)[..., None]
+    assert (nbr < 0).any() and (nbr >= 0).any()
+    assert torch.allclose(dw.reshape(nt, kslots, h).double(), twin, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("backward_pass", ["dw", "target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: a dw pass with
