@@ -46,6 +46,11 @@ run_step() {
             REGSAVE_SECS=${REGSAVE_SECS:-180} run_step regression-save
             step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json"
             step regression-compare2 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun2" --compare "$res/baseline.json" ;;
+        ab)  # this tree against an old one on this machine, alternating processes (make it here with
+            # `bash scripts/ab_tree.sh COMMIT` and carry _ab): AB_TREE=_ab/COMMIT, AB_SIZES, AB_ROUNDS
+            if [ -z "${AB_TREE:-}" ]; then echo "ab: set AB_TREE=_ab/<commit> (scripts/ab_tree.sh)"; return; fi
+            step ab "${AB_SECS:-360}" python3 -m suites.core.ab --base-tree "$AB_TREE" --rounds "${AB_ROUNDS:-2}" \
+                --out "$res/ab" -- --suite kernel-tflops --impl triton --sizes "${AB_SIZES:-65536}" --device cuda ;;
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
                     --sizes 16384,65536 --out "$res/kernel-tflops-triton" ;;
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
