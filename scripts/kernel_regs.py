@@ -12,9 +12,10 @@ passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=dw``, ``kernel=target``
 ``kernel=aggregate`` for the split forward's two kernels (their meta-parameters given as
 ``KEY=INT``: ``HC``, ``RC`` for the target pass, ``HC``, ``RC``, ``TB`` for the gate backward
 and the logits kernel, ``HB``, ``BKS`` for the source pass, ``HB`` for the ``dw`` pass and the
-aggregation, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for the ones left out). Shapes are the paper
-sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate products, and the
-arguments specialised as Triton does on the GPU (pointers and sizes divisible by 16). Besides
+aggregation, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for the ones left out). Shapes
+are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate
+products, and the arguments specialised as Triton does on the GPU (pointers and sizes
+divisible by 16). Besides
 registers and spills it prints barrier, shared-memory and shuffle counts (PTX) and the SASS
 size of the longest loop (``nvdisasm``; in the forward, one head chunk). The numbers depend on
 the Triton version: run it with the GPU box's (3.6), e.g. from a virtual environment made with
@@ -46,8 +47,8 @@ UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC")
 KERNELS = {"fwd": "fwd_kernel", "dw": "bwd_dw_kernel", "target": "bwd_target_kernel", "gate": "bwd_gate_kernel",
            "source": "bwd_source_kernel", "logits": "fwd_logit_kernel", "aggregate": "fwd_aggregate_kernel"}
 # meta-parameters of a kernel= argument that does not name them
-DEFAULT_META = {"dw": {"HB": 32, "num_warps": 1}, "source": {"HB": 32, "BKS": 16, "num_warps": 1}, "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8},
-                "aggregate": {"HB": 32, "num_warps": 1}}
+DEFAULT_META = {"dw": {"HB": 32, "num_warps": 1}, "source": {"HB": 32, "BKS": 16, "num_warps": 1},
+                "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)

@@ -23,6 +23,7 @@ baseline file) and ``<out>/candidate-pooled.jsonl``. Exit codes as ``compare_cli
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -31,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from suites.core.compare import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, _samples, compare_cli, point_key, point_label,
-                                 save_baseline)
+from suites.core.compare import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, EXIT_REFUSED, _samples, compare_cli, point_key,
+                                 point_label, save_baseline)
 from suites.core.records import load_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,10 +64,8 @@ def pool(runs: Sequence[list[dict]]) -> list[dict]:
         latest = {point_key(r): r for r in records}  # a resumed file may repeat a point: the last wins
         for key, r in latest.items():
             have = pooled.get(key)
-            if have is None:
-                pooled[key] = json.loads(json.dumps(r))
-            elif have.get("status") == "ok" and r.get("status") != "ok":
-                pooled[key] = json.loads(json.dumps(r))
+            if have is None or (have.get("status") == "ok" and r.get("status") != "ok"):
+                pooled[key] = copy.deepcopy(r)
             elif have.get("status") == "ok" and _samples(r):
                 samples = _samples(have) + _samples(r)
                 have["metrics"]["samples_ms"] = samples
@@ -111,12 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--rounds must be at least 1")
     out = args.out.resolve()
     sides = {"base": (base, []), "candidate": (REPO, [])}
+    used = [f for f in (out / f"{name}-{r}" for r in range(1, args.rounds + 1) for name in sides)
+            if f.exists() and any(f.iterdir())]
+    if used:
+        print(f"error: {used[0]} is not empty: give a new --out", file=sys.stderr)
+        return EXIT_RUN_FAILED
     for r in range(1, args.rounds + 1):
         for name, (tree, runs) in sides.items():
             folder = out / f"{name}-{r}"
-            if folder.exists() and any(folder.iterdir()):
-                print(f"error: {folder} is not empty: give a new --out", file=sys.stderr)
-                return EXIT_RUN_FAILED
             rc = run_side(tree, bench_args, folder)
             if rc != 0:
                 print(f"error: the {name} tree's run {r} exited with {rc} (records kept in {folder})", file=sys.stderr)
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_baseline(base_pooled, baseline_path)
     except ValueError as exc:
         print(f"error: the base tree gave no timed point: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     with open(out / "candidate-pooled.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in cand_pooled)
     return compare_cli(baseline_path, cand_pooled, args.threshold, alpha=args.alpha)

@@ -176,19 +176,18 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _heads_cfg(hb, warps):
-    """A configuration of a kernel with ``HB`` heads a program (the per-edge ``dw`` pass)."""
+def _heads_cfg(hb, warps, **extra):
+    """A configuration of a one-warp-layout kernel with ``HB`` heads a program (aggregation,
+    ``dw`` pass, source pass)."""
     import triton
 
-    return triton.Config({"HB": hb}, num_warps=warps, num_stages=1)
+    return triton.Config({"HB": hb, **extra}, num_warps=warps, num_stages=1)
 
 
 def _src_cfg(hb, bks, warps):
     """A source-pass configuration: ``HB`` heads a program, ``BKS`` in-edges a step of the
     gate and position part."""
-    import triton
-
-    return triton.Config({"HB": hb, "BKS": bks}, num_warps=warps, num_stages=1)
+    return _heads_cfg(hb, warps, BKS=bks)
 
 
 #: Meta-parameters a forced forward configuration starts from (``E2F_TRITON_FWD_CONFIG``).
@@ -232,13 +231,11 @@ def _logit_candidates(bk: int) -> list:
 
 def _aggregate_candidates() -> list:
     """Configurations of the split forward's aggregation kernel (``HB`` heads a program)."""
-    import triton
-
     if _interpreting():
-        return [triton.Config({"HB": 2}, num_warps=1, num_stages=1)]
+        return [_heads_cfg(2, 1)]
     # H100, N = 65,536, fp32 / bf16 values, ms: HB=32 1 warp 8.66 / 4.59, HB=64 2 warps 9.00 / 4.75,
     # HB=16 1 warp 9.27 / 7.08 (HB=128 at 4 warps 9.23 / 5.53 and register caps were slower)
-    return [triton.Config({"HB": hb}, num_warps=w, num_stages=1) for hb, w in ((32, 1), (64, 2), (16, 1))]
+    return [_heads_cfg(hb, w) for hb, w in ((32, 1), (64, 2), (16, 1))]
 
 
 def _split_kernels(bucket: int, bk: int) -> tuple:

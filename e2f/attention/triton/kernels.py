@@ -413,6 +413,23 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
         tl.store(coef_edge + at, u * inv_d[:, None], mask=m2)
 
 
+@triton.jit
+def _slot_value_rows(nbr, v, i, K, slot, hh, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
+    """The ``[HB, DVP]`` float32 value rows of target ``i``'s neighbour ``slot`` for the heads
+    ``hh`` (zero for an empty slot), as the one-warp kernels walk them.
+
+    Padded rows (``VS >= DVP``) are read whole, in 16-byte vectors, padding included: it may
+    hold anything, so a caller zeroes it or keeps it out of the columns it stores.
+    """
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
+    offs_d = tl.arange(0, DVP)
+    j = tl.load(nbr + i * K + slot)
+    src = tl.where(j >= 0, j, 0).to(tl.int64)
+    vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
+    return tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
+                   other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["T0"])
 def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
                          T0, K, H, eps,
@@ -422,7 +439,6 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
     i = T0 + tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
-    STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs_d = tl.arange(0, DVP)
     dmask = offs_d < DV
     mx = tl.zeros([HB], dtype=tl.float32)
@@ -430,16 +446,11 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
     acc = tl.zeros([HB, DVP], dtype=tl.float32)
     for slot in range(K):
         row = (i - T0) * K + slot
-        j = tl.load(nbr + i * K + slot)
-        src = tl.where(j >= 0, j, 0).to(tl.int64)
         lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
         c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
         env = tl.load(env_edge + row)
-        # padded rows are read whole (16-byte vectors); their padding only reaches columns
-        # that are never stored
-        vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
-        vt = tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
-                     other=0.0).to(tl.float32)
+        # the padding of the value rows only reaches columns that are never stored
+        vt = _slot_value_rows(nbr, v, i, K, slot, hh, H, DV, DVP, VS)
         m_new = tl.maximum(mx, lg)
         scale = tl.exp(mx - m_new)
         p = env * tl.exp(lg - m_new)
@@ -462,18 +473,12 @@ def bwd_dw_kernel(nbr, v, dout, dw_edge, T0, K, H,
     i = T0 + tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
-    STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs_d = tl.arange(0, DVP)
     dmask = (offs_d < DV)[None, :]
     go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=hm[:, None] & dmask, other=0.0)
     for slot in range(K):
-        j = tl.load(nbr + i * K + slot)
-        src = tl.where(j >= 0, j, 0).to(tl.int64)
-        # padded rows are read whole (16-byte vectors) and their padding, which may hold
-        # anything, zeroed before the product
-        vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
-        vt = tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
-                     other=0.0).to(tl.float32)
+        # the padding of the value rows is zeroed before the product
+        vt = _slot_value_rows(nbr, v, i, K, slot, hh, H, DV, DVP, VS)
         dw = tl.sum(tl.where(dmask, vt, 0.0) * go, axis=1)
         tl.store(dw_edge + ((i - T0) * K + slot) * H + hh, dw, mask=hm)
 

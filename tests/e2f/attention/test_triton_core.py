@@ -411,8 +411,9 @@ def test_dw_pass_is_dout_dot_v_per_slot(padded):
 @pytest.mark.parametrize("backward_pass", ["dw", "target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     # GPU autotune candidates the interpreter's single configurations leave out: a dw pass with
-    # 4 heads a program, a target pass with 8-head chunks, a gate backward with two targets a tile, and a source pass with
-    # 4 heads a program (a partial last block of the 19) and in-edge steps of 4
+    # 4 heads a program, a target pass with 8-head chunks, a gate backward with two targets a
+    # tile, and a source pass with 4 heads a program (a partial last block of the 19) and
+    # in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
