@@ -1,7 +1,7 @@
 """Every backward-kernel configuration of the fused core, one process each, against ``chunked``.
 
 An illegal memory access poisons the CUDA context for the rest of a process, so each
-(neighbour cap K, configurations of the three backward kernels, MMA v3 allowed or not) runs in
+(neighbour cap K, configurations of the five backward kernels, MMA v3 allowed or not) runs in
 a child process; the parent records what each one did::
 
     PYTHONPATH=. python scripts/bwd_config_check.py --out $OUT [--k 32 64] [--n 2048] [--roles gate source]
@@ -27,7 +27,7 @@ import time
 
 from e2f.attention.triton.function import _BACKWARD, _bwd_candidates
 
-ROLES = tuple(_BACKWARD)  # target pass, gate backward, source pass
+ROLES = tuple(_BACKWARD)  # edge, value, target passes, gate backward, source pass
 
 
 def child(k: int, n: int, indices: list, tf32: int) -> dict:
@@ -41,10 +41,10 @@ def child(k: int, n: int, indices: list, tf32: int) -> dict:
 
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     if min(indices) >= 0:  # one configuration each; otherwise the library's autotuned kernels
-        candidates = F._bwd_candidates()
+        candidates = F._bwd_candidates(F._pow2(k, 16))
         chosen = {role: F.backward_role(role, [candidates[role][index]]) for role, index in zip(ROLES, indices)}
         chosen["fwd"] = {True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])}
-        F._configs = lambda bucket=0: chosen
+        F._configs = lambda bucket=0, bk=16: chosen
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
     names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]
     leaves = [inp.tensors()[name] for name in names]
@@ -82,7 +82,7 @@ def main():
         return
     from suites.core.env import git_state
 
-    counts = {role: len(c) for role, c in _bwd_candidates().items()}
+    counts = {role: len(c) for role, c in _bwd_candidates(32).items()}  # as many for every slot tile
     first = [0] * len(ROLES)
     cases = [(first, False)]
     for r, role in enumerate(ROLES):

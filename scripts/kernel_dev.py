@@ -357,7 +357,7 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     print(table, flush=True)
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
         f.write(table)
-    tuned = F._configs(F.size_bucket(n))
+    tuned = F._configs(F.size_bucket(n), d["BK"])
     kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in tuned["fwd"].items()},
                **{"bwd_" + name: tuned[name] for name in F._BACKWARD}}
     for name, kern in kernels.items():

@@ -8,8 +8,8 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
     The configurations the autotuner chose for the kernels (``fwd``, or ``fwd_logits`` and
-    ``fwd_aggregate`` after a split forward, then ``bwd_dw``, ``bwd_target``, ``bwd_gate``,
-    ``bwd_source``; the last shapes run: meta-parameters and warps, the autotuner's timings
+    ``fwd_aggregate`` after a split forward, then ``bwd_edge``, ``bwd_value``, ``bwd_target``,
+    ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the autotuner's timings
     when it benchmarked, the registers and spills the GPU driver reports), the last forward's
     form (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last
     backward, the gate-MLP matmul precision used, and after a ``create_graph`` backward the
@@ -184,6 +184,13 @@ def _heads_cfg(hb, warps, **extra):
     return triton.Config({"HB": hb, **extra}, num_warps=warps, num_stages=1)
 
 
+def _target_cfg(hc, warps):
+    """A target-pass configuration: ``HC`` heads a chunk."""
+    import triton
+
+    return triton.Config({"HC": hc}, num_warps=warps, num_stages=1)
+
+
 def _src_cfg(hb, bks, warps):
     """A source-pass configuration: ``HB`` heads a program, ``BKS`` in-edges a step of the
     gate and position part."""
@@ -252,24 +259,27 @@ def _split_kernels(bucket: int, bk: int) -> tuple:
     return _kernels[key]
 
 
-def _bwd_candidates() -> dict:
-    """Configurations of the backward kernels by role (``dw``, ``target``, ``gate``,
-    ``source``), the defaults first."""
+def _bwd_candidates(bk: int) -> dict:
+    """Configurations of the backward kernels by role (``edge``, ``value``, ``target``,
+    ``gate``, ``source``) for ``bk``-row slot tiles, the defaults first."""
     if _interpreting():
-        return {"dw": [_heads_cfg(8, 1)], "target": [_cfg(16, 16, 4)], "gate": [_cfg(16, 16, 4, TB=1)],
-                "source": [_src_cfg(8, 16, 1)]}
-    # Tuned on an H100 (fp32, TF32 products, N = 65,536, one chunk of 1/14 of the targets; ms):
-    # target pass 1.83 at 4 warps (255 registers, 264 B spilled a thread), 2.02 with HC=8,
-    # 2.55 at 8 warps (16 B spilled); gate backward 1.98 at 4 warps, 1.99 with two targets a
-    # tile at 8 warps, 2.19 at 8 warps (perf-notes section 13). Every configuration ran at
-    # K = 64 with TF32 products (64-row edge tiles; the single target pass they replaced faulted
-    # there with 8 warps, perf-notes section 11). Source pass, one chunk of 1/6 (fp32 / bf16 q):
-    # HB=32 at 1 warp 2.72 / 2.65, HB=64 at 2 warps 2.75 / 2.66, HB=16 2.79 / 3.14; two or four
-    # in-edges an iteration and num_stages 2-3 were no faster (perf-notes section 25).
-    return {"dw": [_heads_cfg(32, 1), _heads_cfg(64, 2), _heads_cfg(16, 1)],
-            "target": [_cfg(16, 32, 4), _cfg(8, 32, 4), _cfg(16, 32, 8)],
+        return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
+                "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
+    # The edge pass is the split forward's logits kernel with other stores: its candidates.
+    # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
+    # perf-notes section 26): value pass HB = 32 at 1 warp 3.31 / 3.54 (253 registers),
+    # HB = 16 3.88 / 3.28, HB = 64 at 2 warps 4.20 / 3.76, HB = 32 at 2 warps 6.69 / 5.55; target
+    # pass HC = 8 at 4 warps 1.87 / 1.92 (96 registers), HC = 32 at 8 warps 1.92 / 1.83, HC = 16
+    # at 4 warps 1.92 / 2.07, HC = 8 at 1 or 2 warps and HC = 4 slower; source pass (keys only)
+    # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. Gate backward 1.98 at 4 warps, 1.99
+    # with two targets a tile at 8 warps, 2.19 at 8 warps (perf-notes section 13). Every gate
+    # configuration ran at K = 64 with TF32 products (64-row edge tiles; the single target pass
+    # they replaced faulted there with 8 warps, perf-notes section 11).
+    return {"edge": _logit_candidates(bk),
+            "value": [_heads_cfg(32, 1), _heads_cfg(16, 1), _heads_cfg(64, 2)],
+            "target": [_target_cfg(8, 4), _target_cfg(32, 8), _target_cfg(16, 4)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
-            "source": [_src_cfg(32, 16, 1), _src_cfg(64, 16, 2), _src_cfg(16, 16, 1)]}
+            "source": [_src_cfg(128, 16, 4), _src_cfg(32, 16, 1), _src_cfg(64, 16, 2)]}
 
 
 def parse_fwd_config(text: str):
@@ -306,12 +316,12 @@ def parse_fwd_config(text: str):
     return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
 
 
-def _fwd_kernel(dtype: torch.dtype, n_rows: int):
-    """The forward kernel for q/k/v of ``dtype`` and ``n_rows`` targets: the forced
-    configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
+def _fwd_kernel(dtype: torch.dtype, n_rows: int, bk: int):
+    """The forward kernel for q/k/v of ``dtype``, ``n_rows`` targets and ``bk``-row slot tiles:
+    the forced configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
     text = os.environ.get(FWD_CONFIG_ENV, "").strip()
     if not text:
-        return _configs(size_bucket(n_rows))["fwd"][dtype == torch.float32]
+        return _configs(size_bucket(n_rows), bk)["fwd"][dtype == torch.float32]
     if text not in _forced_fwd:
         from e2f.attention.triton import kernels as K
 
@@ -330,12 +340,12 @@ def size_bucket(n_rows: int) -> int:
     return max(0, (max(int(n_rows), 1) - 1).bit_length() - 12 + 1) // 2
 
 
-def _configs(bucket: int = 0) -> dict:
-    """Autotuned kernels of one ``size_bucket`` (built once each; the interpreter gets a single
-    configuration): ``fwd`` as ``{True: float32 q/k/v, False: 16-bit}``, ``target``, ``gate``,
-    ``source``."""
-    if bucket in _kernels:
-        return _kernels[bucket]
+def _configs(bucket: int = 0, bk: int = 16) -> dict:
+    """Autotuned kernels of one ``size_bucket`` and slot tile ``bk`` (built once each; the
+    interpreter gets a single configuration): ``fwd`` as ``{True: float32 q/k/v, False:
+    16-bit}``, and the backward's by role (``_BACKWARD``)."""
+    if (bucket, bk) in _kernels:
+        return _kernels[bucket, bk]
     from e2f.attention.triton import kernels as K
 
     first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"  # quick runs
@@ -343,26 +353,27 @@ def _configs(bucket: int = 0) -> dict:
     def tuned(kernel, cfgs, **buffers):
         return _autotuned(kernel, cfgs[:1] if first_only else cfgs, **buffers)
 
-    candidates = _bwd_candidates()
-    _kernels[bucket] = {
+    candidates = _bwd_candidates(bk)
+    _kernels[bucket, bk] = {
         "fwd": {fp32: tuned(K.fwd_kernel, _fwd_candidates(torch.float32 if fp32 else torch.bfloat16))
                 for fp32 in (True, False)},
         **{role: tuned(getattr(K, name), candidates[role], **buffers) for role, (name, buffers) in _BACKWARD.items()}}
-    return _kernels[bucket]
+    return _kernels[bucket, bk]
 
 
 #: Backward kernels by role, with the buffers the autotuner must reset (``reset_to_zero``:
 #: sums a launch adds into, chunk after chunk; they are zero at the first chunk, where tuning
 #: happens) or restore (``restore_value``: read and then overwritten: the target pass writes
-#: ``dqk`` over the ``dw`` it reads, the gate backward ``dpre`` over the ``dg``, ``du`` it reads,
-#: and it adds into ``dd``) around every trial, so the
+#: ``dqk``, ``dg``, ``du`` over the ``q.k``, ``g``, ``u`` it reads, the gate backward ``dpre``
+#: over the ``dg``, ``du`` it reads, and it adds into ``dd``) around every trial, so the
 #: launch after tuning finds its inputs as an untuned one would. Without the restore, the
 #: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
-_BACKWARD = {"dw": ("bwd_dw_kernel", {}),
-             "target": ("bwd_target_kernel", {"restore_value": ["dqk_edge"]}),
+_BACKWARD = {"edge": ("bwd_edge_kernel", {}),
+             "value": ("bwd_value_kernel", {"reset_to_zero": ["dv"]}),
+             "target": ("bwd_target_kernel", {"restore_value": ["qk_edge", "gate_edge"]}),
              "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dc_part"],
                                           "restore_value": ["gate_edge", "dd_edge"]}),
-             "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dv", "dgate_src", "dpos_src"]})}
+             "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dgate_src", "dpos_src"]})}
 
 
 def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
@@ -375,9 +386,9 @@ def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
 
 
 def backward_role(role: str, cfgs: list):
-    """The backward kernel of ``role`` (``"dw"``, ``"target"``, ``"gate"``, ``"source"``)
-    autotuned over ``cfgs`` alone, its buffers reset or restored around trials as the library's
-    (experiments and tests that pick configurations)."""
+    """The backward kernel of ``role`` (a key of ``_BACKWARD``) autotuned over ``cfgs`` alone,
+    its buffers reset or restored around trials as the library's (experiments and tests that
+    pick configurations)."""
     from e2f.attention.triton import kernels as K
 
     name, buffers = _BACKWARD[role]
@@ -446,7 +457,7 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     if mode == "split":
         _forward_split(t, d, chunk, out, m, s, gamma, cutoff, eps, prec)
         return out, m, s
-    fwd = _fwd_kernel(t["q"].dtype, d["N"])
+    fwd = _fwd_kernel(t["q"].dtype, d["N"], d["BK"])
     n = d["N"]
     compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
@@ -568,8 +579,8 @@ MIN_CHUNK_TARGETS = 256
 
 
 def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
-    """The stash of ``rows`` edges: ``w``, ``dqk`` ([rows, H]), the gate rows ([rows, SW]) and
-    the ones the bias gradient's product sums with."""
+    """The stash of ``rows`` edges: ``dw``, ``q.k`` then ``dqk`` ([rows, H]), the gate rows
+    ([rows, SW]) and the ones the bias gradient's product sums with."""
     return (torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), torch.empty(rows, sw, **f32),
             torch.ones(rows, **f32))
 
@@ -613,28 +624,34 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    kern = _configs(size_bucket(n))
+    kern = _configs(size_bucket(n), d["BK"])
     prec = _gate_precision()
     max_programs = _max_programs(dev)
     dc_part = torch.zeros(max_programs, r, **f32)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk, (w_edge, dqk_edge, gate_edge, ones) = _allocate_stash(n, kslots, h, g, r, f32)
+    chunk, (dw_edge, qk_edge, gate_edge, ones) = _allocate_stash(n, kslots, h, g, r, f32)
     sw = gate_edge.shape[1]
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
-    gamma, cutoff = float(gamma), float(cutoff)
+    gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
         rows = gate_edge[:nt * kslots]
-        kern["dw"][lambda meta: (nt, triton_cdiv(h, meta["HB"]))](
-            t["nbr"], t["v"], dout, dqk_edge, t0, kslots, h, DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
-        kern["target"][(nt,)](
+        a0, a1 = active_ptr[c], active_ptr[c + 1]  # the sources with in-edges from the chunk
+        kern["edge"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], m, s,
-            grads["q"], dd_edge, w_edge, dqk_edge, gate_edge,
-            t0, kslots, h, g, r, sw, gamma, cutoff, float(eps), 1.0 / math.sqrt(d["DK"]),
+            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], qk_edge, gate_edge,
+            t0, t0 + nt, kslots, h, g, r, sw, gamma, cutoff, inv_sqrt_dk,
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
+        if a1 > a0:
+            kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
+                t["pos_dst"], t["pos_src"], t["v"], dout, m, s, qk_edge, gate_edge, rowptr, edge_ids, active,
+                dw_edge, grads["v"], a0, kslots, h, sw, c, chunks, t0, cutoff,
+                DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
+        kern["target"][(nt,)](
+            t["pos_dst"], t["pos_src"], t["nbr"], t["k"], m, s, grads["q"], dd_edge, dw_edge, qk_edge, gate_edge,
+            t0, kslots, h, sw, cutoff, inv_sqrt_dk, DK=d["DK"], BK=d["BK"], DKP=d["DKP"])
         # the output layer's weights: hid^T [dg du] over the chunk's edges (slots without an
         # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision).
         # The bias as a product too: a column sum of the strided stash (.sum(0)) took a
@@ -647,13 +664,11 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
             t0, nt, kslots, h, g, r, sw, gamma, cutoff,
             BK=d["BK"], GP=d["GP"], PREC=prec)
         grads["w_radial"].addmm_(rows[:, g:g + r].t(), rows[:, :g])
-        a0, a1 = active_ptr[c], active_ptr[c + 1]
         if a1 > a0:
             kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
-                t["pos_dst"], t["pos_src"], t["q"], dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr,
-                edge_ids, active, grads["k"], grads["v"], grads["gate_src"], grads["pos_src"],
-                a0, kslots, h, g, sw, c, chunks, t0, cutoff,
-                DK=d["DK"], DV=d["DV"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"])
+                t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, gate_edge, rowptr, edge_ids, active,
+                grads["k"], grads["gate_src"], grads["pos_src"], a0, kslots, h, g, sw, c, chunks, t0, cutoff,
+                DK=d["DK"], DKP=d["DKP"], GP=d["GP"])
     for role in _BACKWARD:
         _record("bwd_" + role, kern[role])
     _last["backward_chunks"] = chunks

@@ -370,6 +370,30 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
 
 
 @triton.jit
+def _edge_tile(nbr, T0, N, K, BK: tl.constexpr, TB: tl.constexpr):
+    """The ``TB * BK`` edge rows of the targets ``T0 + program id * TB ..`` (those below ``N``):
+    target, whether the slot exists (``keep``), source row (0 where empty), whether the slot
+    holds an edge (``ok``), and the stash row ``(target - T0) K + slot``."""
+    t0 = T0 + tl.program_id(0).to(tl.int64) * TB
+    edge = tl.arange(0, TB * BK)
+    tgt = t0 + edge // BK
+    slot = edge % BK
+    keep = (slot < K) & (tgt < N)
+    j = tl.load(nbr + tgt * K + slot, mask=keep, other=-1)
+    ok = j >= 0
+    return tgt, keep, _row_index(j, ok), ok, (tgt - T0) * K + slot
+
+
+@triton.jit
+def _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G,
+                 RC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
+    """The gate's hidden layer ``SiLU(pre)`` of an edge tile (``_gate_pre``)."""
+    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, d_safe.shape[0], RC,
+                    GP, PREC)
+    return pre * tl.sigmoid(pre)
+
+
+@triton.jit
 def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr):
     """Scaled q.k ``[E, HC]`` of every edge row for the heads ``offs_h`` (the target's query row
     is read once per edge: the rows of one target hit L1)."""
@@ -387,20 +411,9 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
                      T0, N, K, H, G, R, gamma, cutoff, inv_sqrt_dk,
                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
                      RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
-    # targets T0 + program id * TB ..; their edges are stash rows (target - T0) K + slot
-    E: tl.constexpr = TB * BK
-    t0 = T0 + tl.program_id(0).to(tl.int64) * TB
-    edge = tl.arange(0, E)
-    tgt = t0 + edge // BK
-    slot = edge % BK
-    keep = (slot < K) & (tgt < N)
-    j = tl.load(nbr + tgt * K + slot, mask=keep, other=-1)
-    ok = j >= 0
-    src = _row_index(j, ok)
+    tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
-    hid = pre * tl.sigmoid(pre)
-    row = (tgt - T0) * K + slot
+    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
     tl.store(env_edge + row, tl.where(live, env, 0.0), mask=keep)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
@@ -414,19 +427,17 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
 
 
 @triton.jit
-def _slot_value_rows(nbr, v, i, K, slot, hh, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
-    """The ``[HB, DVP]`` float32 value rows of target ``i``'s neighbour ``slot`` for the heads
-    ``hh`` (zero for an empty slot), as the one-warp kernels walk them.
+def _head_rows(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr):
+    """The ``[HB, DVP]`` float32 rows of the heads ``hh`` (where ``hm``) of row ``row`` of a
+    ``[*, H, DV]`` tensor with head stride ``VS`` (0: ``DV``), as the one-warp kernels walk them.
 
     Padded rows (``VS >= DVP``) are read whole, in 16-byte vectors, padding included: it may
     hold anything, so a caller zeroes it or keeps it out of the columns it stores.
     """
     STRIDE: tl.constexpr = DV if VS == 0 else VS
     offs_d = tl.arange(0, DVP)
-    j = tl.load(nbr + i * K + slot)
-    src = tl.where(j >= 0, j, 0).to(tl.int64)
-    vmask = (hh < tl.where(j >= 0, H, 0))[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
-    return tl.load(v + src * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=vmask,
+    mask = hm[:, None] & (offs_d < (DVP if STRIDE >= DVP else DV))[None, :]
+    return tl.load(base + row * (H * STRIDE) + hh[:, None] * STRIDE + offs_d[None, :], mask=mask,
                    other=0.0).to(tl.float32)
 
 
@@ -450,7 +461,8 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
         c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
         env = tl.load(env_edge + row)
         # the padding of the value rows only reaches columns that are never stored
-        vt = _slot_value_rows(nbr, v, i, K, slot, hh, H, DV, DVP, VS)
+        j = tl.load(nbr + i * K + slot)
+        vt = _head_rows(v, tl.where(j >= 0, j, 0).to(tl.int64), hh, hh < tl.where(j >= 0, H, 0), H, DV, DVP, VS)
         m_new = tl.maximum(mx, lg)
         scale = tl.exp(mx - m_new)
         p = env * tl.exp(lg - m_new)
@@ -464,34 +476,88 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
              mask=hm[:, None] & dmask[None, :])
 
 
-@triton.jit(do_not_specialize=["T0"])
-def bwd_dw_kernel(nbr, v, dout, dw_edge, T0, K, H,
-                  DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
-    # target T0 + program id 0, heads program id 1 * HB ..: dw = dout_i . v_j for every slot
-    # (0 where empty), into stash rows (i - T0) K + slot. The value rows are walked as in
-    # fwd_aggregate_kernel; dout_i stays in registers
-    i = T0 + tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["N", "T0"])
+def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+                    qk_edge, gate_edge,
+                    T0, N, K, H, G, R, SW, gamma, cutoff, inv_sqrt_dk,
+                    DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
+                    RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
+    # fwd_logit_kernel's tiles, stashing the logit's and the coefficient's factors: q.k per edge
+    # and head into qk_edge, g and u into the first 2 H numbers of the edge's gate_edge row and
+    # the gate's hidden layer after them
+    tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
+    offs_g = tl.arange(0, GP)
+    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid, mask=keep[:, None] & (offs_g < G)[None, :])
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
+        m2 = keep[:, None] & hmask[None, :]
+        tl.store(qk_edge + row[:, None] * H + offs_h[None, :],
+                 _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP), mask=m2)
+        gu = row[:, None] * SW + offs_h[None, :]
+        tl.store(gate_edge + gu, g, mask=m2)
+        tl.store(gate_edge + gu + H, u, mask=m2)
+
+
+@triton.jit
+def _softmax_weight(g, qk, u, env, inv_d, live, mx, s):
+    """The forward's attention weight ``w = u / d * env * e / s`` with ``e = exp(g q.k - m)``
+    (0 where not ``live``), and ``e``."""
+    e = tl.exp(tl.where(live, g * qk, float("-inf")) - mx)
+    return u * (env * e) * inv_d / s, e
+
+
+@triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
+def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, rowptr, edge_ids, active,
+                     dw_edge, dv,
+                     A0, K, H, SW, C, NC, T0, cutoff,
+                     DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
+    # source j = active[A0 + program id 0], one of those with in-edges from target chunk C
+    # (targets T0 ..), heads program id 1 * HB ..: in-edges (i, slot) one at a time (stash row
+    # i K + slot - T0 K), the softmax weight w from the stashed g, q.k, u and the forward's m, s;
+    # dv += w dout_i, and dw = dout_i . v_j into dw_edge. v_j stays in registers, every head's
+    # sums in the threads that own its columns (as in fwd_aggregate_kernel)
+    E0 = T0 * K
+    j = tl.load(active + A0 + tl.program_id(0)).to(tl.int64)
+    start = tl.load(rowptr + j * NC + C)
+    count = tl.load(rowptr + j * NC + C + 1) - start
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
     offs_d = tl.arange(0, DVP)
     dmask = (offs_d < DV)[None, :]
-    go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=hm[:, None] & dmask, other=0.0)
-    for slot in range(K):
-        # the padding of the value rows is zeroed before the product
-        vt = _slot_value_rows(nbr, v, i, K, slot, hh, H, DV, DVP, VS)
-        dw = tl.sum(tl.where(dmask, vt, 0.0) * go, axis=1)
-        tl.store(dw_edge + ((i - T0) * K + slot) * H + hh, dw, mask=hm)
+    vm = hm[:, None] & dmask
+    # the padding of the value rows is zeroed before the products
+    vj = tl.where(dmask, _head_rows(v, j, hh, hm, H, DV, DVP, VS), 0.0)
+    acc = tl.zeros([HB, DVP], dtype=tl.float32)
+    for c in range(count):
+        eid = tl.load(edge_ids + start + c)
+        i = eid // K
+        at = eid - E0
+        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, i, j, eid >= 0, cutoff)
+        w = _softmax_weight(tl.load(gate_edge + at * SW + hh, mask=hm, other=0.0),
+                            tl.load(qk_edge + at * H + hh, mask=hm, other=0.0),
+                            tl.load(gate_edge + at * SW + H + hh, mask=hm, other=0.0), env, inv_d, live,
+                            tl.load(m_in + i * H + hh, mask=hm, other=0.0),
+                            tl.load(s_in + i * H + hh, mask=hm, other=1.0))[0]
+        go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=vm, other=0.0)
+        acc += w[:, None] * go
+        tl.store(dw_edge + at * H + hh, tl.sum(go * vj, axis=1), mask=hm)
+    pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
+    tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc, mask=vm)
 
 
 @triton.jit(do_not_specialize=["T0"])
-def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
-                      m_in, s_in,
-                      dq, dd_edge, w_edge, dqk_edge, gate_edge,
-                      T0, K, H, G, R, SW, gamma, cutoff, eps, inv_sqrt_dk,
-                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
-                      DKP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr):
-    # target T0 + program id; its edges are stash rows (program id) K + slot, whose dqk
-    # numbers hold dw = dout . v (bwd_dw_kernel) until this program overwrites them
+def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
+                      dq, dd_edge, dw_edge, qk_edge, gate_edge,
+                      T0, K, H, SW, cutoff, inv_sqrt_dk,
+                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr):
+    # target T0 + program id; its edges are stash rows (program id) K + slot: from g, u, q.k
+    # (bwd_edge_kernel) and dw (bwd_value_kernel; none for an empty slot) the softmax's
+    # backward, written over them: dg, du over g, u, and dqk over q.k; dq, and the envelope and
+    # 1/d parts of dd = dL/dd_ij. No gate products: elementwise but for the key gathers of dq
     local = tl.program_id(0).to(tl.int64)
     i = T0 + local
     offs_k = tl.arange(0, DKP)
@@ -503,35 +569,23 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, 
     src = _row_index(j, ok)
     tgt = tl.zeros([BK], dtype=tl.int64) + i
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, BK, RC, GP, PREC)
-    hid = pre * tl.sigmoid(pre)
-    offs_g = tl.arange(0, GP)
-    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid,
-             mask=(slot < K)[:, None] & (offs_g < G)[None, :])
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
-        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-        hk = offs_h[:, None] * DK + offs_k[None, :]
-        qm = hmask[:, None] & kmask[None, :]
-        qi = tl.load(q + i * (H * DK) + hk, mask=qm, other=0.0).to(tl.float32)
-        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
-                     other=0.0).to(tl.float32)
-        qk = tl.sum(kj * qi[None, :, :], axis=2) * inv_sqrt_dk
-        lv = live[:, None] & hmask[None, :]
-        logit = tl.where(lv, g * qk, float("-inf"))
-        mx = tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)
-        s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
-        e = tl.exp(logit - mx[None, :])
-        p = env[:, None] * e
-        w = u * p * inv_d[:, None] / s[None, :]
         em = (slot < K)[:, None] & hmask[None, :]
         stash = row[:, None] * H + offs_h[None, :]
-        dw = tl.load(dqk_edge + stash, mask=em, other=0.0)
-        # every dqk stored below depends on this sum over all of the head chunk's dw loads, so
-        # no store can overtake a load of the same address
+        gu = row[:, None] * SW + offs_h[None, :]
+        g = tl.load(gate_edge + gu, mask=em, other=0.0)
+        u = tl.load(gate_edge + gu + H, mask=em, other=0.0)
+        qk = tl.load(qk_edge + stash, mask=em, other=0.0)
+        dw = tl.load(dw_edge + stash, mask=ok[:, None] & hmask[None, :], other=0.0)
+        s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
+        lv = live[:, None] & hmask[None, :]
+        w, e = _softmax_weight(g, qk, u, env[:, None], inv_d[:, None], lv,
+                               tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)[None, :], s[None, :])
+        p = env[:, None] * e
         bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
         dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
         dlogit = dp * p
@@ -539,10 +593,14 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, 
         dinvd += tl.sum(t * u, axis=1)
         denv += tl.sum(dp * e, axis=1)
         dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+        hk = offs_h[:, None] * DK + offs_k[None, :]
+        qm = hmask[:, None] & kmask[None, :]
+        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                     other=0.0).to(tl.float32)
         tl.store(dq + i * (H * DK) + hk, tl.sum(dqk[:, :, None] * kj, axis=0), mask=qm)
-        tl.store(w_edge + stash, w, mask=em)
-        tl.store(dqk_edge + stash, dqk, mask=em)
-        gu = row[:, None] * SW + offs_h[None, :]
+        # the stores below go over what this head chunk loaded: every thread's loads first
+        tl.debug_barrier()
+        tl.store(qk_edge + stash, dqk, mask=em)
         tl.store(gate_edge + gu, tl.where(lv, dlogit * qk, 0.0), mask=em)
         tl.store(gate_edge + gu + H, tl.where(lv, t * inv_d[:, None], 0.0), mask=em)
     # the envelope and 1/d parts of dL/dd (the gate backward adds the radial part)
@@ -636,11 +694,10 @@ def _in_edges(edge_ids, start, c0, count, K, BKS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
-def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate_edge, rowptr, edge_ids, active,
-                      dk, dv, dgate_src, dpos_src,
+def bwd_source_kernel(pos_dst, pos_src, q, dd_edge, dqk_edge, gate_edge, rowptr, edge_ids, active,
+                      dk, dgate_src, dpos_src,
                       A0, K, H, G, SW, C, NC, T0, cutoff,
-                      DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr,
-                      HB: tl.constexpr, BKS: tl.constexpr):
+                      DK: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr, HB: tl.constexpr, BKS: tl.constexpr):
     # source j = active[A0 + program id 0], one of those with in-edges from target chunk C
     # (targets T0 ..): edge_ids[rowptr[j NC + C] ..]; stash rows eid - T0 K. Program id 1
     # below cdiv(H, HB) owns the heads HB pid1 ..; the one past them, the source's gate and
@@ -651,28 +708,18 @@ def bwd_source_kernel(pos_dst, pos_src, q, dout, dd_edge, w_edge, dqk_edge, gate
     count = tl.load(rowptr + j * NC + C + 1) - start
     h0 = tl.program_id(1) * HB
     if h0 < H:
-        # in-edges one at a time, each head's dv and dk sums in the threads that own its
-        # columns: nothing is reduced across threads (as in fwd_aggregate_kernel)
+        # in-edges one at a time, each head's dk sums in the threads that own its columns
         hh = h0 + tl.arange(0, HB)
         hm = hh < H
-        offs_d = tl.arange(0, DVP)
         offs_k = tl.arange(0, DKP)
-        vm = hm[:, None] & (offs_d < DV)[None, :]
         km = hm[:, None] & (offs_k < DK)[None, :]
-        acc_v = tl.zeros([HB, DVP], dtype=tl.float32)
         acc_k = tl.zeros([HB, DKP], dtype=tl.float32)
         for c in range(count):
             eid = tl.load(edge_ids + start + c)
             i = eid // K
-            at = (eid - E0) * H + hh
-            w = tl.load(w_edge + at, mask=hm, other=0.0)
-            dqk = tl.load(dqk_edge + at, mask=hm, other=0.0)
-            go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=vm, other=0.0)
+            dqk = tl.load(dqk_edge + (eid - E0) * H + hh, mask=hm, other=0.0)
             qi = tl.load(q + i * (H * DK) + hh[:, None] * DK + offs_k[None, :], mask=km, other=0.0)
-            acc_v += w[:, None] * go
             acc_k += dqk[:, None] * qi.to(tl.float32)
-        pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
-        tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc_v, mask=vm)
         pk = dk + j * (H * DK) + hh[:, None] * DK + offs_k[None, :]
         tl.store(pk, tl.load(pk, mask=km, other=0.0) + acc_k, mask=km)
     else:

@@ -120,7 +120,7 @@ def test_forward_and_all_gradients_fp32_odd_sizes(forward_mode):
     assert torch.count_nonzero(out[2]) == 0 and torch.count_nonzero(out[11]) == 0
     cfg = last_config()
     kernels = {"fwd"} if forward_mode == "fused" else {"fwd_logits", "fwd_aggregate", "fwd_chunks"}
-    assert kernels | {"bwd_dw", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
+    assert kernels | {"bwd_edge", "bwd_value", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
     assert cfg["precision"] == "ieee" and cfg["fwd_mode"] == forward_mode
 
 
@@ -380,51 +380,78 @@ def test_forward_kernel_head_groups(padded):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_dw_pass_is_dout_dot_v_per_slot(padded):
-    # bwd_dw_kernel alone against its twin (a gather and a dot per slot and head): a chunk that
-    # starts past target 0, empty slots (dw 0), 19 heads in programs of 8, and NaN-filled
-    # padding of the value rows, which the kernel reads and must keep out of dw
+def test_value_pass_against_its_twin(padded):
+    # bwd_value_kernel alone against a gather-and-sum twin: per in-edge of a chunk that starts
+    # past target 0, w from the stashed g, q.k, u and the statistics (0 beyond the cutoff),
+    # dv = sum w dout_i added to what dv held, dw = dout_i . v_j; empty slots keep their dw
+    # (NaN here), 19 heads in programs of 8, NaN-filled value padding kept out of dw
     import triton
 
     from e2f.attention.core import padded_head_stride, value_head_stride
+    from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
-    inp = make_inputs(13, 17, 6, h=19, dv=9, empty_rows=(7,), seed=31)
-    v = inp.v.detach()
+    inp = make_inputs(13, 17, 6, h=19, dv=9, empty_rows=(7,), seed=31, cutoff=2.0)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
     if padded:
-        v = padded_leaf(v, value_head_stride(v.shape[-1])).detach()
-    n, kslots = inp.nbr.shape
-    h, dv = v.shape[1:]
-    dout = torch.randn(n, h, dv, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    t0, nt = 5, 6
+        t["v"] = padded_leaf(t["v"], value_head_stride(t["v"].shape[-1])).detach()
+    n, kslots = t["nbr"].shape
+    m_src, h, dv = t["v"].shape
+    gen = torch.Generator().manual_seed(5)
+    dout = torch.randn(n, h, dv, generator=gen).to(DEVICE)
+    mx = torch.rand(n, h, generator=gen).to(DEVICE)
+    s = 1.0 + torch.rand(n, h, generator=gen).to(DEVICE)
+    t0, nt, chunks = 6, 6, 3  # the second of three chunks
+    sw = 2 * h + 4
+    gate_edge = torch.randn(nt * kslots, sw, generator=gen).to(DEVICE)
+    qk_edge = torch.randn(nt * kslots, h, generator=gen).to(DEVICE)
     dw = torch.full((nt * kslots, h), float("nan"), device=DEVICE)
-    K.bwd_dw_kernel[(nt, triton.cdiv(h, 8))](inp.nbr, v, dout, dw, t0, kslots, h, DV=dv, DVP=16,
-                                               VS=padded_head_stride(v) or 0, HB=8)
-    nbr = inp.nbr[t0:t0 + nt]
-    twin = torch.einsum("thd,tshd->tsh", dout[t0:t0 + nt].double(), v[nbr.clamp_min(0).long()].double())
-    twin = twin * (nbr >= 0)[..., None]
-    assert (nbr < 0).any() and (nbr >= 0).any()
-    assert torch.allclose(dw.reshape(nt, kslots, h).double(), twin, rtol=1e-5, atol=1e-6)
+    dv_sum = torch.randn(m_src, h, dv, generator=gen).to(DEVICE)
+    rowptr, edge_ids, active, active_ptr = F._transposed(t["nbr"], m_src, nt)
+    a0, a1 = active_ptr[1], active_ptr[2]
+    grad = dv_sum.clone()
+    K.bwd_value_kernel[(a1 - a0, triton.cdiv(h, 8))](
+        t["pos_dst"], t["pos_src"], t["v"], dout, mx, s, qk_edge, gate_edge, rowptr, edge_ids, active, dw, grad,
+        a0, kslots, h, sw, 1, chunks, t0, inp.cutoff, DV=dv, DVP=16, VS=padded_head_stride(t["v"]) or 0, HB=8)
+    nbr = t["nbr"][t0:t0 + nt].long()
+    src = nbr.clamp_min(0)
+    d = (t["pos_dst"][t0:t0 + nt, None] - t["pos_src"][src]).double().norm(dim=-1)
+    x = d / inp.cutoff
+    env = 1 - x**3 * (10 - x * (15 - 6 * x))
+    live = (nbr >= 0) & (d < inp.cutoff) & (env > 0)
+    g, u = gate_edge[:, :h].double(), gate_edge[:, h:2 * h].double()
+    e = torch.exp(g * qk_edge.double() - mx[t0:t0 + nt].double().repeat_interleave(kslots, 0))
+    w = (u * e).reshape(nt, kslots, h) * (env / d)[..., None] / s[t0:t0 + nt, None].double()
+    w = torch.where(live[..., None], w, 0.0)
+    twin_dv = dv_sum.double().index_add(0, src[nbr >= 0], torch.einsum(
+        "eh,ehd->ehd", w[nbr >= 0], dout[t0:t0 + nt].double()[:, None].expand(-1, kslots, -1, -1)[nbr >= 0]))
+    twin_dw = torch.einsum("thd,tshd->tsh", dout[t0:t0 + nt].double(), t["v"][src].double())
+    assert live.any() and ((nbr >= 0) & ~live).any() and (nbr < 0).any()
+    assert torch.allclose(grad.double(), twin_dv, rtol=1e-5, atol=1e-6)
+    got = dw.reshape(nt, kslots, h)
+    assert torch.allclose(got[nbr >= 0].double(), twin_dw[nbr >= 0], rtol=1e-5, atol=1e-6)
+    assert got[nbr < 0].isnan().all()
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("backward_pass", ["dw", "target", "gate", "source"])
+@pytest.mark.parametrize("backward_pass", ["edge", "value", "target", "gate", "source"])
 def test_backward_other_configurations(monkeypatch, padded, backward_pass):
-    # GPU autotune candidates the interpreter's single configurations leave out: a dw pass with
-    # 4 heads a program, a target pass with 8-head chunks, a gate backward with two targets a
-    # tile, and a source pass with 4 heads a program (a partial last block of the 19) and
-    # in-edge steps of 4
+    # GPU autotune candidates the interpreter's single configurations leave out: an edge pass
+    # with one target a tile, a value pass with 4 heads a program (a partial last block of the
+    # 19) at 2 warps, a target pass with 8-head chunks, a gate backward with two targets a tile,
+    # and a source pass with 4 heads a program and in-edge steps of 4
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
-    chosen_cfg = {"dw": (F._heads_cfg(4, 1), {"HB": 4}),
-                  "target": (F._cfg(8, 16, 4), {"HC": 8}),
+    chosen_cfg = {"edge": (F._cfg(8, 16, 4, TB=1), {"TB": 1, "HC": 8}),
+                  "value": (F._heads_cfg(4, 2), {"HB": 4}),
+                  "target": (F._target_cfg(8, 4), {"HC": 8}),
                   "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
                   "source": (F._src_cfg(4, 4, 2), {"HB": 4, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
-    tuned = dict(F._configs())
+    tuned = dict(F._configs(0, 16))
     tuned[backward_pass] = F.backward_role(backward_pass, [cfg])
-    monkeypatch.setattr(F, "_configs", lambda bucket=0: tuned)
+    monkeypatch.setattr(F, "_configs", lambda bucket=0, bk=16: tuned)
     # H = 19: a full and a partial head chunk; 13 targets: the last two-target tile of the gate
     # backward has one
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
