@@ -43,8 +43,8 @@ def child(k: int, n: int, indices: list, tf32: int) -> dict:
     if min(indices) >= 0:  # one configuration each; otherwise the library's autotuned kernels
         candidates = F._bwd_candidates(F._pow2(k, 16))
         chosen = {role: F.backward_role(role, [candidates[role][index]]) for role, index in zip(ROLES, indices)}
-        chosen["fwd"] = {True: F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])}
-        F._configs = lambda bucket=0, bk=16: chosen
+        chosen["fwd"] = F._autotuned(K.fwd_kernel, F._fwd_candidates()[:1])
+        F._configs = lambda bucket=0, bk=16, fp32=True: chosen
     inp = random_core_inputs(n, max_neighbors=k, device="cuda", requires_grad=True, value_head_stride=64)
     names = [name for name, x in inp.tensors().items() if x.dtype.is_floating_point]
     leaves = [inp.tensors()[name] for name in names]

@@ -357,9 +357,10 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     print(table, flush=True)
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
         f.write(table)
-    tuned = F._configs(F.size_bucket(n), d["BK"])
-    kernels = {**{"fwd " + ("fp32" if fp32 else "16-bit"): kern for fp32, kern in tuned["fwd"].items()},
-               **{"bwd_" + name: tuned[name] for name in F._BACKWARD}}
+    kernels = {}
+    for fp32 in (True, False):
+        tuned = F._configs(F.size_bucket(n), d["BK"], fp32)
+        kernels.update({f"{name} {'fp32' if fp32 else '16-bit'}": tuned[name] for name in ("fwd", *F._BACKWARD)})
     for name, kern in kernels.items():
         try:
             for ck in kern.fn.device_caches[0][0].values():

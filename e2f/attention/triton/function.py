@@ -24,8 +24,9 @@ Environment:
 
 ``E2F_TRITON_AUTOTUNE=0``
     Every kernel runs its first configuration only (no tuning; quick runs and the
-    regression gate). The forward has one candidate list for float32 q/k/v and one for
-    16-bit q/k/v (``_fwd_candidates``), each with its own first configuration.
+    regression gate). The forward, the value pass and the target pass have one candidate list
+    for float32 q/k/v and one for 16-bit q/k/v (``_fwd_candidates``, ``_bwd_candidates``),
+    each with its own first configuration.
 ``E2F_TRITON_STASH_BYTES=6144``
     The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
     the stash within it. Unset: ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES`` in
@@ -259,9 +260,10 @@ def _split_kernels(bucket: int, bk: int) -> tuple:
     return _kernels[key]
 
 
-def _bwd_candidates(bk: int) -> dict:
+def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     """Configurations of the backward kernels by role (``edge``, ``value``, ``target``,
-    ``gate``, ``source``) for ``bk``-row slot tiles, the defaults first."""
+    ``gate``, ``source``) for ``bk``-row slot tiles and float32 (or 16-bit) q/k/v, the
+    defaults first."""
     if _interpreting():
         return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
                 "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
@@ -271,13 +273,17 @@ def _bwd_candidates(bk: int) -> dict:
     # HB = 16 3.88 / 3.28, HB = 64 at 2 warps 4.20 / 3.76, HB = 32 at 2 warps 6.69 / 5.55; target
     # pass HC = 8 at 4 warps 1.87 / 1.92 (96 registers), HC = 32 at 8 warps 1.92 / 1.83, HC = 16
     # at 4 warps 1.92 / 2.07, HC = 8 at 1 or 2 warps and HC = 4 slower; source pass (keys only)
-    # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. Gate backward 1.98 at 4 warps, 1.99
-    # with two targets a tile at 8 warps, 2.19 at 8 warps (perf-notes section 13). Every gate
-    # configuration ran at K = 64 with TF32 products (64-row edge tiles; the single target pass
-    # they replaced faulted there with 8 warps, perf-notes section 11).
+    # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. The value and target passes start
+    # from the faster of their two best for the dtype (the regression gate runs the first
+    # configurations: bf16 forward + backward was 5 % slower with fp32's). Gate backward 1.98
+    # at 4 warps, 1.99 with two targets a tile at 8 warps, 2.19 at 8 warps (perf-notes section
+    # 13). Every gate configuration ran at K = 64 with TF32 products (64-row edge tiles; the
+    # single target pass they replaced faulted there with 8 warps, perf-notes section 11).
+    wide, narrow = _heads_cfg(32, 1), _heads_cfg(16, 1)
+    small, large = _target_cfg(8, 4), _target_cfg(32, 8)
     return {"edge": _logit_candidates(bk),
-            "value": [_heads_cfg(32, 1), _heads_cfg(16, 1), _heads_cfg(64, 2)],
-            "target": [_target_cfg(8, 4), _target_cfg(32, 8), _target_cfg(16, 4)],
+            "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
+            "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
             "source": [_src_cfg(128, 16, 4), _src_cfg(32, 16, 1), _src_cfg(64, 16, 2)]}
 
@@ -321,7 +327,7 @@ def _fwd_kernel(dtype: torch.dtype, n_rows: int, bk: int):
     the forced configuration if ``E2F_TRITON_FWD_CONFIG`` names one."""
     text = os.environ.get(FWD_CONFIG_ENV, "").strip()
     if not text:
-        return _configs(size_bucket(n_rows), bk)["fwd"][dtype == torch.float32]
+        return _configs(size_bucket(n_rows), bk, dtype == torch.float32)["fwd"]
     if text not in _forced_fwd:
         from e2f.attention.triton import kernels as K
 
@@ -340,12 +346,13 @@ def size_bucket(n_rows: int) -> int:
     return max(0, (max(int(n_rows), 1) - 1).bit_length() - 12 + 1) // 2
 
 
-def _configs(bucket: int = 0, bk: int = 16) -> dict:
-    """Autotuned kernels of one ``size_bucket`` and slot tile ``bk`` (built once each; the
-    interpreter gets a single configuration): ``fwd`` as ``{True: float32 q/k/v, False:
-    16-bit}``, and the backward's by role (``_BACKWARD``)."""
-    if (bucket, bk) in _kernels:
-        return _kernels[bucket, bk]
+def _configs(bucket: int = 0, bk: int = 16, fp32: bool = True) -> dict:
+    """Autotuned kernels of one ``size_bucket``, slot tile ``bk`` and float32 (or 16-bit) q/k/v
+    (built once each; the interpreter gets a single configuration): ``fwd``, and the backward's
+    by role (``_BACKWARD``)."""
+    key = (bucket, bk, fp32)
+    if key in _kernels:
+        return _kernels[key]
     from e2f.attention.triton import kernels as K
 
     first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"  # quick runs
@@ -353,12 +360,11 @@ def _configs(bucket: int = 0, bk: int = 16) -> dict:
     def tuned(kernel, cfgs, **buffers):
         return _autotuned(kernel, cfgs[:1] if first_only else cfgs, **buffers)
 
-    candidates = _bwd_candidates(bk)
-    _kernels[bucket, bk] = {
-        "fwd": {fp32: tuned(K.fwd_kernel, _fwd_candidates(torch.float32 if fp32 else torch.bfloat16))
-                for fp32 in (True, False)},
+    candidates = _bwd_candidates(bk, fp32)
+    _kernels[key] = {
+        "fwd": tuned(K.fwd_kernel, _fwd_candidates(torch.float32 if fp32 else torch.bfloat16)),
         **{role: tuned(getattr(K, name), candidates[role], **buffers) for role, (name, buffers) in _BACKWARD.items()}}
-    return _kernels[bucket, bk]
+    return _kernels[key]
 
 
 #: Backward kernels by role, with the buffers the autotuner must reset (``reset_to_zero``:
@@ -624,7 +630,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     }
     if n == 0 or mm == 0:
         return grads
-    kern = _configs(size_bucket(n), d["BK"])
+    kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     prec = _gate_precision()
     max_programs = _max_programs(dev)
     dc_part = torch.zeros(max_programs, r, **f32)

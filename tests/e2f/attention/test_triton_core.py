@@ -451,7 +451,7 @@ def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs(0, 16))
     tuned[backward_pass] = F.backward_role(backward_pass, [cfg])
-    monkeypatch.setattr(F, "_configs", lambda bucket=0, bk=16: tuned)
+    monkeypatch.setattr(F, "_configs", lambda bucket=0, bk=16, fp32=True: tuned)
     # H = 19: a full and a partial head chunk; 13 targets: the last two-target tile of the gate
     # backward has one
     inp = make_inputs(13, 17, 6, h=19, empty_rows=(2, 11), seed=37)
