@@ -527,10 +527,11 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 
 #: The backward passes each other a per-edge stash: per edge and head ``q.k`` (then ``dqk``)
 #: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients) and the
-#: gate's pre-activation, which the gate backward replaces by the pre-activation's gradient and
+#: gate's hidden layer, which the gate backward replaces by the pre-activation's gradient and
 #: the radial basis (``2 H + max(2 H + G, G + R)`` floats an edge: 2.5 KB at the paper sizes).
-#: The two gate weight gradients are then matrix products over the stash's columns. Only the
-#: edge pass computes the gate MLP and q.k; the others read the stash.
+#: The two gate weight gradients are then one matrix product each per chunk, over the stash's
+#: columns. The edge pass computes the gate MLP and q.k; the value, target and source passes
+#: read the stash (the gate backward recomputes the pre-activation).
 #: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
 #: capped at ``STASH_MAX_BYTES`` in all, and never below ``STASH_BYTES_PER_ATOM`` (K = 32:
 #: 6 chunks up to ~230,000 atoms, 7 at 262,144, 14 at 524,288): the backward's bytes per atom
@@ -546,8 +547,8 @@ STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
 def _gate_stash_width(h: int, g: int, r: int) -> int:
-    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and the gate's
-    pre-activation (2 H + G), later ``dpre`` and the radial basis over them (G + R)."""
+    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and ``hid``
+    (2 H + G), later ``dpre`` and the radial basis over them (G + R)."""
     return max(2 * h + g, g + r)
 
 
@@ -580,9 +581,6 @@ def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
     return _chunk_within(n_rows, kslots * (2 * h + _gate_stash_width(h, g, r)) * 4, budget)
 
 
-#: Blocks of a chunk's rows in which the output layer's weight gradient forms the gate's hidden
-#: layer from the stashed pre-activations (its temporary: 1 / HID_BLOCKS of them).
-HID_BLOCKS = 8
 #: Targets per chunk below which the backward stops halving a stash that does not fit.
 MIN_CHUNK_TARGETS = 256
 
@@ -642,7 +640,6 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     sw = gate_edge.shape[1]
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
-    hid_rows = triton_cdiv(chunk * kslots, HID_BLOCKS)  # the same blocks in every chunk: reproducible sums
     gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
     for c in range(chunks):
         t0 = c * chunk
@@ -662,18 +659,14 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         kern["target"][(nt,)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["k"], m, s, grads["q"], dd_edge, dw_edge, qk_edge, gate_edge,
             t0, kslots, h, sw, cutoff, inv_sqrt_dk, DK=d["DK"], BK=d["BK"], DKP=d["DKP"])
-        # the output layer's weights: SiLU(pre)^T [dg du] over the chunk's edges (slots without
-        # an edge hold dg = du = 0), the hidden layer formed in HID_BLOCKS blocks of rows (its
-        # temporary an eighth of the stash's pre-activations); matrix products at the gate
-        # kernels' precision (_gate_precision). The bias as a product too: a column sum of the
-        # strided stash (.sum(0)) took a temporary of up to 132 MiB on an H100 (10 KB an atom
-        # at N = 1,024)
-        for r0 in range(0, nt * kslots, hid_rows):
-            block = rows[r0:r0 + hid_rows]
-            grads["w_out"].addmm_(torch.nn.functional.silu(block[:, 2 * h:2 * h + g]).t(), block[:, :2 * h])
+        # the output layer's weights: hid^T [dg du] over the chunk's edges (slots without an
+        # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision).
+        # The bias as a product too: a column sum of the strided stash (.sum(0)) took a
+        # temporary of up to 132 MiB on an H100 (10 KB an atom at N = 1,024)
+        grads["w_out"].addmm_(rows[:, 2 * h:2 * h + g].t(), rows[:, :2 * h])
         grads["b_out"].addmv_(rows[:, :2 * h].t(), ones[:nt * kslots])
         kern["gate"][lambda meta: (min(max_programs, triton_cdiv(nt, meta["TB"])),)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["rbf_centers"],
+            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
             t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"], dc_part,
             t0, nt, kslots, h, g, r, sw, gamma, cutoff,
             BK=d["BK"], GP=d["GP"], PREC=prec)

@@ -30,11 +30,11 @@ recompile every autotune candidate.
   across warps).
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, five kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
-of them computes the gate MLP and q.k and one walks the value rows:
+of them computes the gate outputs and q.k and one walks the value rows:
 
 * ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, gate MLP, q.k), storing
-  per edge and head ``q.k`` (``qk_edge``), ``g`` and ``u``, and per edge the gate's
-  pre-activation: a ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers.
+  per edge and head ``q.k`` (``qk_edge``), ``g`` and ``u``, and per edge the gate's hidden
+  layer ``hid``: a ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
   the softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``,
@@ -44,9 +44,9 @@ of them computes the gate MLP and q.k and one walks the value rows:
   softmax's backward from ``dw`` (``dout_i . out_i`` as the sum of ``dw w``), written over the
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
   rows, and the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar). ``function``
-  then adds ``SiLU(pre)^T [dg du]`` to the output layer's weight gradient.
+  then adds ``hid^T [dg du]`` to the output layer's weight gradient.
 * ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
-  ``dg``, ``du`` and the stashed pre-activation: ``dhid``, the pre-activation gradient
+  ``dg``, ``du`` (the pre-activation recomputed): ``dhid``, the pre-activation gradient
   ``dpre`` (stashed in the same row, and summed into ``dgate_dst``), the radial layer (its
   part of ``dd``, so ``dpos_dst``); stashes the radial basis next to ``dpre`` for the radial
   weight gradient ``rbf^T dpre`` (``function``'s second product) and keeps per-program partial
@@ -389,6 +389,15 @@ def _edge_tile(nbr, T0, N, K, BK: tl.constexpr, TB: tl.constexpr):
 
 
 @triton.jit
+def _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G,
+                 RC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
+    """The gate's hidden layer ``SiLU(pre)`` of an edge tile (``_gate_pre``)."""
+    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, d_safe.shape[0], RC,
+                    GP, PREC)
+    return pre * tl.sigmoid(pre)
+
+
+@triton.jit
 def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr, DKP: tl.constexpr):
     """Scaled q.k ``[E, HC]`` of every edge row for the heads ``offs_h`` (the target's query row
     is read once per edge: the rows of one target hit L1)."""
@@ -408,8 +417,7 @@ def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w
                      RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, TB * BK, RC, GP, PREC)
-    hid = pre * tl.sigmoid(pre)
+    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
     tl.store(env_edge + row, tl.where(live, env, 0.0), mask=keep)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
@@ -479,15 +487,13 @@ def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_
                     DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
                     RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
     # fwd_logit_kernel's tiles, stashing the logit's and the coefficient's factors: q.k per edge
-    # and head into qk_edge, g and u into the first 2 H numbers of the edge's gate_edge row, and
-    # the gate's pre-activation after them (the gate backward and the output layer's weight
-    # gradient start from it)
+    # and head into qk_edge, g and u into the first 2 H numbers of the edge's gate_edge row and
+    # the gate's hidden layer after them
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, TB * BK, RC, GP, PREC)
-    hid = pre * tl.sigmoid(pre)
+    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
     offs_g = tl.arange(0, GP)
-    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], pre, mask=keep[:, None] & (offs_g < G)[None, :])
+    tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid, mask=keep[:, None] & (offs_g < G)[None, :])
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
@@ -608,16 +614,17 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
 
 
 @triton.jit(do_not_specialize=["T0", "NT"])
-def bwd_gate_kernel(pos_dst, pos_src, nbr, centers, w_radial, w_out,
+def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
                     gate_edge, dd_edge, dgate_dst, dpos_dst, dc_part,
                     T0, NT, K, H, G, R, SW, gamma, cutoff,
                     BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
                     TB: tl.constexpr = 1):
     # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
-    # stashed gate-output gradients and pre-activation (dg, du, pre: a gate_edge row's first
-    # 2 H + G numbers), whose row then takes dpre and the edge's radial basis (its first G and
-    # the next R numbers), for the weight gradients as one matrix product each afterwards; the
-    # centres' gradient as partial sums owned by each program
+    # stashed gate-output gradients (dg, du: the first 2 H numbers of a gate_edge row), whose
+    # row then takes dpre and the edge's radial basis (its first G and the next R numbers:
+    # every load of a row precedes the first store, which depends on them), for the weight
+    # gradients as one matrix product each afterwards; the centres' gradient as partial sums
+    # owned by each program
     E: tl.constexpr = TB * BK
     pid = tl.program_id(0)
     part = pid.to(tl.int64)
@@ -638,8 +645,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, centers, w_radial, w_out,
         tgt = _row_index(i, ok)
         row = local * K + slot
         dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        pre = tl.load(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], mask=has[:, None] & gmask[None, :],
-                      other=0.0)
+        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
         sig = tl.sigmoid(pre)
         dhid = tl.zeros([E, GP], dtype=tl.float32)
         for h0 in range(0, H, HC):
@@ -654,8 +660,6 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, centers, w_radial, w_out,
             dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
         dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(ok[:, None], dpre, 0.0)
-        # the stores below go over the rows this tile loaded: every thread's loads first
-        tl.debug_barrier()
         tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
         rows_t = T0 + first + tl.arange(0, TB)
         in_chunk = (first + tl.arange(0, TB)) < NT
