@@ -8,12 +8,13 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
     The configurations the autotuner chose for the kernels (``fwd``, or ``fwd_logits`` and
-    ``fwd_aggregate`` after a split forward, then ``bwd_edge``, ``bwd_value``, ``bwd_target``,
-    ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and warps, the autotuner's timings
-    when it benchmarked, the registers and spills the GPU driver reports), the last forward's
-    form (``fwd_mode``; ``fwd_chunks`` when split), the number of target chunks of the last
-    backward, the gate-MLP matmul precision used, and after a ``create_graph`` backward the
-    second order's targets per block (``twin_target_block``); the suites record it.
+    ``fwd_aggregate`` after a split forward, then ``bwd_edge``, ``bwd_value``,
+    ``bwd_target``, ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and
+    warps, the autotuner's timings when it benchmarked, the registers and spills the GPU
+    driver reports), the last forward's form (``fwd_mode``; ``fwd_chunks`` when split), the
+    number of target chunks of the last backward, the gate-MLP matmul precision used, and
+    after a ``create_graph`` backward the second order's targets per block
+    (``twin_target_block``); the suites record it.
 ``size_bucket(n_rows) -> int``
     The autotuning bucket of an atom count.
 
@@ -616,7 +617,7 @@ def _max_programs(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> dict:
+def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> dict:
     d = _dims(t)
     dev = t["q"].device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -710,10 +711,10 @@ def twin_plan(inp: CoreInputs) -> BlockPlan:
     return block_plan(inp, max_elements=int(total * TWIN_MEMORY_FRACTION / TWIN_BYTES_PER_ELEMENT))
 
 
-def _first_order(tensors, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, eps: float) -> tuple:
+def _first_order(tensors, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> tuple:
     """The fused backward's gradients of every ``DIFF_NAMES`` input, each in its input's dtype."""
     t = dict(zip(TENSOR_NAMES, tensors))
-    grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, eps)
+    grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff)
     return tuple(grads[name].to(t[name].dtype) for name in DIFF_NAMES)
 
 
@@ -725,7 +726,7 @@ class _FusedCoreGrad(torch.autograd.Function):
     def forward(ctx, plan, gamma, cutoff, eps, m, s, dout, *tensors):
         ctx.plan = plan
         ctx.save_for_backward(dout, *tensors)
-        return _first_order(tensors, m, s, dout, gamma, cutoff, eps)
+        return _first_order(tensors, m, s, dout, gamma, cutoff)
 
     @staticmethod
     def backward(ctx, *gg):
@@ -758,7 +759,7 @@ class _FusedCore(torch.autograd.Function):
             _last["twin_target_block"] = plan.target_block
             grads = _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)
         else:
-            grads = _first_order(tensors, m, s, dout, gamma, cutoff, eps)
+            grads = _first_order(tensors, m, s, dout, gamma, cutoff)
         got = dict(zip(DIFF_NAMES, grads))
         return (None, None, None, *(got.get(name) if need else None for name, need in zip(TENSOR_NAMES, needs)))
 
