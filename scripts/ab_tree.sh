@@ -15,4 +15,5 @@ grep -qx "/_ab/" "$exclude" 2>/dev/null || echo "/_ab/" >> "$exclude"
 rm -rf "$dest"
 mkdir -p "$dest"
 git archive "$commit" e2f suites baselines run_bench.py pyproject.toml | tar -x -C "$dest"
+git rev-parse "$commit^{commit}" > "$dest/COMMIT"  # the commit its records name (suites.core.ab)
 echo "$dest"

@@ -34,12 +34,15 @@ from typing import Sequence
 
 from suites.core.compare import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, EXIT_REFUSED, _samples, compare_cli, point_key,
                                  point_label, save_baseline)
+from suites.core.env import GIT_COMMIT_ENV
 from suites.core.records import load_all
 
 REPO = Path(__file__).resolve().parents[2]
 #: Options of run_bench.py that this tool sets itself.
 OWNED_OPTIONS = ("--out", "--resume", "--compare", "--save-baseline", "--report")
 EXIT_RUN_FAILED = 3
+#: The file of an old tree that names its commit (written by ``scripts/ab_tree.sh``).
+TREE_COMMIT_FILE = "COMMIT"
 
 
 def run_side(tree: Path, bench_args: Sequence[str], out: Path) -> int:
@@ -47,9 +50,15 @@ def run_side(tree: Path, bench_args: Sequence[str], out: Path) -> int:
 
     The script's folder comes first on ``sys.path``, so ``tree``'s ``e2f`` and ``suites`` are
     the ones imported; ``PYTHONPATH`` keeps what the caller set (site folders of wheels) after it.
+    A tree other than this repository's has no git of its own (``git`` would name the
+    enclosing repository's commit): its records name the commit in its ``COMMIT`` file
+    (``scripts/ab_tree.sh`` writes it), or ``unknown``.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tree)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if tree != REPO:
+        stamp = tree / TREE_COMMIT_FILE
+        env[GIT_COMMIT_ENV] = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else "unknown"
     cmd = [sys.executable, str(tree / "run_bench.py"), *bench_args, "--out", str(out), "--no-report", "--no-progress"]
     print(f"== {tree.name or tree}: {' '.join(cmd[1:])}", flush=True)
     return subprocess.run(cmd, cwd=tree, env=env).returncode
