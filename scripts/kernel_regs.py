@@ -47,9 +47,9 @@ UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC")
 KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "value": "bwd_value_kernel", "target": "bwd_target_kernel",
            "gate": "bwd_gate_kernel", "source": "bwd_source_kernel", "logits": "fwd_logit_kernel",
            "aggregate": "fwd_aggregate_kernel"}
-# meta-parameters of a kernel= argument that does not name them
-DEFAULT_META = {"value": {"HB": 16, "num_warps": 1}, "source": {"HB": 32, "BKS": 16, "num_warps": 1},
-                "edge": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 16, "num_warps": 4},
+# meta-parameters of a kernel= argument that does not name them (the library's first fp32 configurations)
+DEFAULT_META = {"value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
+                "edge": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 8, "num_warps": 4},
                 "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)
