@@ -14,6 +14,8 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the lent machine's .git is the session's first commit: records name the code only through this
+[ -n "${E2F_GIT_COMMIT:-}" ] || echo "warning: E2F_GIT_COMMIT is not set; records will name a stale commit"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 res=/tmp/res/$gpu
 mkdir -p "$res" "${OUT:-/tmp/out}"
@@ -51,6 +53,10 @@ run_step() {
             if [ -z "${AB_TREE:-}" ]; then echo "ab: set AB_TREE=_ab/<commit> (scripts/ab_tree.sh)"; return; fi
             step ab "${AB_SECS:-360}" python3 -m suites.core.ab --base-tree "$AB_TREE" --rounds "${AB_ROUNDS:-2}" \
                 --out "$res/ab" -- --suite kernel-tflops --impl triton --sizes "${AB_SIZES:-65536}" --device cuda ;;
+        ab-gate)  # the regression gate's points (first configurations) of this tree against AB_TREE, same machine
+            if [ -z "${AB_TREE:-}" ]; then echo "ab-gate: set AB_TREE=_ab/<commit> (scripts/ab_tree.sh)"; return; fi
+            step ab-gate "${AB_SECS:-360}" env E2F_TRITON_AUTOTUNE=0 python3 -m suites.core.ab --base-tree "$AB_TREE" \
+                --rounds "${AB_ROUNDS:-1}" --out "$res/ab-gate" -- --suite kernel-regression --impl triton --device cuda ;;
         kernel-triton) step kernel-tflops-triton 170 $B --suite kernel-tflops --full --impl triton \
                     --sizes 16384,65536 --out "$res/kernel-tflops-triton" ;;
         smoke-triton) step smoke-triton 120 $B --suite smoke --full --impl core-triton,e2former-v2 --out "$res/smoke-triton" ;;
