@@ -178,19 +178,22 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _heads_cfg(hb, warps, **extra):
-    """A configuration of a one-warp-layout kernel with ``HB`` heads a program (aggregation,
-    ``dw`` pass, source pass)."""
+def _single_stage_cfg(warps, **meta):
+    """A configuration of ``meta`` at ``warps`` warps, its loops not software-pipelined."""
     import triton
 
-    return triton.Config({"HB": hb, **extra}, num_warps=warps, num_stages=1)
+    return triton.Config(meta, num_warps=warps, num_stages=1)
+
+
+def _heads_cfg(hb, warps, **extra):
+    """A configuration of a one-warp-layout kernel with ``HB`` heads a program (aggregation,
+    value pass, source pass)."""
+    return _single_stage_cfg(warps, HB=hb, **extra)
 
 
 def _target_cfg(hc, warps):
     """A target-pass configuration: ``HC`` heads a chunk."""
-    import triton
-
-    return triton.Config({"HC": hc}, num_warps=warps, num_stages=1)
+    return _single_stage_cfg(warps, HC=hc)
 
 
 def _src_cfg(hb, bks, warps):

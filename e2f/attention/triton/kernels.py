@@ -514,6 +514,16 @@ def _softmax_weight(g, qk, u, env, inv_d, live, mx, s):
     return u * (env * e) * inv_d / s, e
 
 
+@triton.jit
+def _source_in_edges(active, rowptr, A0, NC, C):
+    """Source ``active[A0 + program id 0]`` of a source-major pass over target chunk ``C`` of
+    ``NC`` (the transposed neighbour list, CSR by (source, chunk)): its row, and where its
+    in-edges from the chunk start in ``edge_ids`` and how many there are."""
+    j = tl.load(active + A0 + tl.program_id(0)).to(tl.int64)
+    start = tl.load(rowptr + j * NC + C)
+    return j, start, tl.load(rowptr + j * NC + C + 1) - start
+
+
 @triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
 def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, rowptr, edge_ids, active,
                      dw_edge, dv,
@@ -525,9 +535,7 @@ def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, 
     # dv += w dout_i, and dw = dout_i . v_j into dw_edge. v_j stays in registers, every head's
     # sums in the threads that own its columns (as in fwd_aggregate_kernel)
     E0 = T0 * K
-    j = tl.load(active + A0 + tl.program_id(0)).to(tl.int64)
-    start = tl.load(rowptr + j * NC + C)
-    count = tl.load(rowptr + j * NC + C + 1) - start
+    j, start, count = _source_in_edges(active, rowptr, A0, NC, C)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
     offs_d = tl.arange(0, DVP)
@@ -546,7 +554,7 @@ def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, 
                             tl.load(gate_edge + at * SW + H + hh, mask=hm, other=0.0), env, inv_d, live,
                             tl.load(m_in + i * H + hh, mask=hm, other=0.0),
                             tl.load(s_in + i * H + hh, mask=hm, other=1.0))[0]
-        go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=vm, other=0.0)
+        go = _head_rows(dout, i, hh, hm, H, DV, DVP, 0)
         acc += w[:, None] * go
         tl.store(dw_edge + at * H + hh, tl.sum(go * vj, axis=1), mask=hm)
     pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
@@ -707,9 +715,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dd_edge, dqk_edge, gate_edge, rowptr,
     # below cdiv(H, HB) owns the heads HB pid1 ..; the one past them, the source's gate and
     # position gradients
     E0 = T0 * K
-    j = tl.load(active + A0 + tl.program_id(0)).to(tl.int64)
-    start = tl.load(rowptr + j * NC + C)
-    count = tl.load(rowptr + j * NC + C + 1) - start
+    j, start, count = _source_in_edges(active, rowptr, A0, NC, C)
     h0 = tl.program_id(1) * HB
     if h0 < H:
         # in-edges one at a time, each head's dk sums in the threads that own its columns

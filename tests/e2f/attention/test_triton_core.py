@@ -387,7 +387,7 @@ def test_value_pass_against_its_twin(padded):
     # (NaN here), 19 heads in programs of 8, NaN-filled value padding kept out of dw
     import triton
 
-    from e2f.attention.core import padded_head_stride, value_head_stride
+    from e2f.attention.core import envelope, padded_head_stride, value_head_stride
     from e2f.attention.triton import function as F
     from e2f.attention.triton import kernels as K
 
@@ -416,8 +416,7 @@ def test_value_pass_against_its_twin(padded):
     nbr = t["nbr"][t0:t0 + nt].long()
     src = nbr.clamp_min(0)
     d = (t["pos_dst"][t0:t0 + nt, None] - t["pos_src"][src]).double().norm(dim=-1)
-    x = d / inp.cutoff
-    env = 1 - x**3 * (10 - x * (15 - 6 * x))
+    env = envelope(d / inp.cutoff)
     live = (nbr >= 0) & (d < inp.cutoff) & (env > 0)
     g, u = gate_edge[:, :h].double(), gate_edge[:, h:2 * h].double()
     e = torch.exp(g * qk_edge.double() - mx[t0:t0 + nt].double().repeat_interleave(kslots, 0))
