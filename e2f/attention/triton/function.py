@@ -191,6 +191,11 @@ def _heads_cfg(hb, warps, **extra):
     return _single_stage_cfg(warps, HB=hb, **extra)
 
 
+def _target_cfg(hc, warps):
+    """A target-pass configuration: ``HC`` heads a chunk."""
+    return _single_stage_cfg(warps, HC=hc)
+
+
 def _src_cfg(hb, bks, warps):
     """A source-pass configuration: ``HB`` heads a program, ``BKS`` in-edges a step of the
     gate and position part."""
@@ -264,7 +269,7 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     ``gate``, ``source``) for ``bk``-row slot tiles and float32 (or 16-bit) q/k/v, the
     defaults first."""
     if _interpreting():
-        return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_heads_cfg(8, 1)],
+        return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
                 "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
     # The edge pass is the split forward's logits kernel with other stores: its candidates.
     # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
@@ -279,9 +284,10 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     # 13). Every gate configuration ran at K = 64 with TF32 products (64-row edge tiles; the
     # single target pass they replaced faulted there with 8 warps, perf-notes section 11).
     wide, narrow = _heads_cfg(32, 1), _heads_cfg(16, 1)
+    small, large = _target_cfg(8, 4), _target_cfg(32, 8)
     return {"edge": _logit_candidates(bk),
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
-            "target": [_heads_cfg(128, 1), _heads_cfg(64, 1), _heads_cfg(32, 1), _heads_cfg(128, 4)],
+            "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
             "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
             "source": [_src_cfg(128, 16, 4), _src_cfg(32, 16, 1), _src_cfg(64, 16, 2)]}
 

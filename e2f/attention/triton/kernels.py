@@ -565,72 +565,60 @@ def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, 
 def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
                       dq, dd_edge, dw_edge, qk_edge, gate_edge,
                       T0, K, H, SW, cutoff, inv_sqrt_dk,
-                      DK: tl.constexpr, BK: tl.constexpr, DKP: tl.constexpr, HB: tl.constexpr):
+                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr):
     # target T0 + program id; its edges are stash rows (program id) K + slot: from g, u, q.k
     # (bwd_edge_kernel) and dw (bwd_value_kernel; none for an empty slot) the softmax's
     # backward, written over them: dg, du over g, u, and dqk over q.k; dq, and the envelope and
-    # 1/d parts of dd = dL/dd_ij. The aggregation's layout: HB heads at a time in the threads
-    # that own them, the slots one at a time, twice (sum dw w, then the gradients); the sums
-    # over heads of dd's parts are the only reductions across threads
+    # 1/d parts of dd = dL/dd_ij. No gate products: elementwise but for the key gathers of dq
     local = tl.program_id(0).to(tl.int64)
     i = T0 + local
     offs_k = tl.arange(0, DKP)
-    slots = tl.arange(0, BK)
-    j_all = tl.load(nbr + i * K + slots, mask=slots < K, other=-1)
-    ok_all = j_all >= 0
-    _, _, _, _, x_all, _, inv_d_all, inside_all, _ = _geometry(
-        pos_dst, pos_src, tl.zeros([BK], dtype=tl.int64) + i, _row_index(j_all, ok_all), ok_all, cutoff)
+    kmask = offs_k < DK
+    slot = tl.arange(0, BK)
+    row = local * K + slot
+    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    ok = j >= 0
+    src = _row_index(j, ok)
+    tgt = tl.zeros([BK], dtype=tl.int64) + i
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
-    for h0 in range(0, H, HB):
-        hh = h0 + tl.arange(0, HB)
-        hm = hh < H
-        km = hm[:, None] & (offs_k < DK)[None, :]
-        mx = tl.load(m_in + i * H + hh, mask=hm, other=0.0)
-        s = tl.load(s_in + i * H + hh, mask=hm, other=1.0)
-        bsum = tl.zeros([HB], dtype=tl.float32)  # dout_i . out_i
-        for slot in range(K):
-            j = tl.load(nbr + i * K + slot)
-            row = local * K + slot
-            dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, i, _row_index(j, j >= 0),
-                                                                         j >= 0, cutoff)
-            w = _softmax_weight(tl.load(gate_edge + row * SW + hh, mask=hm, other=0.0),
-                                tl.load(qk_edge + row * H + hh, mask=hm, other=0.0),
-                                tl.load(gate_edge + row * SW + H + hh, mask=hm, other=0.0), env, inv_d, live, mx, s)[0]
-            bsum += tl.load(dw_edge + row * H + hh, mask=hh < tl.where(j >= 0, H, 0), other=0.0) * w
-        acc = tl.zeros([HB, DKP], dtype=tl.float32)
-        for slot in range(K):
-            j = tl.load(nbr + i * K + slot)
-            row = local * K + slot
-            dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, i, _row_index(j, j >= 0),
-                                                                         j >= 0, cutoff)
-            g = tl.load(gate_edge + row * SW + hh, mask=hm, other=0.0)
-            u = tl.load(gate_edge + row * SW + H + hh, mask=hm, other=0.0)
-            qk = tl.load(qk_edge + row * H + hh, mask=hm, other=0.0)
-            dw = tl.load(dw_edge + row * H + hh, mask=hh < tl.where(j >= 0, H, 0), other=0.0)
-            e = _softmax_weight(g, qk, u, env, inv_d, live, mx, s)[1]
-            p = env * e
-            lv = hh < tl.where(live, H, 0)
-            dp = tl.where(lv, (dw * u * inv_d - bsum) / s, 0.0)
-            dlogit = dp * p
-            t = dw * p / s
-            dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
-            kj = tl.load(k + _row_index(j, j >= 0) * (H * DK) + hh[:, None] * DK + offs_k[None, :],
-                         mask=(hh < tl.where(j >= 0, H, 0))[:, None] & (offs_k < DK)[None, :], other=0.0).to(tl.float32)
-            acc += dqk[:, None] * kj
-            at = slots == slot
-            dinvd = tl.where(at, dinvd + tl.sum(t * u, axis=0), dinvd)
-            denv = tl.where(at, denv + tl.sum(dp * e, axis=0), denv)
-            # the stores below go over what this slot's loads read: every thread's loads first
-            tl.debug_barrier()
-            tl.store(qk_edge + row * H + hh, dqk, mask=hm)
-            tl.store(gate_edge + row * SW + hh, tl.where(lv, dlogit * qk, 0.0), mask=hm)
-            tl.store(gate_edge + row * SW + H + hh, tl.where(lv, t * inv_d, 0.0), mask=hm)
-        tl.store(dq + i * (H * DK) + hh[:, None] * DK + offs_k[None, :], acc, mask=km)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        em = (slot < K)[:, None] & hmask[None, :]
+        stash = row[:, None] * H + offs_h[None, :]
+        gu = row[:, None] * SW + offs_h[None, :]
+        g = tl.load(gate_edge + gu, mask=em, other=0.0)
+        u = tl.load(gate_edge + gu + H, mask=em, other=0.0)
+        qk = tl.load(qk_edge + stash, mask=em, other=0.0)
+        dw = tl.load(dw_edge + stash, mask=ok[:, None] & hmask[None, :], other=0.0)
+        s = tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)
+        lv = live[:, None] & hmask[None, :]
+        w, e = _softmax_weight(g, qk, u, env[:, None], inv_d[:, None], lv,
+                               tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)[None, :], s[None, :])
+        p = env[:, None] * e
+        bsum = tl.sum(dw * w, axis=0)  # [HC] = dout_i . out_i
+        dp = tl.where(lv, (dw * u * inv_d[:, None] - bsum[None, :]) / s[None, :], 0.0)
+        dlogit = dp * p
+        t = dw * p / s[None, :]
+        dinvd += tl.sum(t * u, axis=1)
+        denv += tl.sum(dp * e, axis=1)
+        dqk = tl.where(lv, dlogit * g, 0.0) * inv_sqrt_dk
+        hk = offs_h[:, None] * DK + offs_k[None, :]
+        qm = hmask[:, None] & kmask[None, :]
+        kj = tl.load(k + src[:, None, None] * (H * DK) + hk[None, :, :], mask=ok[:, None, None] & qm[None, :, :],
+                     other=0.0).to(tl.float32)
+        tl.store(dq + i * (H * DK) + hk, tl.sum(dqk[:, :, None] * kj, axis=0), mask=qm)
+        # the stores below go over what this head chunk loaded: every thread's loads first
+        tl.debug_barrier()
+        tl.store(qk_edge + stash, dqk, mask=em)
+        tl.store(gate_edge + gu, tl.where(lv, dlogit * qk, 0.0), mask=em)
+        tl.store(gate_edge + gu + H, tl.where(lv, t * inv_d[:, None], 0.0), mask=em)
     # the envelope and 1/d parts of dL/dd (the gate backward adds the radial part)
-    denv_dx = -30.0 * x_all * x_all * (1.0 - x_all) * (1.0 - x_all)
-    dd = tl.where(inside_all, denv * denv_dx / cutoff - dinvd * inv_d_all * inv_d_all, 0.0)
-    tl.store(dd_edge + i * K + slots, dd, mask=slots < K)
+    denv_dx = -30.0 * x * x * (1.0 - x) * (1.0 - x)
+    dd = tl.where(inside, denv * denv_dx / cutoff - dinvd * inv_d * inv_d, 0.0)
+    tl.store(dd_edge + i * K + slot, dd, mask=slot < K)
 
 
 @triton.jit(do_not_specialize=["T0", "NT"])

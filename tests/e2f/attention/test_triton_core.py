@@ -444,7 +444,7 @@ def test_backward_other_configurations(monkeypatch, padded, backward_pass):
 
     chosen_cfg = {"edge": (F._cfg(8, 16, 4, TB=1), {"TB": 1, "HC": 8}),
                   "value": (F._heads_cfg(4, 2), {"HB": 4}),
-                  "target": (F._heads_cfg(4, 1), {"HB": 4}),
+                  "target": (F._target_cfg(8, 4), {"HC": 8}),
                   "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
                   "source": (F._src_cfg(4, 4, 2), {"HB": 4, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
