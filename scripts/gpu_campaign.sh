@@ -100,6 +100,12 @@ run_step() {
             step regression-vs "${REGVS_SECS:-180}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
                 --compare "reports/baselines/${BASELINE_NAME:-h200}.json" --allow-mismatch --save-baseline "$res/baseline.json"
             step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json" ;;
+        radial-cost)  # what a tabulated radial layer could save: the kernels at R = 256 and at RADIAL_R (one chunk of
+            # the radial loop), N = 65,536, autotuned (per-kernel timings in each record's config)
+            for r in 256 ${RADIAL_R:-32}; do
+                step "radial-r$r" "${RADIAL_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check \
+                    --no-materialized --sizes 65536 --value-layouts padded --num-rbf "$r"
+            done ;;
         memory-big)  # issue 4's largest points: core:triton fwd at 1,048,576 and fwd+bwd at 524,288
             step memory-big "${MEMBIG_SECS:-200}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \
                 --sizes 524288,1048576 --out "$res/memory-big" ;;

@@ -197,7 +197,7 @@ def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True, layout="
     g, r = inp.w_radial.shape[1], inp.w_radial.shape[0]
     dout = torch.randn(n, h, dv, device=DEV)
     params = {"impl": impl, "n_atoms": n, "dtype": str(dtype)[6:], "neighbors": k, "gate_matmul": "tf32",
-              "value_layout": layout}
+              "value_layout": layout, "num_rbf": r}
     fc, ft = flops_core(n, k, h, dk, dv), flops_core(n, k, h, dk, dv) + flops_gate(n, k, h, g, r)
     lv = leaves(inp)
     try:
@@ -401,11 +401,16 @@ def main():
     ap.add_argument("--fwd-variants", nargs="*", default=None, metavar="CONFIG",
                     help="instead of the standard timing of --sizes: the forward of each forced configuration "
                          "(E2F_TRITON_FWD_CONFIG syntax; none given: DEFAULT_FWD_VARIANTS), checked against the first")
+    ap.add_argument("--num-rbf", type=int, default=None,
+                    help="radial basis size R of every point (default: the workload's 256); a smaller R bounds "
+                         "what a tabulated radial layer would save")
     args = ap.parse_args()
     if args.tiny:
         global DEV
         DEV = "cuda" if torch.cuda.is_available() else "cpu"
         DIMS.update(num_heads=4, head_dim=4, dv=6, gate_hidden=16, num_rbf=12)
+    if args.num_rbf:
+        DIMS["num_rbf"] = args.num_rbf
     ENV.update(env())
     print(ENV, flush=True)
     t0 = time.time()
