@@ -395,6 +395,7 @@ def main():
     ap.add_argument("--probe", type=int, nargs="*", default=None, metavar="N",
                     help="the forward's time split at these atom counts (default 16,384), each of --dtypes")
     ap.add_argument("--ncu-fwd", type=int, default=0, help="run one forward at this N and exit (for ncu)")
+    ap.add_argument("--ncu-bwd", type=int, default=0, help="run one forward + backward at this N and exit (for ncu)")
     ap.add_argument("--value-layouts", nargs="*", default=["contiguous"], choices=["contiguous", "padded"],
                     help="layouts of v timed back to back at every triton point (padded: head rows of "
                          "value_head_stride numbers, what the model and the suites give the kernel)")
@@ -414,12 +415,16 @@ def main():
     ENV.update(env())
     print(ENV, flush=True)
     t0 = time.time()
-    if args.ncu_fwd:
+    if args.ncu_fwd or args.ncu_bwd:
         torch.set_float32_matmul_precision("high")
-        inp = with_layout(inputs(args.ncu_fwd), args.value_layouts[-1])
-        with torch.no_grad():
-            fused_attention_core(inp)
-        torch.cuda.synchronize()
+        inp = with_layout(inputs(args.ncu_fwd or args.ncu_bwd), args.value_layouts[-1])
+        if args.ncu_bwd:
+            out = fused_attention_core(inp)
+            torch.autograd.grad(out, leaves(inp), torch.randn_like(out))
+        else:
+            with torch.no_grad():
+                fused_attention_core(inp)
+        _sync()
         return
     probe_sizes = [] if args.probe is None else args.probe or [16384]  # bare --probe: 16,384
     for n in probe_sizes:
