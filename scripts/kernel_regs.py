@@ -49,12 +49,12 @@ KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "value": "bwd_value_k
            "aggregate": "fwd_aggregate_kernel"}
 # meta-parameters of a kernel= argument that does not name them (the library's first fp32 configurations)
 DEFAULT_META = {"value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
-                "edge": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 8, "num_warps": 4},
-                "logits": {"HC": 32, "RC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1}}
+                "edge": {"HC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 8, "num_warps": 4},
+                "logits": {"HC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
-FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk")
+FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk", "inv_h")
 DIVISIBLE = [["tt.divisibility", 16]]
 # what the layout of a tile costs, counted in the PTX: barriers, shared-memory round trips, shuffles
 SYNC_AND_SHARED = {"bar.sync": r"\bbar\.sync\b", "ld.shared": r"\bld\.shared", "st.shared": r"\bst\.shared",

@@ -34,15 +34,16 @@ from e2f.attention.workload import random_core_inputs
 from suites.workloads import prepared_inputs
 
 
-def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: int, *, tb=1, hc=16, rc=32,
+def launch_logits(t: dict, gamma: float, cutoff: float, stash, t0: int, rows: int, *, tb=1, hc=16,
                   warps=4, maxnreg=None):
     d = F._dims(t)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
+    radial, inv_h = F.radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     return K.fwd_logit_kernel[(triton.cdiv(rows, tb),)](
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-        t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], *stash,
-        t0, t0 + rows, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
-        DK=d["DK"], BK=d["BK"], HC=hc, DKP=d["DKP"], GP=d["GP"], RC=rc, PREC=F._gate_precision(), TB=tb,
+        radial, t["w_out"], t["b_out"], *stash,
+        t0, t0 + rows, d["K"], d["H"], d["G"], radial.shape[0] - 1, inv_h, float(cutoff), 1.0 / math.sqrt(d["DK"]),
+        DK=d["DK"], BK=d["BK"], HC=hc, DKP=d["DKP"], GP=d["GP"], PREC=F._gate_precision(), TB=tb,
         num_warps=warps, num_stages=1, **extra)
 
 

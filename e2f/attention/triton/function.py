@@ -167,6 +167,9 @@ def check(inp: CoreInputs) -> None:
                          f"{inp.v.shape[-1]}, {g}")
     if not (inp.cutoff > 0 and inp.eps >= 0 and inp.rbf_gamma >= 0):
         raise ValueError("backend 'triton': needs cutoff > 0, eps >= 0, rbf_gamma >= 0")
+    if radial_intervals(inp.rbf_gamma, inp.cutoff) > RADIAL_MAX_INTERVALS:
+        raise ValueError(f"backend 'triton': radial basis too narrow for its table (rbf_gamma = {inp.rbf_gamma} over "
+                         f"cutoff {inp.cutoff} needs more than {RADIAL_MAX_INTERVALS} intervals)")
 
 
 _KEY = ["K", "H", "DK", "DV", "G", "R", "PREC", "VS"]  # + the tensor dtypes (added by the autotuner)
@@ -178,11 +181,11 @@ def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
     return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _single_stage_cfg(warps, **meta):
+def _single_stage_cfg(warps, maxnreg=None, **meta):
     """A configuration of ``meta`` at ``warps`` warps, its loops not software-pipelined."""
     import triton
 
-    return triton.Config(meta, num_warps=warps, num_stages=1)
+    return triton.Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
 
 def _heads_cfg(hb, warps, **extra):
@@ -231,14 +234,15 @@ def _logit_candidates(bk: int) -> list:
     it within 7e-7 of the fused forward; perf-notes section 24).
     """
     if _interpreting():
-        return [_cfg(16, 16, 4, TB=2)]
+        return [_single_stage_cfg(4, HC=16, TB=2)]
     # H100, N = 65,536, K = 32, fp32 / bf16 q/k/v, ms: TB=4 HC=32 8 warps 6.61 / 6.15, TB=1 HC=16
     # capped at 128 registers 6.69 / 6.47, TB=4 HC=16 8 warps 6.89 / 6.55, TB=2 HC=32 4 warps 6.97 / 6.92
+    # (timed with the radial layer's R = 256 products in the kernel, before the table)
     wide, narrow = max(1, 128 // bk), max(1, 64 // bk)
-    return [_cfg(32, 32, max(4, wide * bk // 16), TB=wide),
-            _cfg(16, 32, max(4, narrow * bk // 16), maxnreg=128, TB=narrow),
-            _cfg(16, 32, max(4, wide * bk // 16), TB=wide),
-            _cfg(32, 32, max(4, narrow * bk // 16), TB=narrow)]
+    return [_single_stage_cfg(max(4, wide * bk // 16), HC=32, TB=wide),
+            _single_stage_cfg(max(4, narrow * bk // 16), maxnreg=128, HC=16, TB=narrow),
+            _single_stage_cfg(max(4, wide * bk // 16), HC=16, TB=wide),
+            _single_stage_cfg(max(4, narrow * bk // 16), HC=32, TB=narrow)]
 
 
 def _aggregate_candidates() -> list:
@@ -422,6 +426,11 @@ def _record(name: str, kernel, compiled=None) -> None:
         timings = getattr(kernel, "configs_timings", None)  # set by the autotuner when it benchmarked
         if timings:
             _last[name]["tuning_ms"] = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+            # the autotuner times its reset and restore hooks with each trial: these timings
+            # exceed the kernel's own time by those copies (perf-notes 27)
+            hooks = {h: list(getattr(kernel, h, None) or ()) for h in ("reset_to_zero", "restore_value")}
+            if any(hooks.values()):
+                _last[name]["tuning_includes"] = {h: names for h, names in hooks.items() if names}
 
 
 def _dims(t: dict) -> dict:
@@ -486,12 +495,13 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
     stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
              torch.empty(chunk * kslots, **f32))
     logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     for t0 in range(0, n, chunk):
         rows = min(chunk, n - t0)
         done = logits[lambda meta: (triton_cdiv(rows, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], *stash,
-            t0, t0 + rows, kslots, h, d["G"], d["R"], float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"]),
+            radial, t["w_out"], t["b_out"], *stash,
+            t0, t0 + rows, kslots, h, d["G"], radial.shape[0] - 1, inv_h, float(cutoff), 1.0 / math.sqrt(d["DK"]),
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
         aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
             t["nbr"], t["v"], *stash, out, m, s, t0, kslots, h, float(eps),
@@ -499,6 +509,40 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
     _record("fwd_logits", logits, done)
     _record("fwd_aggregate", aggregate, aggregated)
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
+
+
+#: Grid points of the radial table a basis width ``sigma``: at ``h = sigma / 16`` the cubic
+#: Hermite interpolation of ``rbf(d) @ w_radial`` is within ~1e-7 of its largest value (R = 256
+#: Gaussians of width 2 spacings over 5 Å, random weights: 1.0e-7 at 2,048 points, 6.5e-9 at
+#: 4,096; linear interpolation 4e-4 at 2,048).
+RADIAL_POINTS_PER_SIGMA = 16
+#: At most this many intervals (a basis narrower than ``16 cutoff / RADIAL_MAX_INTERVALS`` is
+#: refused by ``check``).
+RADIAL_MAX_INTERVALS = 1 << 16
+
+
+def radial_intervals(gamma: float, cutoff: float) -> int:
+    """Intervals of the radial table over ``[0, cutoff]`` for Gaussians ``exp(-gamma x^2)``."""
+    if gamma <= 0:  # a constant basis: any grid interpolates it exactly
+        return 16
+    sigma = math.sqrt(0.5 / gamma)
+    return max(16, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
+
+
+def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
+    """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
+    ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
+    computed in float64), for the logits and edge kernels' cubic Hermite interpolation. The
+    gate backward keeps the exact Gaussians (it needs them for ``w_radial``'s gradient): the
+    two differ by ~1e-7 relative, far inside the backend's tolerance."""
+    nt = radial_intervals(gamma, cutoff)
+    h = cutoff / nt
+    grid = torch.arange(nt + 1, device=centers.device, dtype=torch.float64) * h
+    diff = grid[:, None] - centers.detach().double()[None, :]
+    rbf = torch.exp(-gamma * diff * diff)
+    w = w_radial.detach().double()
+    table = torch.stack((rbf @ w, (rbf * (-2.0 * gamma * h) * diff) @ w), dim=1)
+    return table.float().contiguous(), 1.0 / h
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -645,6 +689,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
@@ -652,8 +697,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         a0, a1 = active_ptr[c], active_ptr[c + 1]  # the sources with in-edges from the chunk
         kern["edge"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], qk_edge, gate_edge,
-            t0, t0 + nt, kslots, h, g, r, sw, gamma, cutoff, inv_sqrt_dk,
+            radial, t["w_out"], t["b_out"], qk_edge, gate_edge,
+            t0, t0 + nt, kslots, h, g, radial.shape[0] - 1, sw, inv_h, cutoff, inv_sqrt_dk,
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
         if a1 > a0:
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](

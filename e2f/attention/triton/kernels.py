@@ -108,9 +108,37 @@ def _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma
         rbf = tl.where(rmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
         w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
         acc += tl.dot(rbf, w, input_precision=PREC)
-    m2 = ok[:, None] & gmask[None, :]
+    return _node_gates(acc, tgt, src, ok, gate_dst, gate_src, G, GP)
+
+
+@triton.jit
+def _node_gates(acc, tgt, src, ok, gate_dst, gate_src, G, GP: tl.constexpr):
+    """``acc + gate_dst[i] + gate_src[j]``: the per-node parts of the gate pre-activation."""
+    offs_g = tl.arange(0, GP)
+    m2 = ok[:, None] & (offs_g < G)[None, :]
     acc += tl.load(gate_dst + tgt[:, None] * G + offs_g[None, :], mask=m2, other=0.0)
     acc += tl.load(gate_src + src[:, None] * G + offs_g[None, :], mask=m2, other=0.0)
+    return acc
+
+
+@triton.jit
+def _radial_from_table(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
+    """``rbf(d) @ w_radial`` ``[E, GP]`` as the cubic Hermite interpolation of ``table``
+    (``function.radial_table``: per grid point ``d = g h`` the value and ``h`` times the
+    derivative, ``[NT + 1, 2, G]``): four row gathers from L2 instead of ``R`` exponentials and
+    an ``[E, R] @ [R, G]`` product."""
+    offs_g = tl.arange(0, GP)
+    x = tl.minimum(d_safe * inv_h, NT * 1.0)
+    i = tl.minimum(x.to(tl.int32), NT - 1)
+    t = x - i.to(tl.float32)
+    t2 = t * t
+    t3 = t2 * t
+    base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
+    m2 = ok[:, None] & (offs_g < G)[None, :]
+    acc = (2.0 * t3 - 3.0 * t2 + 1.0)[:, None] * tl.load(base, mask=m2, other=0.0)
+    acc += (t3 - 2.0 * t2 + t)[:, None] * tl.load(base + G, mask=m2, other=0.0)
+    acc += (3.0 * t2 - 2.0 * t3)[:, None] * tl.load(base + 2 * G, mask=m2, other=0.0)
+    acc += (t3 - t2)[:, None] * tl.load(base + 3 * G, mask=m2, other=0.0)
     return acc
 
 
@@ -389,11 +417,9 @@ def _edge_tile(nbr, T0, N, K, BK: tl.constexpr, TB: tl.constexpr):
 
 
 @triton.jit
-def _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G,
-                 RC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
-    """The gate's hidden layer ``SiLU(pre)`` of an edge tile (``_gate_pre``)."""
-    pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, d_safe.shape[0], RC,
-                    GP, PREC)
+def _gate_hidden(d_safe, tgt, src, ok, table, inv_h, NT, gate_dst, gate_src, G, GP: tl.constexpr):
+    """The gate's hidden layer ``SiLU(pre)`` of an edge tile, its radial part from the table."""
+    pre = _node_gates(_radial_from_table(d_safe, ok, table, inv_h, NT, G, GP), tgt, src, ok, gate_dst, gate_src, G, GP)
     return pre * tl.sigmoid(pre)
 
 
@@ -410,14 +436,14 @@ def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
-def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, w_out, b_out,
                      logit_edge, coef_edge, env_edge,
-                     T0, N, K, H, G, R, gamma, cutoff, inv_sqrt_dk,
+                     T0, N, K, H, G, NT, inv_h, cutoff, inv_sqrt_dk,
                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
-                     RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
+                     PREC: tl.constexpr, TB: tl.constexpr = 1):
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
+    hid = _gate_hidden(d_safe, tgt, src, ok, radial, inv_h, NT, gate_dst, gate_src, G, GP)
     tl.store(env_edge + row, tl.where(live, env, 0.0), mask=keep)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
@@ -481,17 +507,17 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
-def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, w_out, b_out,
                     qk_edge, gate_edge,
-                    T0, N, K, H, G, R, SW, gamma, cutoff, inv_sqrt_dk,
+                    T0, N, K, H, G, NT, SW, inv_h, cutoff, inv_sqrt_dk,
                     DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
-                    RC: tl.constexpr, PREC: tl.constexpr, TB: tl.constexpr = 1):
+                    PREC: tl.constexpr, TB: tl.constexpr = 1):
     # fwd_logit_kernel's tiles, stashing the logit's and the coefficient's factors: q.k per edge
     # and head into qk_edge, g and u into the first 2 H numbers of the edge's gate_edge row and
     # the gate's hidden layer after them
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-    hid = _gate_hidden(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, RC, GP, PREC)
+    hid = _gate_hidden(d_safe, tgt, src, ok, radial, inv_h, NT, gate_dst, gate_src, G, GP)
     offs_g = tl.arange(0, GP)
     tl.store(gate_edge + row[:, None] * SW + 2 * H + offs_g[None, :], hid, mask=keep[:, None] & (offs_g < G)[None, :])
     for h0 in range(0, H, HC):

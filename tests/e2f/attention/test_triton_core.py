@@ -205,6 +205,10 @@ def test_backward_while_autotuning(monkeypatch):
     inp = make_inputs(n, 44, kslots, h=h, g=g, r=r, empty_rows=(5,), seed=43)
     compare(inp, 1e-5)
     assert last_config()["backward_chunks"] == 3 and "tuning_ms" in last_config()["bwd_gate"]
+    # the tuning timings name the hooks timed with them
+    assert last_config()["bwd_gate"]["tuning_includes"] == {"reset_to_zero": ["dc_part"],
+                                                            "restore_value": ["gate_edge", "dd_edge"]}
+    assert "tuning_includes" not in last_config()["bwd_edge"]
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
