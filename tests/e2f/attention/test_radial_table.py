@@ -65,11 +65,12 @@ def test_table_size_follows_the_basis_width():
 def test_too_narrow_a_basis_is_refused():
     from e2f.attention.core import CoreInputs
 
-    n, kslots, h, g, r = 2, 1, 1, 2, 3
-    inp = CoreInputs(pos_dst=torch.zeros(n, 3), pos_src=torch.ones(n, 3), nbr=torch.tensor([[1], [0]]),
-                     q=torch.zeros(n, h, 2), k=torch.zeros(n, h, 2), v=torch.zeros(n, h, 2),
-                     gate_dst=torch.zeros(n, g), gate_src=torch.zeros(n, g), rbf_centers=torch.zeros(r),
-                     w_radial=torch.zeros(r, g), w_out=torch.zeros(g, 2 * h), b_out=torch.zeros(2 * h),
-                     rbf_gamma=1e9, cutoff=5.0, eps=1e-3)
+    n, h, g, r = 2, 1, 2, 3
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    zeros = lambda *shape: torch.zeros(*shape, device=dev)  # noqa: E731
+    inp = CoreInputs(pos_dst=zeros(n, 3), pos_src=zeros(n, 3) + 1, nbr=torch.tensor([[1], [0]], device=dev),
+                     q=zeros(n, h, 2), k=zeros(n, h, 2), v=zeros(n, h, 2), gate_dst=zeros(n, g),
+                     gate_src=zeros(n, g), rbf_centers=zeros(r), w_radial=zeros(r, g), w_out=zeros(g, 2 * h),
+                     b_out=zeros(2 * h), rbf_gamma=1e9, cutoff=5.0, eps=1e-3)
     with pytest.raises(ValueError, match="too narrow"):
         F.check(inp)
