@@ -492,10 +492,11 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
     """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation."""
     n, kslots, h = d["N"], d["K"], d["H"]
     f32 = dict(device=t["q"].device, dtype=torch.float32)
+    # the table's float64 temporaries (~20 MB at the suites' sizes) go before the stash exists
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
              torch.empty(chunk * kslots, **f32))
     logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     for t0 in range(0, n, chunk):
         rows = min(chunk, n - t0)
         done = logits[lambda meta: (triton_cdiv(rows, meta["TB"]),)](
@@ -682,6 +683,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     prec = _gate_precision()
     max_programs = _max_programs(dev)
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)  # before the stash
     dc_part = torch.zeros(max_programs, r, **f32)
     dd_edge = torch.empty(n * kslots, **f32)
     chunk, (dw_edge, qk_edge, gate_edge, ones) = _allocate_stash(n, kslots, h, g, r, f32)
@@ -689,7 +691,6 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
