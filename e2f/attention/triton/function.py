@@ -175,28 +175,28 @@ def check(inp: CoreInputs) -> None:
 _KEY = ["K", "H", "DK", "DV", "G", "R", "PREC", "VS"]  # + the tensor dtypes (added by the autotuner)
 
 
+def _config(warps, maxnreg=None, stages=1, **meta):
+    """A ``triton.Config`` of ``meta`` at ``warps`` warps (loops not software-pipelined unless
+    ``stages`` > 1)."""
+    import triton
+
+    return triton.Config(meta, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+
+
 def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
-    import triton
-
-    return triton.Config({"HC": hc, "RC": rc, **extra}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-
-
-def _single_stage_cfg(warps, maxnreg=None, **meta):
-    """A configuration of ``meta`` at ``warps`` warps, its loops not software-pipelined."""
-    import triton
-
-    return triton.Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)
+    """A configuration of a gate-MLP kernel: ``HC`` heads a chunk, ``RC`` basis functions a product."""
+    return _config(warps, maxnreg, stages, HC=hc, RC=rc, **extra)
 
 
 def _heads_cfg(hb, warps, **extra):
     """A configuration of a one-warp-layout kernel with ``HB`` heads a program (aggregation,
     value pass, source pass)."""
-    return _single_stage_cfg(warps, HB=hb, **extra)
+    return _config(warps, HB=hb, **extra)
 
 
 def _target_cfg(hc, warps):
     """A target-pass configuration: ``HC`` heads a chunk."""
-    return _single_stage_cfg(warps, HC=hc)
+    return _config(warps, HC=hc)
 
 
 def _src_cfg(hb, bks, warps):
@@ -234,15 +234,15 @@ def _logit_candidates(bk: int) -> list:
     it within 7e-7 of the fused forward; perf-notes section 24).
     """
     if _interpreting():
-        return [_single_stage_cfg(4, HC=16, TB=2)]
+        return [_config(4, HC=16, TB=2)]
     # H100, N = 65,536, K = 32, fp32 / bf16 q/k/v, ms: TB=4 HC=32 8 warps 6.61 / 6.15, TB=1 HC=16
     # capped at 128 registers 6.69 / 6.47, TB=4 HC=16 8 warps 6.89 / 6.55, TB=2 HC=32 4 warps 6.97 / 6.92
     # (timed with the radial layer's R = 256 products in the kernel, before the table)
     wide, narrow = max(1, 128 // bk), max(1, 64 // bk)
-    return [_single_stage_cfg(max(4, wide * bk // 16), HC=32, TB=wide),
-            _single_stage_cfg(max(4, narrow * bk // 16), maxnreg=128, HC=16, TB=narrow),
-            _single_stage_cfg(max(4, wide * bk // 16), HC=16, TB=wide),
-            _single_stage_cfg(max(4, narrow * bk // 16), HC=32, TB=narrow)]
+    return [_config(max(4, wide * bk // 16), HC=32, TB=wide),
+            _config(max(4, narrow * bk // 16), maxnreg=128, HC=16, TB=narrow),
+            _config(max(4, wide * bk // 16), HC=16, TB=wide),
+            _config(max(4, narrow * bk // 16), HC=32, TB=narrow)]
 
 
 def _aggregate_candidates() -> list:
@@ -520,14 +520,16 @@ RADIAL_POINTS_PER_SIGMA = 16
 #: At most this many intervals (a basis narrower than ``16 cutoff / RADIAL_MAX_INTERVALS`` is
 #: refused by ``check``).
 RADIAL_MAX_INTERVALS = 1 << 16
+#: At least this many (a wide or constant basis).
+RADIAL_MIN_INTERVALS = 16
 
 
 def radial_intervals(gamma: float, cutoff: float) -> int:
     """Intervals of the radial table over ``[0, cutoff]`` for Gaussians ``exp(-gamma x^2)``."""
     if gamma <= 0:  # a constant basis: any grid interpolates it exactly
-        return 16
+        return RADIAL_MIN_INTERVALS
     sigma = math.sqrt(0.5 / gamma)
-    return max(16, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
+    return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
 
 
 def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:

@@ -21,7 +21,9 @@ recompile every autotune candidate.
   included) and ``s`` (denominator, sink included).
 * ``fwd_logit_kernel`` and ``fwd_aggregate_kernel``: the same forward in two kernels (the
   ``split`` form, ``function.forward_plan``). The first runs the edge-tile part above for ``TB``
-  targets (geometry, gate MLP, q.k) and writes per edge and head the logit (``-inf`` where the
+  targets (geometry, gate MLP, q.k; the radial part read from ``function.radial_table``, the
+  cubic Hermite interpolation of its values, ``_radial_from_table``, instead of the ``R``
+  Gaussians and their product) and writes per edge and head the logit (``-inf`` where the
   edge is not live) and ``u / d``, and per edge the envelope, into a stash of one chunk of
   targets. The second owns one target and ``HB`` heads a program and walks the slots with an
   online softmax that starts from the sink (logit 0, weight eps): every head's running max,
@@ -32,7 +34,8 @@ The backward runs the targets in chunks (``function._stash_chunk``); per chunk, 
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
 of them computes the gate outputs and q.k and one walks the value rows:
 
-* ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, gate MLP, q.k), storing
+* ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, gate MLP from the radial
+  table, q.k), storing
   per edge and head ``q.k`` (``qk_edge``), ``g`` and ``u``, and per edge the gate's hidden
   layer ``hid``: a ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
