@@ -96,8 +96,8 @@ run_step() {
                 --section SourceCounters --section MemoryWorkloadAnalysis_Tables \
                 env E2F_TRITON_AUTOTUNE=0 E2F_TRITON_FWD_STASH_BYTES=${NCU_STASH_BYTES:-1073741824} \
                 python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded --ncu-fwd 16384 ;;
-        ncu-bwd)  # hardware counters of the five backward kernels of the first target chunk (first configurations)
-            step ncu-bwd "${NCU_SECS:-200}" ncu --clock-control none -k "regex:bwd_(edge|value|target|gate|source)_kernel" -c 5 \
+        ncu-bwd)  # hardware counters of the six backward kernels of the first target chunk (first configurations)
+            step ncu-bwd "${NCU_SECS:-200}" ncu --clock-control none -k "regex:bwd_(edge|value|target|gate|radial_table|source)_kernel" -c 6 \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
                 --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
                 env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded \

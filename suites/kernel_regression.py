@@ -131,7 +131,7 @@ def _dim_names(inp: CoreInputs) -> dict[int, str]:
 
     # the fused backward's gate stash row width first: a probe size it happens to equal keeps
     # its own name
-    return {_gate_stash_width(h, g, r): "max(2H+G,G+R)", n * k: "E", n: "N", k: "K", h: "H", dk: "dk",
+    return {_gate_stash_width(h, g): "2H+G", n * k: "E", n: "N", k: "K", h: "H", dk: "dk",
             inp.v.shape[2]: "dv", r: "R", g: "G", 2 * h: "2H",
             inp.pos_src.shape[0]: "M" if inp.pos_src.shape[0] != n else "N", 3: "3"}
 

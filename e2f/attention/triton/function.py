@@ -274,7 +274,7 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     defaults first."""
     if _interpreting():
         return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
-                "gate": [_cfg(16, 16, 4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
+                "gate": [_config(4, HC=16, TB=1)], "source": [_src_cfg(8, 16, 1)]}
     # The edge pass is the split forward's logits kernel with other stores: its candidates.
     # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
     # perf-notes section 26): value pass HB = 32 at 1 warp 3.31 / 3.54 (253 registers),
@@ -283,16 +283,20 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     # at 4 warps 1.92 / 2.07, HC = 8 at 1 or 2 warps and HC = 4 slower; source pass (keys only)
     # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. The value and target passes start
     # from the faster of their two best for the dtype (the regression gate runs the first
-    # configurations: bf16 forward + backward was 5 % slower with fp32's). Gate backward 1.98
-    # at 4 warps, 1.99 with two targets a tile at 8 warps, 2.19 at 8 warps (perf-notes section
-    # 13). Every gate configuration ran at K = 64 with TF32 products (64-row edge tiles; the
-    # single target pass they replaced faulted there with 8 warps, perf-notes section 11).
+    # configurations: bf16 forward + backward was 5 % slower with fp32's). Gate backward, with
+    # the exact radial layer (perf-notes section 13): 1.98 at 4 warps, 1.99 with two targets a
+    # tile at 8 warps, 2.19 at 8 warps. From the radial table (section 28), sm_90a registers /
+    # spilled bytes: 8 warps 208 / 0, 4 warps 255 / 172, 8 warps HC = 32 226 / 0, two targets a
+    # tile 255 / 248; all within the logits kernel's 64 edge rows a warp group. Those ran at
+    # K = 64 with TF32 products (64-row edge tiles; the single target pass they replaced
+    # faulted there with 8 warps, perf-notes section 11).
     wide, narrow = _heads_cfg(32, 1), _heads_cfg(16, 1)
     small, large = _target_cfg(8, 4), _target_cfg(32, 8)
     return {"edge": _logit_candidates(bk),
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
             "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
-            "gate": [_cfg(16, 32, 4, TB=1), _cfg(16, 32, 8, TB=2), _cfg(16, 32, 8, TB=1)],
+            "gate": [_config(8, HC=16, TB=1), _config(4, HC=16, TB=1), _config(8, HC=32, TB=1),
+                     _config(8, HC=16, TB=2)],
             "source": [_src_cfg(128, 16, 4), _src_cfg(32, 16, 1), _src_cfg(64, 16, 2)]}
 
 
@@ -385,8 +389,7 @@ def _configs(bucket: int = 0, bk: int = 16, fp32: bool = True) -> dict:
 _BACKWARD = {"edge": ("bwd_edge_kernel", {}),
              "value": ("bwd_value_kernel", {"reset_to_zero": ["dv"]}),
              "target": ("bwd_target_kernel", {"restore_value": ["qk_edge", "gate_edge"]}),
-             "gate": ("bwd_gate_kernel", {"reset_to_zero": ["dc_part"],
-                                          "restore_value": ["gate_edge", "dd_edge"]}),
+             "gate": ("bwd_gate_kernel", {"restore_value": ["gate_edge", "dd_edge"]}),
              "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dgate_src", "dpos_src"]})}
 
 
@@ -532,20 +535,55 @@ def radial_intervals(gamma: float, cutoff: float) -> int:
     return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
 
 
+#: Grid points per block of the table's float64 build and of its gradient (bounded temporaries:
+#: 0.5 MB a tensor at R = 256, the gradient runs after the stash is freed).
+RADIAL_ROW_BLOCK = 256
+
+
+def _radial_rows(points: Tensor, centers: Tensor, w: Tensor, gamma: float, h: float) -> Tensor:
+    """``rbf(d) @ w`` and ``h`` times its derivative at the distances ``points`` (``[P, 2, G]``)."""
+    diff = points[:, None] - centers[None, :]
+    rbf = torch.exp(-gamma * diff * diff)
+    return torch.stack((rbf @ w, (rbf * (-2.0 * gamma * h) * diff) @ w), dim=1)
+
+
+def _radial_grid(gamma: float, cutoff: float, device) -> tuple[Tensor, float]:
+    """The table's grid points ``g h`` (float64) and ``h``."""
+    nt = radial_intervals(gamma, cutoff)
+    h = cutoff / nt
+    return torch.arange(nt + 1, device=device, dtype=torch.float64) * h, h
+
+
 def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
     """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
     ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
-    computed in float64), for the logits and edge kernels' cubic Hermite interpolation. The
-    gate backward keeps the exact Gaussians (it needs them for ``w_radial``'s gradient): the
-    two differ by ~1e-7 relative, far inside the backend's tolerance."""
-    nt = radial_intervals(gamma, cutoff)
-    h = cutoff / nt
-    grid = torch.arange(nt + 1, device=centers.device, dtype=torch.float64) * h
-    diff = grid[:, None] - centers.detach().double()[None, :]
-    rbf = torch.exp(-gamma * diff * diff)
-    w = w_radial.detach().double()
-    table = torch.stack((rbf @ w, (rbf * (-2.0 * gamma * h) * diff) @ w), dim=1)
-    return table.float().contiguous(), 1.0 / h
+    computed in float64), for the kernels' cubic Hermite interpolation (the split forward's
+    logits kernel and the backward; the fused forward keeps the exact Gaussians: the two differ
+    by ~1e-7 relative, far inside the backend's tolerance)."""
+    grid, h = _radial_grid(gamma, cutoff, centers.device)
+    c, w = centers.detach().double(), w_radial.detach().double()
+    table = torch.cat([_radial_rows(grid[b:b + RADIAL_ROW_BLOCK], c, w, gamma, h).float()
+                       for b in range(0, grid.shape[0], RADIAL_ROW_BLOCK)])
+    return table.contiguous(), 1.0 / h
+
+
+def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
+                          dtable: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
+    ``w_radial`` and ``centers`` (float32; autograd through the float64 build, block by block)."""
+    grid, h = _radial_grid(gamma, cutoff, centers.device)
+    if dtable.shape[0] != grid.shape[0]:
+        raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {grid.shape[0]}")
+    c = centers.detach().double().requires_grad_(True)
+    w = w_radial.detach().double().requires_grad_(True)
+    dc, dw = torch.zeros_like(c), torch.zeros_like(w)
+    with torch.enable_grad():
+        for b in range(0, grid.shape[0], RADIAL_ROW_BLOCK):
+            rows = _radial_rows(grid[b:b + RADIAL_ROW_BLOCK], c, w, gamma, h)
+            gc, gw = torch.autograd.grad(rows, (c, w), dtable[b:b + RADIAL_ROW_BLOCK].double())
+            dc += gc
+            dw += gw
+    return dw.float(), dc.float()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -578,11 +616,12 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 
 #: The backward passes each other a per-edge stash: per edge and head ``q.k`` (then ``dqk``)
 #: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients) and the
-#: gate's hidden layer, which the gate backward replaces by the pre-activation's gradient and
-#: the radial basis (``2 H + max(2 H + G, G + R)`` floats an edge: 2.5 KB at the paper sizes).
-#: The two gate weight gradients are then one matrix product each per chunk, over the stash's
-#: columns. The edge pass computes the gate MLP and q.k; the value, target and source passes
-#: read the stash (the gate backward recomputes the pre-activation).
+#: gate's hidden layer, whose first ``G`` numbers the gate backward replaces by the
+#: pre-activation's gradient (``4 H + G`` floats an edge: 2.5 KB at the paper sizes). The
+#: output layer's weight gradient is then one matrix product per chunk, over the stash's
+#: columns, and the radial layer's a sum over each grid interval's edges (``_radial_gradient``).
+#: The edge pass computes the gate MLP and q.k; the value, target and source passes read the
+#: stash (the gate backward recomputes the pre-activation).
 #: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
 #: capped at ``STASH_MAX_BYTES`` in all, and never below ``STASH_BYTES_PER_ATOM`` (K = 32:
 #: 6 chunks up to ~230,000 atoms, 7 at 262,144, 14 at 524,288): the backward's bytes per atom
@@ -590,17 +629,19 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 #: against 6 KB made forward + backward 2-3 % faster at 16,384-65,536 on an H100). From
 #: ~230,000 atoms the cap holds the stash at 3 GiB, and from ~520,000 at 6 KB an atom again:
 #: there the card's memory binds (N = 524,288 forward + backward on 80 GB ran out of memory
-#: with a 13 KB stash). ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
+#: with a 13 KB stash). The radial table and its gradient (2 MB each at the paper sizes) come
+#: out of the scratch budget: without that they alone add 4 KB an atom at N = 1,024.
+#: ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
 SCRATCH_BYTES_PER_ATOM = 14 * 1024
 STASH_BYTES_PER_ATOM = 6 * 1024
 STASH_MAX_BYTES = 3 << 30
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
-def _gate_stash_width(h: int, g: int, r: int) -> int:
+def _gate_stash_width(h: int, g: int) -> int:
     """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and ``hid``
-    (2 H + G), later ``dpre`` and the radial basis over them (G + R)."""
-    return max(2 * h + g, g + r)
+    (``dpre`` later over the first ``G``)."""
+    return 2 * h + g
 
 
 def _bytes_from_env(name: str) -> int | None:
@@ -624,12 +665,15 @@ def _chunk_within(n_rows: int, per_target: int, budget: int) -> int:
     return max(1, triton_cdiv(n_rows, chunks))
 
 
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, r: int) -> int:
-    """Targets per chunk of the backward (the stash budget above)."""
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, fixed_bytes: int = 0) -> int:
+    """Targets per chunk of the backward (the stash budget above, less ``fixed_bytes`` of other
+    scratch that does not grow with the atoms)."""
     budget = _bytes_from_env(STASH_ENV)
     if budget is None:
-        budget = max(STASH_BYTES_PER_ATOM, min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // max(1, n_rows)))
-    return _chunk_within(n_rows, kslots * (2 * h + _gate_stash_width(h, g, r)) * 4, budget)
+        n = max(1, n_rows)
+        budget = min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // n) - fixed_bytes // n
+        budget = max(STASH_BYTES_PER_ATOM, budget)
+    return _chunk_within(n_rows, kslots * (2 * h + _gate_stash_width(h, g)) * 4, budget)
 
 
 #: Targets per chunk below which the backward stops halving a stash that does not fit.
@@ -638,33 +682,48 @@ MIN_CHUNK_TARGETS = 256
 
 def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
     """The stash of ``rows`` edges: ``dw``, ``q.k`` then ``dqk`` ([rows, H]), the gate rows
-    ([rows, SW]) and the ones the bias gradient's product sums with."""
+    ([rows, SW]), the ones the bias gradient's product sums with, and each edge's position on
+    the radial table's grid (``[rows]``)."""
     return (torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), torch.empty(rows, sw, **f32),
-            torch.ones(rows, **f32))
+            torch.ones(rows, **f32), torch.empty(rows, **f32))
 
 
-def _allocate_stash(n_rows: int, kslots: int, h: int, g: int, r: int, f32: dict) -> tuple:
+def _allocate_stash(n_rows: int, kslots: int, h: int, g: int, f32: dict, fixed_bytes: int = 0) -> tuple:
     """``(targets per chunk, stash buffers)``: ``_stash_chunk``'s chunk, halved while its stash
     runs out of memory (down to ``MIN_CHUNK_TARGETS``): near a full card the budget alone does
     not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the output and the
     gradients leave ~2 GiB, in pieces)."""
-    chunk = _stash_chunk(n_rows, kslots, h, g, r)
+    chunk = _stash_chunk(n_rows, kslots, h, g, fixed_bytes)
     while True:
         try:
-            return chunk, _stash_buffers(chunk * kslots, h, _gate_stash_width(h, g, r), f32)
+            return chunk, _stash_buffers(chunk * kslots, h, _gate_stash_width(h, g), f32)
         except torch.OutOfMemoryError:
             if chunk <= MIN_CHUNK_TARGETS:
                 raise
             chunk = triton_cdiv(chunk, 2)
 
 
-def _max_programs(device: torch.device) -> int:
-    """Programs of the persistent gate backward at most: two per SM (its registers allow two),
-    each with a row of partial sums of the centres' gradient; three in the interpreter, so that
-    tests see programs with several tiles."""
-    if _interpreting():
-        return 3
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+#: Edges a step of the radial table's gradient kernel.
+RADIAL_EDGE_BLOCK = 32
+
+
+def _radial_gradient(x_edge: Tensor, gate_edge: Tensor, dtable: Tensor, gp: int) -> None:
+    """Adds to ``dtable`` the gradient of a chunk's gate pre-activations (``dpre``, the first
+    ``G`` numbers of each ``gate_edge`` row) with respect to the radial table: every edge's
+    Hermite weights at its grid position ``x_edge`` (``+inf``: none) on the two grid points
+    around it. The edges sorted by position (stable), each grid point sums its two intervals'
+    edges in that order: deterministic, and no atomics."""
+    from e2f.attention.triton import kernels as K
+
+    nt = dtable.shape[0] - 1
+    x_sorted, order = torch.sort(x_edge, stable=True)
+    # the first edge of each interval; the last bound ends the finite positions (x <= NT)
+    marks = torch.arange(nt + 1, device=x_edge.device, dtype=torch.float32)
+    marks[-1] = nt + 0.5
+    bounds = torch.searchsorted(x_sorted, marks)
+    g = dtable.shape[2]
+    K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, gate_edge, dtable, nt, g, gate_edge.shape[1],
+                                         BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=4)
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> dict:
@@ -684,11 +743,12 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     prec = _gate_precision()
-    max_programs = _max_programs(dev)
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)  # before the stash
-    dc_part = torch.zeros(max_programs, r, **f32)
+    grid_intervals = radial.shape[0] - 1
+    dtable = torch.zeros_like(radial)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk, (dw_edge, qk_edge, gate_edge, ones) = _allocate_stash(n, kslots, h, g, r, f32)
+    chunk, (dw_edge, qk_edge, gate_edge, ones, x_edge) = _allocate_stash(
+        n, kslots, h, g, f32, fixed_bytes=2 * radial.numel() * radial.element_size())
     sw = gate_edge.shape[1]
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
@@ -701,7 +761,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         kern["edge"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
             radial, t["w_out"], t["b_out"], qk_edge, gate_edge,
-            t0, t0 + nt, kslots, h, g, radial.shape[0] - 1, sw, inv_h, cutoff, inv_sqrt_dk,
+            t0, t0 + nt, kslots, h, g, grid_intervals, sw, inv_h, cutoff, inv_sqrt_dk,
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
         if a1 > a0:
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
@@ -717,12 +777,12 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         # temporary of up to 132 MiB on an H100 (10 KB an atom at N = 1,024)
         grads["w_out"].addmm_(rows[:, 2 * h:2 * h + g].t(), rows[:, :2 * h])
         grads["b_out"].addmv_(rows[:, :2 * h].t(), ones[:nt * kslots])
-        kern["gate"][lambda meta: (min(max_programs, triton_cdiv(nt, meta["TB"])),)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], t["rbf_centers"],
-            t["w_radial"], t["w_out"], gate_edge, dd_edge, grads["gate_dst"], grads["pos_dst"], dc_part,
-            t0, nt, kslots, h, g, r, sw, gamma, cutoff,
+        kern["gate"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
+            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial, t["w_out"],
+            gate_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
+            t0, t0 + nt, kslots, h, g, grid_intervals, sw, inv_h, cutoff,
             BK=d["BK"], GP=d["GP"], PREC=prec)
-        grads["w_radial"].addmm_(rows[:, g:g + r].t(), rows[:, :g])
+        _radial_gradient(x_edge[:nt * kslots], gate_edge, dtable, d["GP"])
         if a1 > a0:
             kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
                 t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, gate_edge, rowptr, edge_ids, active,
@@ -731,7 +791,10 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     for role in _BACKWARD:
         _record("bwd_" + role, kern[role])
     _last["backward_chunks"] = chunks
-    grads["rbf_centers"] = dc_part.sum(0)
+    # the table's float64 gradient after the stash is freed (its temporaries stay below it)
+    del dw_edge, qk_edge, gate_edge, ones, x_edge, dd_edge, rows
+    grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
+                                                                    dtable)
     return grads
 
 

@@ -1,6 +1,6 @@
 """Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
 
-The forward as one kernel or two, and five backward kernels. Every output row is written by
+The forward as one kernel or two, and six backward kernels. Every output row is written by
 exactly one program, and every sum over edges runs in a fixed order (bitwise reproducible, no
 atomics).
 The row counts and offsets (``N``, ``NT``, ``T0``, ``A0``, ...) are not specialised
@@ -30,14 +30,14 @@ recompile every autotune candidate.
   denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
   threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
   across warps).
-The backward runs the targets in chunks (``function._stash_chunk``); per chunk, five kernels
+The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
 of them computes the gate outputs and q.k and one walks the value rows:
 
 * ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, gate MLP from the radial
   table, q.k), storing
   per edge and head ``q.k`` (``qk_edge``), ``g`` and ``u``, and per edge the gate's hidden
-  layer ``hid``: a ``gate_edge`` row of ``SW = max(2 H + G, G + R)`` numbers.
+  layer ``hid``: a ``gate_edge`` row of ``SW = 2 H + G`` numbers.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
   the softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``,
@@ -48,12 +48,15 @@ of them computes the gate outputs and q.k and one walks the value rows:
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
   rows, and the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar). ``function``
   then adds ``hid^T [dg du]`` to the output layer's weight gradient.
-* ``bwd_gate_kernel``: persistent over tiles of ``TB`` targets; the gate MLP's backward from
-  ``dg``, ``du`` (the pre-activation recomputed): ``dhid``, the pre-activation gradient
-  ``dpre`` (stashed in the same row, and summed into ``dgate_dst``), the radial layer (its
-  part of ``dd``, so ``dpos_dst``); stashes the radial basis next to ``dpre`` for the radial
-  weight gradient ``rbf^T dpre`` (``function``'s second product) and keeps per-program partial
-  sums of the centres' gradient (reduced afterwards in a fixed order).
+* ``bwd_gate_kernel``: ``fwd_logit_kernel``'s edge tiles; the gate MLP's backward from
+  ``dg``, ``du`` (the pre-activation recomputed from the radial table): ``dhid``, the
+  pre-activation gradient ``dpre`` (stashed in the same row, and summed into ``dgate_dst``),
+  the radial layer's part of ``dd`` (the interpolant's derivative, ``_radial_slope_dot``), so
+  ``dpos_dst``, and each edge's grid position ``x_edge`` for the next kernel.
+* ``bwd_radial_table_kernel``: one grid point of the radial table a program: the gradient of
+  the chunk's pre-activations with respect to the table, summed over the edges of the two
+  intervals around the point (``function._radial_gradient`` sorts the edges by grid position);
+  ``function.radial_table_backward`` takes it to ``w_radial`` and the centres at the end.
 * ``bwd_source_kernel``: the transposed walk again, one source and ``HB`` heads a program:
   ``dk += dqk q_i``; one more program a source sums ``dgate_src += dpre`` and ``dpos_src``
   from ``dd`` in steps of ``BKS`` in-edges.
@@ -125,15 +128,22 @@ def _node_gates(acc, tgt, src, ok, gate_dst, gate_src, G, GP: tl.constexpr):
 
 
 @triton.jit
+def _table_point(d_safe, inv_h, NT):
+    """Where each distance falls on the radial table's grid: ``x = d / h`` (at most ``NT``),
+    its interval ``i`` and the position ``t`` in it."""
+    x = tl.minimum(d_safe * inv_h, NT * 1.0)
+    i = tl.minimum(x.to(tl.int32), NT - 1)
+    return x, i, x - i.to(tl.float32)
+
+
+@triton.jit
 def _radial_from_table(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
     """``rbf(d) @ w_radial`` ``[E, GP]`` as the cubic Hermite interpolation of ``table``
     (``function.radial_table``: per grid point ``d = g h`` the value and ``h`` times the
     derivative, ``[NT + 1, 2, G]``): four row gathers from L2 instead of ``R`` exponentials and
     an ``[E, R] @ [R, G]`` product."""
     offs_g = tl.arange(0, GP)
-    x = tl.minimum(d_safe * inv_h, NT * 1.0)
-    i = tl.minimum(x.to(tl.int32), NT - 1)
-    t = x - i.to(tl.float32)
+    _, i, t = _table_point(d_safe, inv_h, NT)
     t2 = t * t
     t3 = t2 * t
     base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
@@ -143,6 +153,23 @@ def _radial_from_table(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
     acc += (3.0 * t2 - 2.0 * t3)[:, None] * tl.load(base + 2 * G, mask=m2, other=0.0)
     acc += (t3 - t2)[:, None] * tl.load(base + 3 * G, mask=m2, other=0.0)
     return acc
+
+
+@triton.jit
+def _radial_slope_dot(dpre, d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
+    """``sum_g dpre[:, g] dT_g(d)/dd`` ``[E]``: the radial layer's part of ``dL/dd``, the
+    derivative of ``_radial_from_table``'s interpolant (its rows read again: L2 hits, and no
+    second ``[E, GP]`` tile held across the gate backward's head loop)."""
+    offs_g = tl.arange(0, GP)
+    _, i, t = _table_point(d_safe, inv_h, NT)
+    t2 = t * t
+    base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
+    m2 = ok[:, None] & (offs_g < G)[None, :]
+    # d/dt of the four Hermite weights; the two value terms share theirs up to the sign
+    dv = tl.sum(dpre * (tl.load(base + 2 * G, mask=m2, other=0.0) - tl.load(base, mask=m2, other=0.0)), axis=1)
+    s0 = tl.sum(dpre * tl.load(base + G, mask=m2, other=0.0), axis=1)
+    s1 = tl.sum(dpre * tl.load(base + 3 * G, mask=m2, other=0.0), axis=1)
+    return ((6.0 * t - 6.0 * t2) * dv + (3.0 * t2 - 4.0 * t + 1.0) * s0 + (3.0 * t2 - 2.0 * t) * s1) * inv_h
 
 
 @triton.jit
@@ -650,79 +677,85 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
     tl.store(dd_edge + i * K + slot, dd, mask=slot < K)
 
 
-@triton.jit(do_not_specialize=["T0", "NT"])
-def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, centers, w_radial, w_out,
-                    gate_edge, dd_edge, dgate_dst, dpos_dst, dc_part,
-                    T0, NT, K, H, G, R, SW, gamma, cutoff,
-                    BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "T0"])
+def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, w_out,
+                    gate_edge, dd_edge, x_edge, dgate_dst, dpos_dst,
+                    T0, N, K, H, G, NT, SW, inv_h, cutoff,
+                    BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr,
                     TB: tl.constexpr = 1):
-    # persistent over tiles of TB targets (TB BK edge rows): the gate MLP's backward from the
-    # stashed gate-output gradients (dg, du: the first 2 H numbers of a gate_edge row), whose
-    # row then takes dpre and the edge's radial basis (its first G and the next R numbers:
-    # every load of a row precedes the first store, which depends on them), for the weight
-    # gradients as one matrix product each afterwards; the centres' gradient as partial sums
-    # owned by each program
-    E: tl.constexpr = TB * BK
-    pid = tl.program_id(0)
-    part = pid.to(tl.int64)
-    NPROG = tl.num_programs(0)
+    # the gate MLP's backward from the stashed gate-output gradients (dg, du: the first 2 H
+    # numbers of a gate_edge row), whose row then takes dpre (its first G numbers: every load
+    # of a row precedes the first store, which depends on them); the radial table's gradient
+    # is bwd_radial_table_kernel's, from dpre and the grid position x stored here
+    tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    pre = _node_gates(_radial_from_table(d_safe, ok, radial, inv_h, NT, G, GP), tgt, src, ok, gate_dst, gate_src,
+                      G, GP)
+    sig = tl.sigmoid(pre)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
-    r = tl.arange(0, E)
-    slot = r % BK
-    tiles = (NT + TB - 1) // TB
-    for it in range(0, (tiles - pid + NPROG - 1) // NPROG):
-        first = (part + it * NPROG) * TB
-        local = first + r // BK  # the row's target within the chunk
-        i = T0 + local
-        has = slot < tl.where(local < NT, K, 0)  # a slot of a target of this chunk
-        j = tl.load(nbr + i * K + slot, mask=has, other=-1)
-        ok = j >= 0
-        src = _row_index(j, ok)
-        tgt = _row_index(i, ok)
-        row = local * K + slot
-        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
-        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
-        sig = tl.sigmoid(pre)
-        dhid = tl.zeros([E, GP], dtype=tl.float32)
-        for h0 in range(0, H, HC):
-            offs_h = h0 + tl.arange(0, HC)
-            hmask = offs_h < H
-            em = has[:, None] & hmask[None, :]
-            gu = row[:, None] * SW + offs_h[None, :]
-            dg = tl.load(gate_edge + gu, mask=em, other=0.0)
-            du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
-            wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
-            dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
-            dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
-        dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
-        dpre = tl.where(ok[:, None], dpre, 0.0)
-        tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=has[:, None] & gmask[None, :])
-        rows_t = T0 + first + tl.arange(0, TB)
-        in_chunk = (first + tl.arange(0, TB)) < NT
-        tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
-                 mask=in_chunk[:, None] & gmask[None, :])
-        # radial layer: the basis for its weight gradient, d(loss)/d(distance), the centres' partials
-        ddist = tl.zeros([E], dtype=tl.float32)
-        for r0 in range(0, R, RC):
-            offs_r = r0 + tl.arange(0, RC)
-            rm = offs_r < R
-            c = tl.load(centers + offs_r, mask=rm, other=0.0)
-            diff = d_safe[:, None] - c[None, :]
-            rbf = tl.where(rm[None, :], tl.exp(-gamma * diff * diff), 0.0)
-            tl.store(gate_edge + row[:, None] * SW + G + offs_r[None, :], rbf, mask=has[:, None] & rm[None, :])
-            wr = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rm[:, None] & gmask[None, :], other=0.0)
-            drbf = tl.dot(dpre, tl.trans(wr), input_precision=PREC) * rbf * (-2.0 * gamma) * diff
-            drbf = tl.where(inside[:, None], drbf, 0.0)
-            ddist += tl.sum(drbf, axis=1)
-            pc = dc_part + part * R + offs_r
-            tl.store(pc, tl.load(pc, mask=rm, other=0.0) - tl.sum(drbf, axis=0), mask=rm)
-        ddist = tl.where(inside, ddist + tl.load(dd_edge + i * K + slot, mask=has, other=0.0), 0.0)
-        tl.store(dd_edge + i * K + slot, ddist, mask=has)
-        f = tl.reshape(ddist * inv_d, (TB, BK))
-        tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
-        tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
-        tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
+    dhid = tl.zeros([TB * BK, GP], dtype=tl.float32)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        em = keep[:, None] & hmask[None, :]
+        gu = row[:, None] * SW + offs_h[None, :]
+        dg = tl.load(gate_edge + gu, mask=em, other=0.0)
+        du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
+        wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
+        dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
+        dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
+    dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
+    dpre = tl.where(ok[:, None], dpre, 0.0)
+    tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=keep[:, None] & gmask[None, :])
+    rows_t = tl.program_id(0).to(tl.int64) * TB + T0 + tl.arange(0, TB)
+    in_chunk = rows_t < N
+    tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
+             mask=in_chunk[:, None] & gmask[None, :])
+    # the radial layer: the grid position for the table's gradient (+inf: no contribution),
+    # its part of d(loss)/d(distance), then the target's position gradient
+    xg, _, _ = _table_point(d_safe, inv_h, NT)
+    tl.store(x_edge + row, tl.where(inside, xg, float("inf")), mask=keep)
+    at = T0 * K + row  # the edge's slot in dd_edge: tgt K + slot
+    ddist = _radial_slope_dot(dpre, d_safe, ok, radial, inv_h, NT, G, GP)
+    ddist = tl.where(inside, ddist + tl.load(dd_edge + at, mask=keep, other=0.0), 0.0)
+    tl.store(dd_edge + at, ddist, mask=keep)
+    f = tl.reshape(ddist * inv_d, (TB, BK))
+    tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
+    tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
+    tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
+
+
+@triton.jit(do_not_specialize=["NT"])
+def bwd_radial_table_kernel(x_sorted, order, bounds, gate_edge, dtable, NT, G, SW,
+                            BE: tl.constexpr, GP: tl.constexpr):
+    # one grid point n a program: adds to row n of the table's gradient the Hermite weights of
+    # the edges in the two intervals around it (n - 1 and n: one run of the edges sorted by
+    # grid position, bounds[i] the first edge of interval i) times their dpre rows, in that
+    # order (deterministic; each row of dtable has one owner)
+    n = tl.program_id(0)
+    lo = tl.load(bounds + tl.maximum(n - 1, 0))
+    hi = tl.load(bounds + tl.minimum(n + 1, NT))
+    offs_g = tl.arange(0, GP)
+    gmask = offs_g < G
+    acc_v = tl.zeros([BE, GP], dtype=tl.float32)
+    acc_s = tl.zeros([BE, GP], dtype=tl.float32)
+    for e0 in range(lo, hi, BE):
+        e = e0 + tl.arange(0, BE)
+        em = e < hi
+        x, i, t = _table_point(tl.load(x_sorted + e, mask=em, other=0.0), 1.0, NT)
+        t2 = t * t
+        t3 = t2 * t
+        own = i == n  # the edge's interval starts at n: n is its left grid point
+        wv = tl.where(em, tl.where(own, 2.0 * t3 - 3.0 * t2 + 1.0, 3.0 * t2 - 2.0 * t3), 0.0)
+        ws = tl.where(em, tl.where(own, t3 - 2.0 * t2 + t, t3 - t2), 0.0)
+        r = tl.load(order + e, mask=em, other=0)
+        dp = tl.load(gate_edge + r[:, None] * SW + offs_g[None, :], mask=em[:, None] & gmask[None, :], other=0.0)
+        acc_v += wv[:, None] * dp
+        acc_s += ws[:, None] * dp
+    at = dtable + n.to(tl.int64) * (2 * G) + offs_g
+    tl.store(at, tl.load(at, mask=gmask, other=0.0) + tl.sum(acc_v, axis=0), mask=gmask)
+    tl.store(at + G, tl.load(at + G, mask=gmask, other=0.0) + tl.sum(acc_s, axis=0), mask=gmask)
 
 
 @triton.jit

@@ -1,9 +1,12 @@
-"""The radial table of the fused kernels' logits and edge passes interpolates the exact basis.
+"""The radial table of the fused kernels interpolates the exact basis, and its gradient is right.
 
 ``function.radial_table`` samples ``rbf(d) @ w_radial`` and ``h`` times its derivative on a
 uniform grid; the kernels (``kernels._radial_from_table``) evaluate its cubic Hermite
-interpolation. Here the same formula in float64 PyTorch is compared with the exact Gaussians,
-for the suites' basis and for a small one like the CPU tests'.
+interpolation, the gate backward its derivative (``_radial_slope_dot``) and the gradient of
+the interpolant with respect to the table (``bwd_radial_table_kernel``), which
+``radial_table_backward`` takes to ``w_radial`` and the centres. Here the same formulas in
+float64 PyTorch are compared with the exact Gaussians, for the suites' basis and for a small
+one like the CPU tests', and the kernel with its PyTorch twin.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from e2f.attention.triton import function as F  # noqa: E402
 from e2f.nn import rbf_centers_and_gamma  # noqa: E402
@@ -26,16 +30,50 @@ def _exact(d, centers, gamma, w):
     return torch.exp(-gamma * (d[:, None] - centers[None, :]) ** 2) @ w
 
 
+def _exact_slope(d, centers, gamma, w):
+    diff = d[:, None] - centers[None, :]
+    return (torch.exp(-gamma * diff * diff) * (-2.0 * gamma) * diff) @ w
+
+
+def _point(d, nt, inv_h):
+    """``kernels._table_point``: grid interval and position in it."""
+    x = torch.clamp(d * inv_h, max=float(nt))
+    i = torch.clamp(x.floor().long(), max=nt - 1)
+    return i, (x - i)[:, None]
+
+
+def _weights(t):
+    """The cubic Hermite weights of the value and ``h``-scaled derivative at the interval's left
+    and right grid points."""
+    t2, t3 = t * t, t * t * t
+    return (2 * t3 - 3 * t2 + 1, t3 - 2 * t2 + t, 3 * t2 - 2 * t3, t3 - t2)
+
+
 def _hermite(d, table, inv_h):
     """``kernels._radial_from_table``'s formula: value and ``h`` times the derivative at the two
     grid points around each ``d``."""
-    nt = table.shape[0] - 1
-    x = torch.clamp(d * inv_h, max=float(nt))
-    i = torch.clamp(x.floor().long(), max=nt - 1)
-    t = (x - i)[:, None]
-    t2, t3 = t * t, t * t * t
-    return ((2 * t3 - 3 * t2 + 1) * table[i, 0] + (t3 - 2 * t2 + t) * table[i, 1]
-            + (3 * t2 - 2 * t3) * table[i + 1, 0] + (t3 - t2) * table[i + 1, 1])
+    i, t = _point(d, table.shape[0] - 1, inv_h)
+    a, b, c, e = _weights(t)
+    return a * table[i, 0] + b * table[i, 1] + c * table[i + 1, 0] + e * table[i + 1, 1]
+
+
+def _hermite_slope(d, table, inv_h):
+    """``kernels._radial_slope_dot``'s derivative of the interpolant (before the sum with dpre)."""
+    i, t = _point(d, table.shape[0] - 1, inv_h)
+    t2 = t * t
+    return ((6 * t - 6 * t2) * (table[i + 1, 0] - table[i, 0]) + (3 * t2 - 4 * t + 1) * table[i, 1]
+            + (3 * t2 - 2 * t) * table[i + 1, 1]) * inv_h
+
+
+def _table_gradient(d, dpre, nt, inv_h):
+    """The twin of ``bwd_radial_table_kernel``: every edge's Hermite weights times its ``dpre``
+    added to the four table rows it reads (index_add; ``d`` only of edges inside the cutoff)."""
+    i, t = _point(d, nt, inv_h)
+    a, b, c, e = _weights(t)
+    grad = torch.zeros(nt + 1, 2, dpre.shape[1], dtype=torch.float64)
+    for rows, col, weight in ((i, 0, a), (i, 1, b), (i + 1, 0, c), (i + 1, 1, e)):
+        grad[:, col].index_add_(0, rows, weight * dpre.double())
+    return grad
 
 
 @pytest.mark.parametrize("cutoff, num_rbf, g", [(5.0, 256, 128), (3.0, 7, 10), (6.0, 64, 32)])
@@ -74,3 +112,68 @@ def test_too_narrow_a_basis_is_refused():
                      b_out=zeros(2 * h), rbf_gamma=1e9, cutoff=5.0, eps=1e-3)
     with pytest.raises(ValueError, match="too narrow"):
         F.check(inp)
+
+
+@pytest.mark.parametrize("cutoff, num_rbf, g", [(5.0, 256, 128), (3.0, 7, 10)])
+def test_slope_of_the_interpolant_follows_the_exact_derivative(cutoff, num_rbf, g):
+    # the gate backward's radial part of dL/dd is the exact derivative of the interpolated
+    # function (forces of the energy the table defines); it is within ~7e-6 of the exact
+    # basis's at 16 points a basis width (the cubic's derivative error, O(h^3))
+    gen = torch.Generator().manual_seed(7)
+    centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
+    w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)
+    table, inv_h = F.radial_table(centers, w, gamma, cutoff)
+    d = torch.rand(20000, generator=gen, dtype=torch.float64) * cutoff
+    exact = _exact_slope(d, centers, gamma, w)
+    got = _hermite_slope(d, table.double(), inv_h)
+    assert float((got - exact).abs().max() / exact.abs().max()) < 2e-5
+    # and it is the derivative of _hermite (central differences away from grid points)
+    step = 1e-7
+    fd = (_hermite(d + step, table.double(), inv_h) - _hermite(d - step, table.double(), inv_h)) / (2 * step)
+    inner = ((d * inv_h) % 1.0 > 1e-3) & ((d * inv_h) % 1.0 < 1 - 1e-3) & (d + step < cutoff)
+    assert torch.allclose(got[inner], fd[inner], rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_table_gradient_gives_the_exact_basis_gradients():
+    # the gate backward's weight and centre gradients go through the table: the gradient with
+    # respect to the table rows, then radial_table_backward, equal the exact basis's
+    gen = torch.Generator().manual_seed(11)
+    cutoff, num_rbf, g = 5.0, 64, 16
+    centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
+    centers = centers.double()
+    w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) / math.sqrt(num_rbf)
+    table, inv_h = F.radial_table(centers, w, gamma, cutoff)
+    d = torch.rand(5000, generator=gen, dtype=torch.float64) * cutoff
+    dpre = torch.randn(5000, g, generator=gen, dtype=torch.float64)
+    dw, dc = F.radial_table_backward(centers, w, gamma, cutoff, _table_gradient(d, dpre, table.shape[0] - 1, inv_h))
+    c, ww = centers.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    exact_c, exact_w = torch.autograd.grad((_exact(d, c, gamma, ww) * dpre).sum(), (c, ww))
+    assert dw.dtype == torch.float32 and dw.shape == w.shape and dc.shape == centers.shape
+    assert float((dw.double() - exact_w).norm() / exact_w.norm()) < 1e-6
+    assert float((dc.double() - exact_c).norm() / exact_c.norm()) < 1e-5
+    with pytest.raises(ValueError, match="grid points"):
+        F.radial_table_backward(centers, w, gamma, cutoff, torch.zeros(3, 2, g))
+
+
+@pytest.mark.parametrize("edges", [0, 1, 300])
+def test_table_gradient_kernel_against_its_twin(edges):
+    # the kernel against index_add: positions anywhere on the grid, on grid points, at its end
+    # (x = NT), outside the cutoff (+inf, no contribution), intervals with more edges than a
+    # step, empty intervals; dpre rows strided in a wider stash row; the sum is added to dtable
+    gen = torch.Generator().manual_seed(edges)
+    nt, g, sw = 20, 10, 23
+    x = torch.rand(edges, generator=gen) * nt
+    if edges > 1:
+        x[:3] = torch.tensor([0.0, float(nt), 7.0])
+        x[3:80] = 4.0 + torch.rand(77, generator=gen) * 0.5  # one interval: several steps of edges
+        x[-5:] = float("inf")
+    gate_edge = torch.randn(edges, sw, generator=gen)
+    start = torch.randn(nt + 1, 2, g, generator=gen)
+    dtable = start.clone().to(DEVICE)
+    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), dtable, 16)
+    live = torch.isfinite(x)
+    twin = start.double() + _table_gradient(x[live].double(), gate_edge[live, :g], nt, 1.0)
+    assert torch.allclose(dtable.cpu().double(), twin, rtol=1e-5, atol=1e-5)
+    again = start.clone().to(DEVICE)
+    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), again, 16)
+    assert torch.equal(again, dtable)  # the same order of sums

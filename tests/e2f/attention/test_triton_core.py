@@ -201,13 +201,12 @@ def test_backward_while_autotuning(monkeypatch):
     monkeypatch.setenv("E2F_TRITON_AUTOTUNE", "1")
     n, kslots, h, g, r = 40, 8, 4, 16, 16
     monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
-    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + F._gate_stash_width(h, g, r)) * 4 // 3 + 1)
+    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + F._gate_stash_width(h, g)) * 4 // 3 + 1)
     inp = make_inputs(n, 44, kslots, h=h, g=g, r=r, empty_rows=(5,), seed=43)
     compare(inp, 1e-5)
     assert last_config()["backward_chunks"] == 3 and "tuning_ms" in last_config()["bwd_gate"]
     # the tuning timings name the hooks timed with them
-    assert last_config()["bwd_gate"]["tuning_includes"] == {"reset_to_zero": ["dc_part"],
-                                                            "restore_value": ["gate_edge", "dd_edge"]}
+    assert last_config()["bwd_gate"]["tuning_includes"] == {"restore_value": ["gate_edge", "dd_edge"]}
     assert "tuning_includes" not in last_config()["bwd_edge"]
     assert_backward_bitwise_reproducible(inp, seed=3)
 
@@ -449,7 +448,7 @@ def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     chosen_cfg = {"edge": (F._cfg(8, 16, 4, TB=1), {"TB": 1, "HC": 8}),
                   "value": (F._heads_cfg(4, 2), {"HB": 4}),
                   "target": (F._target_cfg(8, 4), {"HC": 8}),
-                  "gate": (F._cfg(16, 16, 4, TB=2), {"TB": 2}),
+                  "gate": (F._config(4, HC=8, TB=2), {"TB": 2, "HC": 8}),
                   "source": (F._src_cfg(4, 4, 2), {"HB": 4, "BKS": 4})}
     cfg, expected = chosen_cfg[backward_pass]
     tuned = dict(F._configs(0, 16))
@@ -473,10 +472,10 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     from e2f.attention.triton import function as F
 
     n, kslots, h, g, r = 13, 6, 3, 10, 7
-    per_target = kslots * (2 * h + max(2 * h + g, g + r)) * 4
+    per_target = kslots * (4 * h + g) * 4
     monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g, r)
+    rows = F._stash_chunk(n, kslots, h, g)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
     inp = make_inputs(n, 17, kslots, h=h, g=g, r=r, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
@@ -517,18 +516,23 @@ def test_stash_budget(monkeypatch):
     monkeypatch.delenv(F.STASH_ENV, raising=False)
 
     def chunks(n):
-        return F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, 256))
+        return F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128))
 
-    per_target = 32 * (2 * 128 + max(2 * 128 + 128, 128 + 256)) * 4
+    per_target = 32 * (2 * 128 + F._gate_stash_width(128, 128)) * 4
     assert per_target == 80 * 1024
     assert [chunks(n) for n in (1024, 4096, 16384, 65536, 262144, 524288)] == [6, 6, 6, 6, 7, 14]
     assert chunks(524288) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)
+    # the radial table and its gradient (4 MiB) come out of the budget: 10 KB an atom at 1,024
+    # (8 chunks), noise at 65,536, never below the minimum
+    fixed = 4 << 20
+    assert [F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, fixed)) for n in (1024, 16384, 65536, 256)] == \
+        [8, 6, 6, F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)]
     monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
-    assert F._stash_chunk(65536, 32, 128, 128, 256) == 65536
+    assert F._stash_chunk(65536, 32, 128, 128, fixed) == 65536
     for bad in ("0", "-5", "6KB"):
         monkeypatch.setenv(F.STASH_ENV, bad)
         with pytest.raises(ValueError, match="E2F_TRITON_STASH_BYTES"):
-            F._stash_chunk(65536, 32, 128, 128, 256)
+            F._stash_chunk(65536, 32, 128, 128)
 
 
 def test_transposed_edges_per_target_chunk():
