@@ -11,7 +11,7 @@ passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=edge``, ``kernel=value`
 ``kernel=target``, ``kernel=gate``, ``kernel=radial`` (the radial table's gradient) or
 ``kernel=source`` for a backward pass, ``kernel=logits`` or ``kernel=aggregate`` for the split
 forward's two kernels (their meta-parameters given as ``KEY=INT``: ``HC`` for the target pass,
-``HC``, ``TB`` for the edge pass, the gate backward and the logits kernel, ``HB``, ``BKS`` for
+``HC``, ``TB`` for the edge pass and the logits kernel, ``TB`` for the gate backward, ``HB``, ``BKS`` for
 the source pass, ``HB`` for the value pass and the aggregation, ``BE`` for the radial table's
 gradient, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for the ones left out). Shapes
 are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate
@@ -52,7 +52,7 @@ KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "value": "bwd_value_k
 DEFAULT_META = {"value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
                 "edge": {"HC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 8, "num_warps": 4},
                 "logits": {"HC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1},
-                "gate": {"HC": 16, "TB": 1, "num_warps": 4}, "radial": {"BE": 32, "num_warps": 4}}
+                "gate": {"TB": 1, "num_warps": 4}, "radial": {"BE": 32, "num_warps": 4}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids", "order", "bounds")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)

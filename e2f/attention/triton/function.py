@@ -274,7 +274,7 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     defaults first."""
     if _interpreting():
         return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
-                "gate": [_config(4, HC=16, TB=1)], "source": [_src_cfg(8, 16, 1)]}
+                "gate": [_config(4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
     # The edge pass is the split forward's logits kernel with other stores: its candidates.
     # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
     # perf-notes section 26): value pass HB = 32 at 1 warp 3.31 / 3.54 (253 registers),
@@ -285,18 +285,17 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     # from the faster of their two best for the dtype (the regression gate runs the first
     # configurations: bf16 forward + backward was 5 % slower with fp32's). Gate backward, with
     # the exact radial layer (perf-notes section 13): 1.98 at 4 warps, 1.99 with two targets a
-    # tile at 8 warps, 2.19 at 8 warps. From the radial table (section 28), sm_90a registers /
-    # spilled bytes: 8 warps 208 / 0, 4 warps 255 / 172, 8 warps HC = 32 226 / 0, two targets a
-    # tile 255 / 248; all within the logits kernel's 64 edge rows a warp group. Those ran at
-    # K = 64 with TF32 products (64-row edge tiles; the single target pass they replaced
-    # faulted there with 8 warps, perf-notes section 11).
+    # tile at 8 warps, 2.19 at 8 warps. Elementwise from section 28 (the hidden layer's
+    # gradient a cuBLAS product before it), sm_90a registers: 16 warps 100, 8 warps 160 (128
+    # capped: 16 B spilled), 4 warps 251, two targets a tile at 16 warps 128. The exact-layer
+    # gate configurations ran at K = 64 with TF32 products (64-row edge tiles; the single
+    # target pass they replaced faulted there with 8 warps, perf-notes section 11).
     wide, narrow = _heads_cfg(32, 1), _heads_cfg(16, 1)
     small, large = _target_cfg(8, 4), _target_cfg(32, 8)
     return {"edge": _logit_candidates(bk),
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
             "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
-            "gate": [_config(8, HC=16, TB=1), _config(4, HC=16, TB=1), _config(8, HC=32, TB=1),
-                     _config(8, HC=16, TB=2)],
+            "gate": [_config(16, TB=1), _config(8, TB=1), _config(8, maxnreg=128, TB=1), _config(16, TB=2)],
             "source": [_src_cfg(128, 16, 4), _src_cfg(32, 16, 1), _src_cfg(64, 16, 2)]}
 
 
@@ -383,13 +382,13 @@ def _configs(bucket: int = 0, bk: int = 16, fp32: bool = True) -> dict:
 #: sums a launch adds into, chunk after chunk; they are zero at the first chunk, where tuning
 #: happens) or restore (``restore_value``: read and then overwritten: the target pass writes
 #: ``dqk``, ``dg``, ``du`` over the ``q.k``, ``g``, ``u`` it reads, the gate backward ``dpre``
-#: over the ``dg``, ``du`` it reads, and it adds into ``dd``) around every trial, so the
+#: over the ``dhid`` it reads, and it adds into ``dd``) around every trial, so the
 #: launch after tuning finds its inputs as an untuned one would. Without the restore, the
 #: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
 _BACKWARD = {"edge": ("bwd_edge_kernel", {}),
              "value": ("bwd_value_kernel", {"reset_to_zero": ["dv"]}),
              "target": ("bwd_target_kernel", {"restore_value": ["qk_edge", "gate_edge"]}),
-             "gate": ("bwd_gate_kernel", {"restore_value": ["gate_edge", "dd_edge"]}),
+             "gate": ("bwd_gate_kernel", {"restore_value": ["hid_edge", "dd_edge"]}),
              "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dgate_src", "dpos_src"]})}
 
 
@@ -495,8 +494,9 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
     """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation."""
     n, kslots, h = d["N"], d["K"], d["H"]
     f32 = dict(device=t["q"].device, dtype=torch.float32)
-    # the table's float64 temporaries (~20 MB at the suites' sizes) go before the stash exists
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
+    # the table's float64 temporaries go before the stash exists, and within its size
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff,
+                                 max_bytes=chunk * kslots * (2 * h + 1) * 4)
     stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
              torch.empty(chunk * kslots, **f32))
     logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
@@ -515,13 +515,18 @@ def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tens
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
 
 
-#: Grid points of the radial table a basis width ``sigma``: at ``h = sigma / 16`` the cubic
-#: Hermite interpolation of ``rbf(d) @ w_radial`` is within ~1e-7 of its largest value (R = 256
-#: Gaussians of width 2 spacings over 5 Å, random weights: 1.0e-7 at 2,048 points, 6.5e-9 at
-#: 4,096; linear interpolation 4e-4 at 2,048).
-RADIAL_POINTS_PER_SIGMA = 16
-#: At most this many intervals (a basis narrower than ``16 cutoff / RADIAL_MAX_INTERVALS`` is
-#: refused by ``check``).
+#: Grid points of the radial table a basis width ``sigma``. The backward differentiates the
+#: cubic Hermite interpolant, whose derivative error falls as ``h^3`` down to the float32 table's
+#: rounding amplified by ``1 / h`` (R = 256 Gaussians of width 2 spacings over 5 Å, random
+#: weights; largest / rms error of the derivative relative to its largest value): 7.5e-6 /
+#: 5.2e-6 at 16 points (2,040 intervals), 4.5e-6 / 2.8e-6 at 20, 3.7e-6 / 2.0e-6 at 24, 4.1e-6 /
+#: 1.9e-6 at 32. At 16 the positions' gradients at N = 65,536 were 6.2e-6 from ``chunked``'s
+#: (3.8e-6 with the exact Gaussians; tolerance 1e-5; H100, perf-notes 28). At 24 (3,060
+#: intervals, 3 MB at G = 128) the values are within 4.4e-8 of the largest (1.1e-7 at 16; linear
+#: interpolation 4e-4).
+RADIAL_POINTS_PER_SIGMA = 24
+#: At most this many intervals (a basis narrower than
+#: ``RADIAL_POINTS_PER_SIGMA cutoff / RADIAL_MAX_INTERVALS`` is refused by ``check``).
 RADIAL_MAX_INTERVALS = 1 << 16
 #: At least this many (a wide or constant basis).
 RADIAL_MIN_INTERVALS = 16
@@ -535,9 +540,19 @@ def radial_intervals(gamma: float, cutoff: float) -> int:
     return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
 
 
-#: Grid points per block of the table's float64 build and of its gradient (bounded temporaries:
-#: 0.5 MB a tensor at R = 256, the gradient runs after the stash is freed).
-RADIAL_ROW_BLOCK = 256
+#: Float64 ``[P, R]`` temporaries alive at once while ``_radial_rows`` runs on ``P`` grid points
+#: or is differentiated: what bounds a block of grid points by the caller's memory budget.
+RADIAL_TEMPORARIES = 8
+#: Fewest grid points a block.
+RADIAL_MIN_BLOCK = 64
+
+
+def _row_block(points: int, r: int, max_bytes: int | None) -> int:
+    """Grid points a block of the table's build or gradient: all of them, or as many as keep
+    their float64 temporaries within ``max_bytes``."""
+    if max_bytes is None:
+        return points
+    return max(RADIAL_MIN_BLOCK, min(points, max_bytes // (RADIAL_TEMPORARIES * 8 * max(1, r))))
 
 
 def _radial_rows(points: Tensor, centers: Tensor, w: Tensor, gamma: float, h: float) -> Tensor:
@@ -554,33 +569,38 @@ def _radial_grid(gamma: float, cutoff: float, device) -> tuple[Tensor, float]:
     return torch.arange(nt + 1, device=device, dtype=torch.float64) * h, h
 
 
-def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
+def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
+                 max_bytes: int | None = None) -> tuple[Tensor, float]:
     """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
     ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
-    computed in float64), for the kernels' cubic Hermite interpolation (the split forward's
-    logits kernel and the backward; the fused forward keeps the exact Gaussians: the two differ
-    by ~1e-7 relative, far inside the backend's tolerance)."""
+    computed in float64 in blocks of grid points whose temporaries stay within ``max_bytes``),
+    for the kernels' cubic Hermite interpolation (the split forward's logits kernel and the
+    backward; the fused forward keeps the exact Gaussians: the two differ by ~5e-8 relative,
+    far inside the backend's tolerance)."""
     grid, h = _radial_grid(gamma, cutoff, centers.device)
     c, w = centers.detach().double(), w_radial.detach().double()
-    table = torch.cat([_radial_rows(grid[b:b + RADIAL_ROW_BLOCK], c, w, gamma, h).float()
-                       for b in range(0, grid.shape[0], RADIAL_ROW_BLOCK)])
+    block = _row_block(grid.shape[0], c.shape[0], max_bytes)
+    table = torch.cat([_radial_rows(grid[b:b + block], c, w, gamma, h).float()
+                       for b in range(0, grid.shape[0], block)])
     return table.contiguous(), 1.0 / h
 
 
-def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
-                          dtable: Tensor) -> tuple[Tensor, Tensor]:
+def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float, dtable: Tensor,
+                          max_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
-    ``w_radial`` and ``centers`` (float32; autograd through the float64 build, block by block)."""
+    ``w_radial`` and ``centers`` (float32; autograd through the float64 build, in blocks of
+    grid points as ``radial_table``)."""
     grid, h = _radial_grid(gamma, cutoff, centers.device)
     if dtable.shape[0] != grid.shape[0]:
         raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {grid.shape[0]}")
     c = centers.detach().double().requires_grad_(True)
     w = w_radial.detach().double().requires_grad_(True)
     dc, dw = torch.zeros_like(c), torch.zeros_like(w)
+    block = _row_block(grid.shape[0], c.shape[0], max_bytes)
     with torch.enable_grad():
-        for b in range(0, grid.shape[0], RADIAL_ROW_BLOCK):
-            rows = _radial_rows(grid[b:b + RADIAL_ROW_BLOCK], c, w, gamma, h)
-            gc, gw = torch.autograd.grad(rows, (c, w), dtable[b:b + RADIAL_ROW_BLOCK].double())
+        for b in range(0, grid.shape[0], block):
+            rows = _radial_rows(grid[b:b + block], c, w, gamma, h)
+            gc, gw = torch.autograd.grad(rows, (c, w), dtable[b:b + block].double())
             dc += gc
             dw += gw
     return dw.float(), dc.float()
@@ -616,10 +636,10 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 
 #: The backward passes each other a per-edge stash: per edge and head ``q.k`` (then ``dqk``)
 #: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients) and the
-#: gate's hidden layer, whose first ``G`` numbers the gate backward replaces by the
-#: pre-activation's gradient (``4 H + G`` floats an edge: 2.5 KB at the paper sizes). The
-#: output layer's weight gradient is then one matrix product per chunk, over the stash's
-#: columns, and the radial layer's a sum over each grid interval's edges (``_radial_gradient``).
+#: gate's hidden layer, which becomes its gradient and then the pre-activation's (``4 H + G``
+#: floats an edge: 2.5 KB at the paper sizes). The output layer's weight gradient and the
+#: hidden layer's are matrix products per chunk over the stash's columns, the radial layer's a
+#: sum over each grid interval's edges (``_radial_gradient``).
 #: The edge pass computes the gate MLP and q.k; the value, target and source passes read the
 #: stash (the gate backward recomputes the pre-activation).
 #: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
@@ -629,8 +649,8 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 #: against 6 KB made forward + backward 2-3 % faster at 16,384-65,536 on an H100). From
 #: ~230,000 atoms the cap holds the stash at 3 GiB, and from ~520,000 at 6 KB an atom again:
 #: there the card's memory binds (N = 524,288 forward + backward on 80 GB ran out of memory
-#: with a 13 KB stash). The radial table and its gradient (2 MB each at the paper sizes) come
-#: out of the scratch budget: without that they alone add 4 KB an atom at N = 1,024.
+#: with a 13 KB stash). The radial table and its gradient (3 MB each at the paper sizes) come
+#: out of the scratch budget: without that they alone add 6 KB an atom at N = 1,024.
 #: ``E2F_TRITON_STASH_BYTES`` fixes the stash instead (bytes per atom).
 SCRATCH_BYTES_PER_ATOM = 14 * 1024
 STASH_BYTES_PER_ATOM = 6 * 1024
@@ -639,8 +659,8 @@ STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
 def _gate_stash_width(h: int, g: int) -> int:
-    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and ``hid``
-    (``dpre`` later over the first ``G``)."""
+    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and ``hid`` (then
+    ``dhid``, then ``dpre``)."""
     return 2 * h + g
 
 
@@ -688,12 +708,16 @@ def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
             torch.ones(rows, **f32), torch.empty(rows, **f32))
 
 
-def _allocate_stash(n_rows: int, kslots: int, h: int, g: int, f32: dict, fixed_bytes: int = 0) -> tuple:
-    """``(targets per chunk, stash buffers)``: ``_stash_chunk``'s chunk, halved while its stash
-    runs out of memory (down to ``MIN_CHUNK_TARGETS``): near a full card the budget alone does
-    not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the output and the
+def _stash_bytes(rows: int, h: int, g: int) -> int:
+    """Bytes of ``_stash_buffers`` for ``rows`` edges."""
+    return rows * (2 * h + _gate_stash_width(h, g) + 2) * 4
+
+
+def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple:
+    """``(targets per chunk, stash buffers)``: ``chunk`` (``_stash_chunk``'s), halved while its
+    stash runs out of memory (down to ``MIN_CHUNK_TARGETS``): near a full card the budget alone
+    does not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the output and the
     gradients leave ~2 GiB, in pieces)."""
-    chunk = _stash_chunk(n_rows, kslots, h, g, fixed_bytes)
     while True:
         try:
             return chunk, _stash_buffers(chunk * kslots, h, _gate_stash_width(h, g), f32)
@@ -707,9 +731,9 @@ def _allocate_stash(n_rows: int, kslots: int, h: int, g: int, f32: dict, fixed_b
 RADIAL_EDGE_BLOCK = 32
 
 
-def _radial_gradient(x_edge: Tensor, gate_edge: Tensor, dtable: Tensor, gp: int) -> None:
+def _radial_gradient(x_edge: Tensor, dpre_edge: Tensor, dtable: Tensor, gp: int) -> None:
     """Adds to ``dtable`` the gradient of a chunk's gate pre-activations (``dpre``, the first
-    ``G`` numbers of each ``gate_edge`` row) with respect to the radial table: every edge's
+    ``G`` numbers of each ``dpre_edge`` row) with respect to the radial table: every edge's
     Hermite weights at its grid position ``x_edge`` (``+inf``: none) on the two grid points
     around it. The edges sorted by position (stable), each grid point sums its two intervals'
     edges in that order: deterministic, and no atomics."""
@@ -722,7 +746,7 @@ def _radial_gradient(x_edge: Tensor, gate_edge: Tensor, dtable: Tensor, gp: int)
     marks[-1] = nt + 0.5
     bounds = torch.searchsorted(x_sorted, marks)
     g = dtable.shape[2]
-    K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, gate_edge, dtable, nt, g, gate_edge.shape[1],
+    K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, dpre_edge, dtable, nt, g, dpre_edge.stride(0),
                                          BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=4)
 
 
@@ -743,13 +767,17 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     prec = _gate_precision()
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)  # before the stash
+    # the radial table and its gradient come out of the stash's budget, and the table's float64
+    # temporaries (built before the stash, differentiated after it) stay within the stash
+    chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * (radial_intervals(gamma, cutoff) + 1) * 2 * g * 4)
+    scratch = _stash_bytes(chunk * kslots, h, g)
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff, max_bytes=scratch)
     grid_intervals = radial.shape[0] - 1
     dtable = torch.zeros_like(radial)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk, (dw_edge, qk_edge, gate_edge, ones, x_edge) = _allocate_stash(
-        n, kslots, h, g, f32, fixed_bytes=2 * radial.numel() * radial.element_size())
+    chunk, (dw_edge, qk_edge, gate_edge, ones, x_edge) = _allocate_stash(chunk, kslots, h, g, f32)
     sw = gate_edge.shape[1]
+    dpre_edge = gate_edge[:, 2 * h:]  # hid, then dhid, then dpre: a row's last G numbers
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
@@ -775,26 +803,29 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision).
         # The bias as a product too: a column sum of the strided stash (.sum(0)) took a
         # temporary of up to 132 MiB on an H100 (10 KB an atom at N = 1,024)
-        grads["w_out"].addmm_(rows[:, 2 * h:2 * h + g].t(), rows[:, :2 * h])
+        hid = rows[:, 2 * h:2 * h + g]
+        grads["w_out"].addmm_(hid.t(), rows[:, :2 * h])
         grads["b_out"].addmv_(rows[:, :2 * h].t(), ones[:nt * kslots])
+        # the hidden layer's gradient [dg du] w_out^T over hid (its last reader was the product
+        # above; a strided output cuBLAS writes in place), then the elementwise gate backward
+        torch.mm(rows[:, :2 * h], t["w_out"].detach().t(), out=hid)
         kern["gate"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
-            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial, t["w_out"],
-            gate_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
-            t0, t0 + nt, kslots, h, g, grid_intervals, sw, inv_h, cutoff,
-            BK=d["BK"], GP=d["GP"], PREC=prec)
-        _radial_gradient(x_edge[:nt * kslots], gate_edge, dtable, d["GP"])
+            t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial,
+            dpre_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
+            t0, t0 + nt, kslots, g, grid_intervals, sw, inv_h, cutoff, BK=d["BK"], GP=d["GP"])
+        _radial_gradient(x_edge[:nt * kslots], dpre_edge, dtable, d["GP"])
         if a1 > a0:
             kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
-                t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, gate_edge, rowptr, edge_ids, active,
+                t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, dpre_edge, rowptr, edge_ids, active,
                 grads["k"], grads["gate_src"], grads["pos_src"], a0, kslots, h, g, sw, c, chunks, t0, cutoff,
                 DK=d["DK"], DKP=d["DKP"], GP=d["GP"])
     for role in _BACKWARD:
         _record("bwd_" + role, kern[role])
     _last["backward_chunks"] = chunks
     # the table's float64 gradient after the stash is freed (its temporaries stay below it)
-    del dw_edge, qk_edge, gate_edge, ones, x_edge, dd_edge, rows
+    del dw_edge, qk_edge, gate_edge, dpre_edge, ones, x_edge, dd_edge, rows, hid
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
-                                                                    dtable)
+                                                                    dtable, max_bytes=scratch)
     return grads
 
 

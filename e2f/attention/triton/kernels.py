@@ -48,11 +48,12 @@ of them computes the gate outputs and q.k and one walks the value rows:
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
   rows, and the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar). ``function``
   then adds ``hid^T [dg du]`` to the output layer's weight gradient.
-* ``bwd_gate_kernel``: ``fwd_logit_kernel``'s edge tiles; the gate MLP's backward from
-  ``dg``, ``du`` (the pre-activation recomputed from the radial table): ``dhid``, the
-  pre-activation gradient ``dpre`` (stashed in the same row, and summed into ``dgate_dst``),
-  the radial layer's part of ``dd`` (the interpolant's derivative, ``_radial_slope_dot``), so
-  ``dpos_dst``, and each edge's grid position ``x_edge`` for the next kernel.
+* ``bwd_gate_kernel``: elementwise over ``fwd_logit_kernel``'s edge tiles; ``function`` first
+  writes the gate's hidden-layer gradient ``dhid = [dg du] w_out^T`` over ``hid`` (one matrix
+  product a chunk), which this kernel turns into the pre-activation gradient ``dpre`` in place
+  (the pre-activation recomputed from the radial table) and sums into ``dgate_dst``; the radial
+  layer's part of ``dd`` (the interpolant's derivative, ``_radial_slope_dot``), so ``dpos_dst``;
+  and each edge's grid position ``x_edge`` for the next kernel.
 * ``bwd_radial_table_kernel``: one grid point of the radial table a program: the gradient of
   the chunk's pre-activations with respect to the table, summed over the edges of the two
   intervals around the point (``function._radial_gradient`` sorts the edges by grid position);
@@ -678,36 +679,26 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
-def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, w_out,
-                    gate_edge, dd_edge, x_edge, dgate_dst, dpos_dst,
-                    T0, N, K, H, G, NT, SW, inv_h, cutoff,
-                    BK: tl.constexpr, HC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr,
-                    TB: tl.constexpr = 1):
-    # the gate MLP's backward from the stashed gate-output gradients (dg, du: the first 2 H
-    # numbers of a gate_edge row), whose row then takes dpre (its first G numbers: every load
-    # of a row precedes the first store, which depends on them); the radial table's gradient
-    # is bwd_radial_table_kernel's, from dpre and the grid position x stored here
+def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, hid_edge, dd_edge, x_edge, dgate_dst, dpos_dst,
+                    T0, N, K, G, NT, SW, inv_h, cutoff,
+                    BK: tl.constexpr, GP: tl.constexpr, TB: tl.constexpr = 1):
+    # elementwise over fwd_logit_kernel's edge tiles: the pre-activation gradient dpre from the
+    # hidden layer's (dhid = [dg du] w_out^T, function's product, written over hid in the
+    # stash), in place (each number read and written by the same thread), the pre-activation
+    # recomputed; the radial table's gradient is bwd_radial_table_kernel's, from dpre and the
+    # grid position x stored here
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     pre = _node_gates(_radial_from_table(d_safe, ok, radial, inv_h, NT, G, GP), tgt, src, ok, gate_dst, gate_src,
                       G, GP)
-    sig = tl.sigmoid(pre)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
-    dhid = tl.zeros([TB * BK, GP], dtype=tl.float32)
-    for h0 in range(0, H, HC):
-        offs_h = h0 + tl.arange(0, HC)
-        hmask = offs_h < H
-        em = keep[:, None] & hmask[None, :]
-        gu = row[:, None] * SW + offs_h[None, :]
-        dg = tl.load(gate_edge + gu, mask=em, other=0.0)
-        du = tl.load(gate_edge + gu + H, mask=em, other=0.0)
-        wg, wu = _out_weights(w_out, offs_h, hmask, H, G, GP)
-        dhid += tl.dot(dg, tl.trans(wg), input_precision=PREC)
-        dhid += tl.dot(du, tl.trans(wu), input_precision=PREC)
-    dpre = dhid * sig * (1.0 + pre * (1.0 - sig))
+    at = hid_edge + row[:, None] * SW + offs_g[None, :]
+    m2 = keep[:, None] & gmask[None, :]
+    sig = tl.sigmoid(pre)
+    dpre = tl.load(at, mask=m2, other=0.0) * sig * (1.0 + pre * (1.0 - sig))
     dpre = tl.where(ok[:, None], dpre, 0.0)
-    tl.store(gate_edge + row[:, None] * SW + offs_g[None, :], dpre, mask=keep[:, None] & gmask[None, :])
+    tl.store(at, dpre, mask=m2)
     rows_t = tl.program_id(0).to(tl.int64) * TB + T0 + tl.arange(0, TB)
     in_chunk = rows_t < N
     tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
@@ -716,10 +707,10 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, w_out,
     # its part of d(loss)/d(distance), then the target's position gradient
     xg, _, _ = _table_point(d_safe, inv_h, NT)
     tl.store(x_edge + row, tl.where(inside, xg, float("inf")), mask=keep)
-    at = T0 * K + row  # the edge's slot in dd_edge: tgt K + slot
+    slot = T0 * K + row  # the edge's slot in dd_edge: tgt K + slot
     ddist = _radial_slope_dot(dpre, d_safe, ok, radial, inv_h, NT, G, GP)
-    ddist = tl.where(inside, ddist + tl.load(dd_edge + at, mask=keep, other=0.0), 0.0)
-    tl.store(dd_edge + at, ddist, mask=keep)
+    ddist = tl.where(inside, ddist + tl.load(dd_edge + slot, mask=keep, other=0.0), 0.0)
+    tl.store(dd_edge + slot, ddist, mask=keep)
     f = tl.reshape(ddist * inv_d, (TB, BK))
     tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
     tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
@@ -727,7 +718,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, w_out,
 
 
 @triton.jit(do_not_specialize=["NT"])
-def bwd_radial_table_kernel(x_sorted, order, bounds, gate_edge, dtable, NT, G, SW,
+def bwd_radial_table_kernel(x_sorted, order, bounds, dpre_edge, dtable, NT, G, SW,
                             BE: tl.constexpr, GP: tl.constexpr):
     # one grid point n a program: adds to row n of the table's gradient the Hermite weights of
     # the edges in the two intervals around it (n - 1 and n: one run of the edges sorted by
@@ -750,7 +741,7 @@ def bwd_radial_table_kernel(x_sorted, order, bounds, gate_edge, dtable, NT, G, S
         wv = tl.where(em, tl.where(own, 2.0 * t3 - 3.0 * t2 + 1.0, 3.0 * t2 - 2.0 * t3), 0.0)
         ws = tl.where(em, tl.where(own, t3 - 2.0 * t2 + t, t3 - t2), 0.0)
         r = tl.load(order + e, mask=em, other=0)
-        dp = tl.load(gate_edge + r[:, None] * SW + offs_g[None, :], mask=em[:, None] & gmask[None, :], other=0.0)
+        dp = tl.load(dpre_edge + r[:, None] * SW + offs_g[None, :], mask=em[:, None] & gmask[None, :], other=0.0)
         acc_v += wv[:, None] * dp
         acc_s += ws[:, None] * dp
     at = dtable + n.to(tl.int64) * (2 * G) + offs_g
@@ -768,7 +759,7 @@ def _in_edges(edge_ids, start, c0, count, K, BKS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
-def bwd_source_kernel(pos_dst, pos_src, q, dd_edge, dqk_edge, gate_edge, rowptr, edge_ids, active,
+def bwd_source_kernel(pos_dst, pos_src, q, dd_edge, dqk_edge, dpre_edge, rowptr, edge_ids, active,
                       dk, dgate_src, dpos_src,
                       A0, K, H, G, SW, C, NC, T0, cutoff,
                       DK: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr, HB: tl.constexpr, BKS: tl.constexpr):
@@ -804,7 +795,7 @@ def bwd_source_kernel(pos_dst, pos_src, q, dd_edge, dqk_edge, gate_edge, rowptr,
         fz = fx
         for c0 in range(0, count, BKS):
             ok, eid, tgt = _in_edges(edge_ids, start, c0, count, K, BKS)
-            dgs += tl.sum(tl.load(gate_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
+            dgs += tl.sum(tl.load(dpre_edge + (eid - E0)[:, None] * SW + offs_g[None, :],
                                   mask=ok[:, None] & gmask[None, :], other=0.0), axis=0)
             dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
             f = tl.load(dd_edge + eid, mask=ok, other=0.0) * inv_d
