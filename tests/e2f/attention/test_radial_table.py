@@ -207,8 +207,9 @@ def test_float64_temporaries_stay_within_the_budget():
     w = torch.randn(256, 128, device=DEVICE)
     points = F.radial_intervals(gamma, 5.0) + 1
     budget = 512 * F.RADIAL_TEMPORARIES * 8 * 256
-    table, _ = F.radial_table(centers, w, gamma, 5.0)
+    table, _ = F.radial_table(centers, w, gamma, 5.0)  # also allocates cuBLAS's workspace (32 MiB) first
     dtable = torch.randn_like(table)
+    F.radial_table_backward(centers, w, gamma, 5.0, dtable)
     for run in (lambda: F.radial_table(centers, w, gamma, 5.0, max_bytes=budget),
                 lambda: F.radial_table_backward(centers, w, gamma, 5.0, dtable, max_bytes=budget)):
         torch.cuda.synchronize()
@@ -217,4 +218,5 @@ def test_float64_temporaries_stay_within_the_budget():
         run()
         torch.cuda.synchronize()
         # results (table or gradients) and the float32 concatenation besides the temporaries
-        assert torch.cuda.max_memory_allocated() - base <= budget + 3 * points * 2 * 128 * 4
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= budget + 3 * points * 2 * 128 * 4, (peak, budget)
