@@ -350,13 +350,24 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     torch.autograd.grad(fused_attention_core(inp), lv, dout)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.autograd.grad(fused_attention_core(inp), lv, dout)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    print(table, flush=True)
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=12)
+    host = events.table(sort_by="self_cpu_time_total", row_limit=15)
+    print(table, host, flush=True)
     with open(os.path.join(out_dir, "profile.txt"), "w") as f:
-        f.write(table)
+        f.write(table + "\n" + host)
+    # end to end against the kernels' sum: what the GPU waits for (host work, synchronisations)
+    e2e = triton.testing.do_bench(lambda: torch.autograd.grad(fused_attention_core(inp), lv, dout), warmup=3, rep=20,
+                                  return_mode="median")
+    emit(out_dir, "probe-e2e", {"n_atoms": n, "dtype": dtype_name, "l2_flushed": True},
+         {"fwd_bwd_ms": e2e, "kernels_ms": sum(e.self_device_time_total for e in events) / 1e3,
+          "host_ms": sum(e.self_cpu_time_total for e in events) / 1e3})
+    torch.cuda.set_sync_debug_mode("warn")  # names every synchronising call of one step
+    torch.autograd.grad(fused_attention_core(inp), lv, dout)
+    torch.cuda.set_sync_debug_mode(0)
     kernels = {}
     for fp32 in (True, False):
         tuned = F._configs(F.size_bucket(n), d["BK"], fp32)
