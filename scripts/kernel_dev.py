@@ -363,7 +363,8 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     e2e = triton.testing.do_bench(lambda: torch.autograd.grad(fused_attention_core(inp), lv, dout), warmup=3, rep=20,
                                   return_mode="median")
     emit(out_dir, "probe-e2e", {"n_atoms": n, "dtype": dtype_name, "l2_flushed": True},
-         {"fwd_bwd_ms": e2e, "kernels_ms": sum(e.self_device_time_total for e in events) / 1e3,
+         {"fwd_bwd_ms": e2e,
+          "kernels_ms": sum(e.self_device_time_total for e in events if str(e.device_type).endswith("CUDA")) / 1e3,
           "host_ms": sum(e.self_cpu_time_total for e in events) / 1e3})
     torch.cuda.set_sync_debug_mode("warn")  # names every synchronising call of one step
     torch.autograd.grad(fused_attention_core(inp), lv, dout)

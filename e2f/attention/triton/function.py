@@ -397,6 +397,10 @@ def _autotuned(kernel, cfgs: list, reset_to_zero=None, restore_value=None):
     around every trial (``_BACKWARD``)."""
     import triton
 
+    for cfg in cfgs:  # the interpreter ignores a meta-parameter the kernel lacks; the GPU refuses it
+        unknown = set(cfg.kwargs) - set(kernel.arg_names)
+        if unknown:
+            raise ValueError(f"{kernel.fn.__name__}: configuration {cfg} names {sorted(unknown)}, not its arguments")
     key = [name for name in _KEY if name in kernel.arg_names]  # the source pass has no gate products
     return triton.autotune(cfgs, key=key, reset_to_zero=reset_to_zero, restore_value=restore_value)(kernel)
 
@@ -731,23 +735,27 @@ def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple
 RADIAL_EDGE_BLOCK = 32
 
 
-def _radial_gradient(x_edge: Tensor, dpre_edge: Tensor, dtable: Tensor, gp: int) -> None:
+def _radial_marks(nt: int, device) -> Tensor:
+    """The grid positions that start the radial table's intervals, ``0 .. NT - 1``, and one that
+    ends the finite ones (``NT + 1/2``: a position is at most ``NT``), for ``searchsorted``
+    (built on the device: an element assignment would synchronise with the host)."""
+    grid = torch.arange(nt + 1, device=device, dtype=torch.float32)
+    return torch.where(grid < nt, grid, grid + 0.5)
+
+
+def _radial_gradient(x_edge: Tensor, dpre_edge: Tensor, dtable: Tensor, marks: Tensor, gp: int) -> None:
     """Adds to ``dtable`` the gradient of a chunk's gate pre-activations (``dpre``, the first
     ``G`` numbers of each ``dpre_edge`` row) with respect to the radial table: every edge's
     Hermite weights at its grid position ``x_edge`` (``+inf``: none) on the two grid points
     around it. The edges sorted by position (stable), each grid point sums its two intervals'
-    edges in that order: deterministic, and no atomics."""
+    edges in that order: deterministic, and no atomics. ``marks``: ``_radial_marks``."""
     from e2f.attention.triton import kernels as K
 
     nt = dtable.shape[0] - 1
     x_sorted, order = torch.sort(x_edge, stable=True)
-    # the first edge of each interval; the last bound ends the finite positions (x <= NT)
-    marks = torch.arange(nt + 1, device=x_edge.device, dtype=torch.float32)
-    marks[-1] = nt + 0.5
-    bounds = torch.searchsorted(x_sorted, marks)
-    g = dtable.shape[2]
-    K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, dpre_edge, dtable, nt, g, dpre_edge.stride(0),
-                                         BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=4)
+    bounds = torch.searchsorted(x_sorted, marks)  # the first edge of each interval, the end
+    K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, dpre_edge, dtable, nt, dtable.shape[2],
+                                         dpre_edge.stride(0), BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=4)
 
 
 def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> dict:
@@ -774,6 +782,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff, max_bytes=scratch)
     grid_intervals = radial.shape[0] - 1
     dtable = torch.zeros_like(radial)
+    marks = _radial_marks(grid_intervals, dev)
     dd_edge = torch.empty(n * kslots, **f32)
     chunk, (dw_edge, qk_edge, gate_edge, ones, x_edge) = _allocate_stash(chunk, kslots, h, g, f32)
     sw = gate_edge.shape[1]
@@ -813,7 +822,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
             t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial,
             dpre_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
             t0, t0 + nt, kslots, g, grid_intervals, sw, inv_h, cutoff, BK=d["BK"], GP=d["GP"])
-        _radial_gradient(x_edge[:nt * kslots], dpre_edge, dtable, d["GP"])
+        _radial_gradient(x_edge[:nt * kslots], dpre_edge, dtable, marks, d["GP"])
         if a1 > a0:
             kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
                 t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, dpre_edge, rowptr, edge_ids, active,

@@ -171,12 +171,12 @@ def test_table_gradient_kernel_against_its_twin(edges):
     gate_edge = torch.randn(edges, sw, generator=gen)
     start = torch.randn(nt + 1, 2, g, generator=gen)
     dtable = start.clone().to(DEVICE)
-    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), dtable, 16)
+    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), dtable, F._radial_marks(nt, DEVICE), 16)
     live = torch.isfinite(x)
     twin = start.double() + _table_gradient(x[live].double(), gate_edge[live, :g], nt, 1.0)
     assert torch.allclose(dtable.cpu().double(), twin, rtol=1e-5, atol=1e-5)
     again = start.clone().to(DEVICE)
-    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), again, 16)
+    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), again, F._radial_marks(nt, DEVICE), 16)
     assert torch.equal(again, dtable)  # the same order of sums
 
 

@@ -445,7 +445,7 @@ def test_backward_other_configurations(monkeypatch, padded, backward_pass):
     from e2f.attention.backends import get_backend
     from e2f.attention.triton import function as F
 
-    chosen_cfg = {"edge": (F._cfg(8, 16, 4, TB=1), {"TB": 1, "HC": 8}),
+    chosen_cfg = {"edge": (F._config(4, HC=8, TB=1), {"TB": 1, "HC": 8}),
                   "value": (F._heads_cfg(4, 2), {"HB": 4}),
                   "target": (F._target_cfg(8, 4), {"HC": 8}),
                   "gate": (F._config(4, TB=2), {"TB": 2}),
@@ -694,6 +694,25 @@ def test_every_logit_candidate_with_tf32_products(kslots, monkeypatch):
         F._kernels.clear()
         out, _, _ = F._forward(t, inp.rbf_gamma, inp.cutoff, inp.eps)
         assert rel(out, ref) < 1e-2, cfg
+
+
+def test_every_gpu_candidate_names_only_its_kernels_arguments(monkeypatch):
+    # the GPU's autotune candidates (the interpreter runs one of each): a meta-parameter its
+    # kernel lacks is ignored by the interpreter and refused on the GPU, so it is refused here
+    from e2f.attention.triton import function as F
+    from e2f.attention.triton import kernels as K
+
+    monkeypatch.setattr(F, "_interpreting", lambda: False)
+    lists = {"fwd_kernel": F._fwd_candidates(torch.float32) + F._fwd_candidates(torch.bfloat16),
+             "fwd_logit_kernel": F._logit_candidates(32), "fwd_aggregate_kernel": F._aggregate_candidates()}
+    for fp32 in (True, False):
+        for role, cfgs in F._bwd_candidates(32, fp32).items():
+            lists.setdefault(F._BACKWARD[role][0], []).extend(cfgs)
+    assert len(lists) == 8
+    for name, cfgs in lists.items():
+        F._autotuned(getattr(K, name), cfgs)  # raises on an unknown meta-parameter
+    with pytest.raises(ValueError, match="RC"):
+        F._autotuned(K.bwd_edge_kernel, [F._cfg(8, 16, 4, TB=1)])
 
 
 def test_size_buckets_of_the_autotuners():
