@@ -545,8 +545,10 @@ def radial_intervals(gamma: float, cutoff: float) -> int:
 
 
 #: Float64 ``[P, R]`` temporaries alive at once while ``_radial_rows`` runs on ``P`` grid points
-#: or is differentiated: what bounds a block of grid points by the caller's memory budget.
-RADIAL_TEMPORARIES = 8
+#: or is differentiated (four saved for the backward, up to ~8 gradients beside them): what
+#: bounds a block of grid points by the caller's memory budget. With 8 the N = 1,024 forward +
+#: backward peak rose by 1.4 KB an atom (H100, perf-notes 28).
+RADIAL_TEMPORARIES = 12
 #: Fewest grid points a block.
 RADIAL_MIN_BLOCK = 64
 

@@ -210,13 +210,15 @@ def test_float64_temporaries_stay_within_the_budget():
     table, _ = F.radial_table(centers, w, gamma, 5.0)  # also allocates cuBLAS's workspace (32 MiB) first
     dtable = torch.randn_like(table)
     F.radial_table_backward(centers, w, gamma, 5.0, dtable)
-    for run in (lambda: F.radial_table(centers, w, gamma, 5.0, max_bytes=budget),
-                lambda: F.radial_table_backward(centers, w, gamma, 5.0, dtable, max_bytes=budget)):
+    table_bytes = points * 2 * 128 * 4
+    # besides the temporaries: the build's float32 blocks and their concatenation; the gradient's
+    # float64 copies of the weights and of a block of dtable
+    for run, extra in ((lambda: F.radial_table(centers, w, gamma, 5.0, max_bytes=budget), 2 * table_bytes),
+                       (lambda: F.radial_table_backward(centers, w, gamma, 5.0, dtable, max_bytes=budget), 1 << 20)):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run()
         torch.cuda.synchronize()
-        # results (table or gradients) and the float32 concatenation besides the temporaries
         peak = torch.cuda.max_memory_allocated() - base
-        assert peak <= budget + 3 * points * 2 * 128 * 4, (peak, budget)
+        assert peak <= budget + extra, (peak, budget)
