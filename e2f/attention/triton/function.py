@@ -837,7 +837,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     _last["bwd_radial_table"] = {"BE": RADIAL_EDGE_BLOCK, "num_warps": RADIAL_WARPS}  # a fixed configuration
     _last["backward_chunks"] = chunks
     # the table's float64 gradient after the stash is freed (its temporaries stay below it)
-    del dw_edge, qk_edge, gate_edge, dpre_edge, ones, x_edge, dd_edge, rows, hid
+    del dw_edge, qk_edge, gate_edge, dpre_edge, ones, x_edge, dd_edge, rows, hid, rowptr, edge_ids, active
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
                                                                     dtable, max_bytes=scratch)
     return grads

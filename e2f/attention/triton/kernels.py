@@ -159,8 +159,8 @@ def _radial_from_table(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
 @triton.jit
 def _radial_slope_dot(dpre, d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
     """``sum_g dpre[:, g] dT_g(d)/dd`` ``[E]``: the radial layer's part of ``dL/dd``, the
-    derivative of ``_radial_from_table``'s interpolant (its rows read again: L2 hits, and no
-    second ``[E, GP]`` tile held across the gate backward's head loop)."""
+    derivative of ``_radial_from_table``'s interpolant (its rows read again, L2 hits: holding
+    the four ``[E, GP]`` tiles from the value's evaluation costs more registers)."""
     offs_g = tl.arange(0, GP)
     _, i, t = _table_point(d_safe, inv_h, NT)
     t2 = t * t
