@@ -91,10 +91,11 @@ def test_backend_matches_committed_invariants(name, committed, figures):
     assert figs["saved"]["problems"] == [] and figs["correctness"]["problems"] == []
     if name.startswith("triton"):
         # the forward's kernels (the fused one, or the split form's two for the probe's one chunk),
-        # then the backward's five passes
+        # then the backward's six passes
         forward = {"fwd_kernel"} if name == "triton" else {"fwd_logit_kernel", "fwd_aggregate_kernel"}
         assert set(figs["launches"]["triton"]) == forward | {"bwd_edge_kernel", "bwd_value_kernel", "bwd_target_kernel",
-                                                             "bwd_gate_kernel", "bwd_source_kernel"}
+                                                             "bwd_gate_kernel", "bwd_radial_table_kernel",
+                                                             "bwd_source_kernel"}
 
 
 @pytest.mark.parametrize("name", BACKENDS)
