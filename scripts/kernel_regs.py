@@ -52,7 +52,7 @@ KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "value": "bwd_value_k
 DEFAULT_META = {"value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
                 "edge": {"HC": 32, "TB": 4, "num_warps": 8}, "target": {"HC": 8, "num_warps": 4},
                 "logits": {"HC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1},
-                "gate": {"TB": 1, "num_warps": 4}, "radial": {"BE": 32, "num_warps": 4}}
+                "gate": {"TB": 1, "num_warps": 16}, "radial": {"BE": 32, "num_warps": 4}}
 INDEX_POINTERS = ("nbr", "rowptr", "edge_ids", "order", "bounds")
 INT32_POINTERS = ("active",)
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)

@@ -575,6 +575,11 @@ def _radial_grid(gamma: float, cutoff: float, device) -> tuple[Tensor, float]:
     return torch.arange(nt + 1, device=device, dtype=torch.float64) * h, h
 
 
+def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
+    """Bytes of ``radial_table``'s table (and of its gradient) for a hidden layer of ``g``."""
+    return (radial_intervals(gamma, cutoff) + 1) * 2 * g * 4
+
+
 def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
                  max_bytes: int | None = None) -> tuple[Tensor, float]:
     """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
@@ -781,7 +786,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     prec = _gate_precision()
     # the radial table and its gradient come out of the stash's budget, and the table's float64
     # temporaries (built before the stash, differentiated after it) stay within the stash
-    chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * (radial_intervals(gamma, cutoff) + 1) * 2 * g * 4)
+    chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
     scratch = _stash_bytes(chunk * kslots, h, g)
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff, max_bytes=scratch)
     grid_intervals = radial.shape[0] - 1

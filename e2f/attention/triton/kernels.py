@@ -138,17 +138,25 @@ def _table_point(d_safe, inv_h, NT):
 
 
 @triton.jit
+def _table_rows(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
+    """Each distance's position ``t`` in its grid interval, the pointers ``[E, GP]`` to the
+    interval's first table row (value; ``+ G`` its slope, ``+ 2 G`` and ``+ 3 G`` the next grid
+    point's), and their mask."""
+    offs_g = tl.arange(0, GP)
+    _, i, t = _table_point(d_safe, inv_h, NT)
+    base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
+    return t, base, ok[:, None] & (offs_g < G)[None, :]
+
+
+@triton.jit
 def _radial_from_table(d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
     """``rbf(d) @ w_radial`` ``[E, GP]`` as the cubic Hermite interpolation of ``table``
     (``function.radial_table``: per grid point ``d = g h`` the value and ``h`` times the
     derivative, ``[NT + 1, 2, G]``): four row gathers from L2 instead of ``R`` exponentials and
     an ``[E, R] @ [R, G]`` product."""
-    offs_g = tl.arange(0, GP)
-    _, i, t = _table_point(d_safe, inv_h, NT)
+    t, base, m2 = _table_rows(d_safe, ok, table, inv_h, NT, G, GP)
     t2 = t * t
     t3 = t2 * t
-    base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
-    m2 = ok[:, None] & (offs_g < G)[None, :]
     acc = (2.0 * t3 - 3.0 * t2 + 1.0)[:, None] * tl.load(base, mask=m2, other=0.0)
     acc += (t3 - 2.0 * t2 + t)[:, None] * tl.load(base + G, mask=m2, other=0.0)
     acc += (3.0 * t2 - 2.0 * t3)[:, None] * tl.load(base + 2 * G, mask=m2, other=0.0)
@@ -161,11 +169,8 @@ def _radial_slope_dot(dpre, d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
     """``sum_g dpre[:, g] dT_g(d)/dd`` ``[E]``: the radial layer's part of ``dL/dd``, the
     derivative of ``_radial_from_table``'s interpolant (its rows read again, L2 hits: holding
     the four ``[E, GP]`` tiles from the value's evaluation costs more registers)."""
-    offs_g = tl.arange(0, GP)
-    _, i, t = _table_point(d_safe, inv_h, NT)
+    t, base, m2 = _table_rows(d_safe, ok, table, inv_h, NT, G, GP)
     t2 = t * t
-    base = table + i.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
-    m2 = ok[:, None] & (offs_g < G)[None, :]
     # d/dt of the four Hermite weights; the two value terms share theirs up to the sign
     dv = tl.sum(dpre * (tl.load(base + 2 * G, mask=m2, other=0.0) - tl.load(base, mask=m2, other=0.0)), axis=1)
     s0 = tl.sum(dpre * tl.load(base + G, mask=m2, other=0.0), axis=1)
