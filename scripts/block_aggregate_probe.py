@@ -18,21 +18,24 @@ Each variant's output is checked against the edge aggregation's. Timings: ``do_b
 medians (L2 flushed), ms::
 
     PYTHONPATH=. python scripts/block_aggregate_probe.py --out DIR [--n 65536] [--chunk 10923]
+    TRITON_INTERPRET=1 PYTHONPATH=. python scripts/block_aggregate_probe.py --out DIR --n 300 --chunk 100 --dtypes float32
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import time
 
 import torch
 import triton
 import triton.language as tl
 
-from e2f.attention.core import pad_value_rows
 from e2f.attention.triton import function as F
 from e2f.attention.triton import kernels as K
 from e2f.attention.workload import random_core_inputs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1 (one call's wall time)
 
 
 @triton.jit
@@ -97,7 +100,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "block-probe.jsonl"), "a")
     torch.set_float32_matmul_precision("high")
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
 
     def emit(row):
         row = {"gpu": gpu, "n": args.n, "chunk": args.chunk, **row}
@@ -107,20 +110,24 @@ def main():
 
     def bench(fn):
         fn()
+        if DEV == "cpu":
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
-        inp = random_core_inputs(args.n, dtype=dtype, device="cuda", seed=3)
-        v = pad_value_rows(inp.v)
+        inp = random_core_inputs(args.n, dtype=dtype, device=DEV, seed=3, value_head_stride=64)
+        v = inp.v
         nbr = inp.nbr
         n, kslots = nbr.shape
         h, dv = v.shape[1], v.shape[2]
         d = F._dims({**{name: getattr(inp, name) for name in F.TENSOR_NAMES}, "v": v})
         rows = min(args.chunk, n)
-        weight = torch.rand(rows * kslots, h, device="cuda") * (nbr[:rows].reshape(-1, 1) >= 0)
-        ref = torch.zeros(n, h, dv, device="cuda")
+        weight = torch.rand(rows * kslots, h, device=DEV) * (nbr[:rows].reshape(-1, 1) >= 0)
+        ref = torch.zeros(n, h, dv, device=DEV)
         edge = lambda: K.fwd_aggregate_kernel[(rows, triton.cdiv(h, 32))](  # noqa: E731
             nbr, v, weight, ref, 0, kslots, h, DV=dv, DVP=d["DVP"], VS=d["VS"], HB=32, num_warps=1, num_stages=1)
         emit({"dtype": dname, "variant": "edge HB=32", "ms": bench(edge)})
@@ -143,7 +150,7 @@ def main():
                 ("prefetch+heads_last", dict(BS=16, HG=4, PREFETCH=True, HEADS_LAST=True, maxnreg=168), 4, 1),
                 ("heads_last", dict(BS=16, HG=4, PREFETCH=False, HEADS_LAST=True), 4, 2)]
             for name, meta, warps, stages in variants:
-                out = torch.zeros(n, h, dv, device="cuda")
+                out = torch.zeros(n, h, dv, device=DEV)
                 kern = K.fwd_block_aggregate_kernel if name == "lib" else block_variant_kernel
 
                 def run(kern=kern, meta=meta, warps=warps, stages=stages, out=out):
