@@ -98,14 +98,6 @@ FWD_STASH_BYTES_PER_ATOM = 3 * 1024
 #: machine, whose host launched the 22 kernels slower than the GPU ran them), 2.24 / 2.06 at
 #: 8,192 (745), 4.42 / 3.24 at 16,384 (perf-notes section 24).
 SPLIT_MIN_TARGETS = {True: 2048, False: 1024}
-AGGREGATION_ENV = "E2F_TRITON_AGGREGATION"
-AGGREGATIONS = ("block", "edge")
-BLOCK_ENV = "E2F_TRITON_BLOCK_TARGETS"
-#: Consecutive (Morton-ordered) targets a block of the block aggregation. N = 65,536 at 0.1
-#: atoms/Å^3, K = 32: a block's distinct sources number 139 / 209 / 320 / 497 on average at 16 /
-#: 32 / 64 / 128 targets, so each value row is read once for 3.7 / 4.9 / 6.4 / 8.2 edges; the
-#: weight tiles are then 21 / 14 / 10 / 6 % non-zero.
-BLOCK_TARGETS = 32
 _FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}
@@ -254,34 +246,25 @@ def _logit_candidates(bk: int) -> list:
 
 
 def _aggregate_candidates() -> list:
-    """Configurations of the split forward's edge aggregation (``HB`` heads a program)."""
+    """Configurations of the split forward's aggregation kernel (``HB`` heads a program)."""
     if _interpreting():
         return [_heads_cfg(2, 1)]
     # H100, N = 65,536, fp32 / bf16 values, ms: HB=32 1 warp 8.66 / 4.59, HB=64 2 warps 9.00 / 4.75,
-    # HB=16 1 warp 9.27 / 7.08 (HB=128 at 4 warps 9.23 / 5.53 and register caps were slower;
-    # with the online softmax in the kernel, before it moved to the logits kernel)
+    # HB=16 1 warp 9.27 / 7.08 (HB=128 at 4 warps 9.23 / 5.53 and register caps were slower)
     return [_heads_cfg(hb, w) for hb, w in ((32, 1), (64, 2), (16, 1))]
 
 
-def _block_candidates() -> list:
-    """Configurations of the block aggregation: ``BS`` union sources a tile, ``HG`` heads a program."""
-    if _interpreting():
-        return [_config(1, BS=16, HG=2)]
-    return [_config(4, BS=32, HG=4), _config(4, BS=64, HG=2), _config(4, BS=32, HG=2),
-            _config(8, BS=32, HG=8), _config(4, stages=2, BS=32, HG=4)]
-
-
 def _split_kernels(bucket: int, bk: int) -> tuple:
-    """The split forward's autotuned kernels (logits, edge aggregation, block aggregation) for
-    one ``size_bucket`` and slot tile ``bk``."""
+    """The split forward's autotuned kernels (logits, aggregation) for one ``size_bucket`` and
+    slot tile ``bk``."""
     key = ("split", bucket, bk)
     if key not in _kernels:
         from e2f.attention.triton import kernels as K
 
         first_only = os.environ.get("E2F_TRITON_AUTOTUNE", "1") == "0"
-        kernels = ((K.fwd_logit_kernel, _logit_candidates(bk)), (K.fwd_aggregate_kernel, _aggregate_candidates()),
-                   (K.fwd_block_aggregate_kernel, _block_candidates()))
-        _kernels[key] = tuple(_autotuned(kernel, cfgs[:1] if first_only else cfgs) for kernel, cfgs in kernels)
+        logit_cfgs, aggregate_cfgs = _logit_candidates(bk), _aggregate_candidates()
+        _kernels[key] = (_autotuned(K.fwd_logit_kernel, logit_cfgs[:1] if first_only else logit_cfgs),
+                         _autotuned(K.fwd_aggregate_kernel, aggregate_cfgs[:1] if first_only else aggregate_cfgs))
     return _kernels[key]
 
 
@@ -474,68 +457,12 @@ def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True) -> tuple[s
     if mode not in FWD_MODES:
         raise ValueError(f"{FWD_MODE_ENV} must be one of {FWD_MODES}, got {mode!r}")
     budget = _bytes_from_env(FWD_STASH_ENV) or FWD_STASH_BYTES_PER_ATOM
-    chunk = _chunk_within(n_rows, kslots * 4 * h, budget)
+    chunk = _chunk_within(n_rows, kslots * (8 * h + 4), budget)
     if mode == "auto":
         # a forced fused configuration is an experiment on the fused kernel
         forced = bool(os.environ.get(FWD_CONFIG_ENV, "").strip())
         mode = "split" if chunk >= SPLIT_MIN_TARGETS[fp32] and not forced else "fused"
     return mode, chunk
-
-
-def block_targets() -> int:
-    """Targets a block of the block aggregation (``E2F_TRITON_BLOCK_TARGETS``, default ``BLOCK_TARGETS``)."""
-    text = os.environ.get(BLOCK_ENV, "").strip()
-    bt = int(text) if text.isdigit() else BLOCK_TARGETS
-    if text and (not text.isdigit() or bt not in (16, 32, 64, 128)):
-        raise ValueError(f"{BLOCK_ENV} must be 16, 32, 64 or 128, got {text!r}")
-    return bt
-
-
-def aggregation_mode() -> str:
-    """The split forward's aggregation asked for (``E2F_TRITON_AGGREGATION``)."""
-    mode = os.environ.get(AGGREGATION_ENV, "").strip() or "block"
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"{AGGREGATION_ENV} must be one of {AGGREGATIONS}, got {mode!r}")
-    return mode
-
-
-def target_blocks(nbr: Tensor, bt: int) -> tuple | None:
-    """The sources of every block of ``bt`` consecutive targets and where each target's edges
-    sit among them, or None where a target lists one source twice (the block aggregation's
-    weights are one number a target and source).
-
-    Returns ``(sources, slots, counts)``: ``sources [B, U + 1]`` int32 holds block ``b``'s
-    distinct sources in increasing order in its first ``counts[b]`` columns; ``slots [B bt, U + 1]``
-    int16 holds, for target ``b bt + t`` and source column ``c``, the edge's index
-    ``t K + slot`` within the block (``-1``: no edge). ``U`` is the largest count rounded up to
-    64; the last column of both is scratch. One host synchronisation (the largest count).
-    """
-    n, kslots = nbr.shape
-    blocks = triton_cdiv(n, bt)
-    dev = nbr.device
-    flat = torch.full((blocks * bt * kslots,), -1, device=dev, dtype=torch.int64)
-    flat[: n * kslots] = nbr.reshape(-1)
-    none = torch.iinfo(torch.int64).max
-    key, order = torch.sort(torch.where(flat >= 0, flat, none).view(blocks, bt * kslots), dim=1, stable=True)
-    del flat
-    valid = key != none
-    new = valid.clone()
-    new[:, 1:] &= key[:, 1:] != key[:, :-1]
-    # equal keys are adjacent and, within a key, in slot order: a repeat inside one target is
-    # two adjacent entries of one key and one target
-    repeated = (valid[:, 1:] & ~new[:, 1:] & (order[:, 1:] // kslots == order[:, :-1] // kslots)).any()
-    col = torch.cumsum(new, dim=1) - 1
-    counts = new.sum(dim=1)
-    largest, repeat = torch.stack([counts.max(), repeated.to(counts.dtype)]).tolist()
-    if repeat:
-        return None
-    width = max(64, triton_cdiv(largest, 64) * 64) + 1
-    scratch = width - 1
-    sources = torch.zeros(blocks, width, device=dev, dtype=torch.int32)
-    sources.scatter_(1, torch.where(new, col, scratch), torch.where(new, key, 0).to(torch.int32))
-    slots = torch.full((blocks, bt * width), -1, device=dev, dtype=torch.int16)
-    slots.scatter_(1, torch.where(valid, (order // kslots) * width + col, scratch), order.to(torch.int16))
-    return sources, slots.view(blocks * bt, width), counts.to(torch.int32)
 
 
 def _forward(t: dict, gamma: float, cutoff: float, eps: float):
@@ -568,39 +495,28 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
 
 def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tensor, gamma: float, cutoff: float,
                    eps: float, prec: str) -> None:
-    """The forward in two kernels a chunk of ``chunk`` targets: logits and softmax weights,
-    then the aggregation (by blocks of targets, or by edges where ``target_blocks`` refuses or
-    ``E2F_TRITON_AGGREGATION=edge``)."""
+    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation."""
     n, kslots, h = d["N"], d["K"], d["H"]
-    bt = block_targets()
-    blocks = target_blocks(t["nbr"], bt) if aggregation_mode() == "block" else None
     f32 = dict(device=t["q"].device, dtype=torch.float32)
     # the table's float64 temporaries go before the stash exists, and within its size
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff, max_bytes=chunk * kslots * h * 4)
-    weight = torch.empty(chunk * kslots, h, **f32)
-    logits, edge_aggregate, block_aggregate = _split_kernels(size_bucket(n), d["BK"])
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff,
+                                 max_bytes=chunk * kslots * (2 * h + 1) * 4)
+    stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
+             torch.empty(chunk * kslots, **f32))
+    logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
     for t0 in range(0, n, chunk):
         rows = min(chunk, n - t0)
         done = logits[lambda meta: (triton_cdiv(rows, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            radial, t["w_out"], t["b_out"], weight, m, s,
+            radial, t["w_out"], t["b_out"], *stash,
             t0, t0 + rows, kslots, h, d["G"], radial.shape[0] - 1, inv_h, float(cutoff), 1.0 / math.sqrt(d["DK"]),
-            float(eps), DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
-        if blocks is None:
-            aggregate = edge_aggregate
-            aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
-                t["nbr"], t["v"], weight, out, t0, kslots, h, DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
-        else:
-            aggregate = block_aggregate
-            sources, slots, counts = blocks
-            first, last = t0 // bt, triton_cdiv(t0 + rows, bt)
-            aggregated = aggregate[lambda meta: (last - first, triton_cdiv(h, meta["HG"]))](
-                sources, slots, counts, t["v"], weight, out, t0, t0 + rows, first, kslots, h, sources.shape[1],
-                DV=d["DV"], DVP=d["DVP"], VS=d["VS"], BT=bt, PREC=prec)
+            DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
+        aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
+            t["nbr"], t["v"], *stash, out, m, s, t0, kslots, h, float(eps),
+            DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
     _record("fwd_logits", logits, done)
     _record("fwd_aggregate", aggregate, aggregated)
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
-    _last["fwd_aggregation"] = "edge" if blocks is None else f"block{bt}"
 
 
 #: Grid points of the radial table a basis width ``sigma``. The backward differentiates the

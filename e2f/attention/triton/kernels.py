@@ -362,28 +362,6 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
                  mask=(hh < tl.where(i < N, H, 0))[:, None] & (offs_d < DV)[None, :])
 
 
-@triton.jit
-def _target_softmax(g, qk, u, live, hmask, env_t, inv_d_t, rows, N, H, offs_h, eps, m_out, s_out):
-    """The softmax weights ``u p / (d s)`` ``[TB * BK, HC]`` of the edge tile of the ``TB``
-    targets ``rows`` (each with all its slots in the tile, so every max is exact), zero where an
-    edge is not live; stores each target's and head's max ``m`` (the sink's logit 0 included)
-    and denominator ``s`` (the sink's ``eps exp(-m)`` included)."""
-    TB: tl.constexpr = env_t.shape[0]
-    BK: tl.constexpr = env_t.shape[1]
-    HC: tl.constexpr = g.shape[1]
-    lv = live[:, None] & hmask[None, :]
-    logit = tl.reshape(tl.where(lv, g * qk, float("-inf")), (TB, BK, HC))
-    mx = tl.maximum(tl.max(logit, axis=1), 0.0)
-    p = env_t[:, :, None] * tl.exp(logit - mx[:, None, :])
-    s = eps * tl.exp(-mx) + tl.sum(p, axis=1)
-    w = tl.reshape(tl.reshape(u, (TB, BK, HC)) * p * inv_d_t[:, :, None] / s[:, None, :], (TB * BK, HC))
-    stat = rows[:, None] * H + offs_h[None, :]
-    stat_mask = (rows < N)[:, None] & hmask[None, :]
-    tl.store(m_out + stat, mx, mask=stat_mask)
-    tl.store(s_out + stat, s, mask=stat_mask)
-    return tl.where(lv, w, 0.0)
-
-
 @triton.jit(do_not_specialize=["N"])
 def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
                out, m_out, s_out,
@@ -419,7 +397,17 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
         hmask = offs_h < H
         g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
         qk = _fwd_qk(q, k, nbr, t0, N, K, H, offs_h, hmask, inv_sqrt_dk, DK, DKP, TB, BK)
-        w = _target_softmax(g, qk, u, live, hmask, env_t, inv_d_t, rows, N, H, offs_h, eps, m_out, s_out)
+        lv = live[:, None] & hmask[None, :]
+        # [TB, BK, HC]: each target's softmax reduces over its own BK slots
+        logit = tl.reshape(tl.where(lv, g * qk, float("-inf")), (TB, BK, HC))
+        mx = tl.maximum(tl.max(logit, axis=1), 0.0)  # [TB, HC]; 0 is the sink logit
+        p = env_t[:, :, None] * tl.exp(logit - mx[:, None, :])
+        s = eps * tl.exp(-mx) + tl.sum(p, axis=1)
+        w = tl.reshape(tl.reshape(u, (TB, BK, HC)) * p * inv_d_t[:, :, None] / s[:, None, :], (E, HC))
+        stat = rows[:, None] * H + offs_h[None, :]
+        stat_mask = (rows < N)[:, None] & hmask[None, :]
+        tl.store(m_out + stat, mx, mask=stat_mask)
+        tl.store(s_out + stat, s, mask=stat_mask)
         if GROUPS == 2:
             # heads h0 .. h0 + HC/2 - 1 contiguous in one tile: the compiler can then give each
             # warp its own heads, so the sum over edges stays inside a thread
@@ -485,23 +473,23 @@ def _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK: tl.constexpr
 
 @triton.jit(do_not_specialize=["N", "T0"])
 def fwd_logit_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, w_out, b_out,
-                     weight_edge, m_out, s_out,
-                     T0, N, K, H, G, NT, inv_h, cutoff, inv_sqrt_dk, eps,
+                     logit_edge, coef_edge, env_edge,
+                     T0, N, K, H, G, NT, inv_h, cutoff, inv_sqrt_dk,
                      DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
                      PREC: tl.constexpr, TB: tl.constexpr = 1):
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     hid = _gate_hidden(d_safe, tgt, src, ok, radial, inv_h, NT, gate_dst, gate_src, G, GP)
-    env_t = tl.reshape(env, (TB, BK))
-    inv_d_t = tl.reshape(inv_d, (TB, BK))
-    rows = T0 + tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB)
+    tl.store(env_edge + row, tl.where(live, env, 0.0), mask=keep)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
         g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
         qk = _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP)
-        w = _target_softmax(g, qk, u, live, hmask, env_t, inv_d_t, rows, N, H, offs_h, eps, m_out, s_out)
-        tl.store(weight_edge + row[:, None] * H + offs_h[None, :], w, mask=keep[:, None] & hmask[None, :])
+        at = row[:, None] * H + offs_h[None, :]
+        m2 = keep[:, None] & hmask[None, :]
+        tl.store(logit_edge + at, tl.where(live[:, None], g * qk, float("-inf")), mask=m2)
+        tl.store(coef_edge + at, u * inv_d[:, None], mask=m2)
 
 
 @triton.jit
@@ -520,61 +508,38 @@ def _head_rows(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl
 
 
 @triton.jit(do_not_specialize=["T0"])
-def fwd_aggregate_kernel(nbr, v, weight_edge, out, T0, K, H,
+def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
+                         T0, K, H, eps,
                          DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
-    # target T0 + program id 0, heads program id 1 * HB ..: the weighted sum over the slots,
-    # every head's sums in the threads that own its columns
+    # target T0 + program id 0, heads program id 1 * HB ..: an online softmax over the slots
+    # with the sink (logit 0, weight eps) as its start, every sum inside a thread
     i = T0 + tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
     offs_d = tl.arange(0, DVP)
+    dmask = offs_d < DV
+    mx = tl.zeros([HB], dtype=tl.float32)
+    s = tl.zeros([HB], dtype=tl.float32) + eps
     acc = tl.zeros([HB, DVP], dtype=tl.float32)
     for slot in range(K):
         row = (i - T0) * K + slot
-        w = tl.load(weight_edge + row * H + hh, mask=hm, other=0.0)
+        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
+        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
+        env = tl.load(env_edge + row)
         # the padding of the value rows only reaches columns that are never stored
         j = tl.load(nbr + i * K + slot)
         vt = _head_rows(v, tl.where(j >= 0, j, 0).to(tl.int64), hh, hh < tl.where(j >= 0, H, 0), H, DV, DVP, VS)
-        acc += w[:, None] * vt
-    tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], acc,
-             mask=hm[:, None] & (offs_d < DV)[None, :])
-
-
-@triton.jit(do_not_specialize=["T0", "T1", "B0", "UP"])
-def fwd_block_aggregate_kernel(sources, slots, counts, v, weight_edge, out, T0, T1, B0, K, H, UP,
-                               DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, BT: tl.constexpr,
-                               PREC: tl.constexpr, BS: tl.constexpr, HG: tl.constexpr):
-    # block B0 + program id 0 of BT consecutive targets, heads program id 1 * HG ..: the union
-    # of the block's sources in tiles of BS, each tile's value rows read once for all BT targets
-    # ([HG, BT, BS] weights, zero where a target lacks that source, times [HG, BS, DVP] values
-    # on tensor cores) instead of once an edge
-    b = B0 + tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1) * HG + tl.arange(0, HG)
-    hm = hh < H
-    tgt = b * BT + tl.arange(0, BT)
-    tm = (tgt >= T0) & (tgt < T1)  # a block may straddle two chunks: each writes its own targets
-    first = (b * BT - T0) * K
-    count = tl.load(counts + b)
-    STRIDE: tl.constexpr = DV if VS == 0 else VS
-    offs_d = tl.arange(0, DVP)
-    # padded rows are read whole (16-byte vectors); their padding only reaches columns never stored
-    dcols = offs_d < (DVP if STRIDE >= DVP else DV)
-    acc = tl.zeros([HG, BT, DVP], dtype=tl.float32)
-    for u0 in range(0, count, BS):
-        us = u0 + tl.arange(0, BS)
-        um = us < count
-        j = tl.load(sources + b * UP + us, mask=um, other=0).to(tl.int64)
-        e = tl.load(slots + tgt[:, None] * UP + us[None, :], mask=tm[:, None] & um[None, :], other=-1).to(tl.int64)
-        w = tl.load(weight_edge + (first + e)[None, :, :] * H + hh[:, None, None],
-                    mask=(e >= 0)[None, :, :] & hm[:, None, None], other=0.0)
-        vt = tl.load(v + j[None, :, None] * (H * STRIDE) + hh[:, None, None] * STRIDE + offs_d[None, None, :],
-                     mask=hm[:, None, None] & um[None, :, None] & dcols[None, None, :], other=0.0)
-        if vt.dtype == tl.float32:
-            acc = tl.dot(w, vt, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(w.to(vt.dtype), vt, acc)
-    tl.store(out + tgt[None, :, None] * (H * DV) + hh[:, None, None] * DV + offs_d[None, None, :], acc,
-             mask=hm[:, None, None] & tm[None, :, None] & (offs_d < DV)[None, None, :])
+        m_new = tl.maximum(mx, lg)
+        scale = tl.exp(mx - m_new)
+        p = env * tl.exp(lg - m_new)
+        s = s * scale + p
+        acc = acc * scale[:, None] + (p * c)[:, None] * vt
+        mx = m_new
+    stat = i * H + hh
+    tl.store(m_out + stat, mx, mask=hm)
+    tl.store(s_out + stat, s, mask=hm)
+    tl.store(out + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], acc / s[:, None],
+             mask=hm[:, None] & dmask[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
