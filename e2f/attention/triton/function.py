@@ -275,7 +275,6 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     if _interpreting():
         return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
                 "gate": [_config(4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
-    # The edge pass is the split forward's logits kernel with other stores: its candidates.
     # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
     # perf-notes section 26): value pass HB = 32 at 1 warp 3.31 / 3.54 (253 registers),
     # HB = 16 3.88 / 3.28, HB = 64 at 2 warps 4.20 / 3.76, HB = 32 at 2 warps 6.69 / 5.55; target
@@ -292,7 +291,13 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     # target pass they replaced faulted there with 8 warps, perf-notes section 11).
     wide, narrow = _heads_cfg(32, 1), _heads_cfg(16, 1)
     small, large = _target_cfg(8, 4), _target_cfg(32, 8)
-    return {"edge": _logit_candidates(bk),
+    # The edge pass without the gate outputs (cuBLAS writes them): sm_90a registers at 32-row
+    # tiles, HC = 16 4 warps 109, HC = 32 144; 64 rows, 8 warps, HC = 16 150 (the logits
+    # kernel's 128-row tiles spill: 255 registers).
+    one = max(1, 32 // bk)
+    edge = [_config(4, HC=16, TB=one), _config(4, HC=32, TB=one), _config(8, HC=16, TB=2 * one),
+            _config(8, HC=32, TB=2 * one)]
+    return {"edge": edge,
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
             "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
             "gate": [_config(16, TB=1), _config(8, TB=1), _config(8, maxnreg=128, TB=1), _config(16, TB=2)],
@@ -646,13 +651,15 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 
 
 #: The backward passes each other a per-edge stash: per edge and head ``q.k`` (then ``dqk``)
-#: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients) and the
-#: gate's hidden layer, which becomes its gradient and then the pre-activation's (``4 H + G``
-#: floats an edge: 2.5 KB at the paper sizes). The output layer's weight gradient and the
-#: hidden layer's are matrix products per chunk over the stash's columns, the radial layer's a
-#: sum over each grid interval's edges (``_radial_gradient``).
-#: The edge pass computes the gate MLP and q.k; the value, target and source passes read the
-#: stash (the gate backward recomputes the pre-activation).
+#: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients), the
+#: gate's hidden layer, which becomes its gradient and then the pre-activation's, and a one
+#: (``4 H + G + 16`` floats an edge, padded to rows of a multiple of 16: 2.6 KB at the paper
+#: sizes). The gate
+#: outputs ``[hid 1] [w_out; b_out]``, the output layer's weight and bias gradients
+#: ``[hid 1]^T [dg du]`` and the hidden layer's gradient are matrix products per chunk over
+#: the stash's columns, the radial layer's a sum over each grid interval's edges
+#: (``_radial_gradient``). The edge pass computes the hidden layer and q.k; the value, target
+#: and source passes read the stash (the gate backward recomputes the pre-activation).
 #: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
 #: capped at ``STASH_MAX_BYTES`` in all, and never below ``STASH_BYTES_PER_ATOM`` (K = 32:
 #: 6 chunks up to ~230,000 atoms, 7 at 262,144, 14 at 524,288): the backward's bytes per atom
@@ -669,10 +676,17 @@ STASH_MAX_BYTES = 3 << 30
 STASH_ENV = "E2F_TRITON_STASH_BYTES"
 
 
+#: The column of ones after ``hid`` in a gate row, and padding: a row of a multiple of 16
+#: numbers keeps the stride specialised as divisible by 16, so the kernels that walk the stash
+#: keep their vector loads (with 4, 388 numbers at the paper sizes, the target pass took 1.09
+#: instead of 0.91 ms a chunk; perf-notes 28).
+GATE_ROW_EXTRA = 16
+
+
 def _gate_stash_width(h: int, g: int) -> int:
-    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``, and ``hid`` (then
-    ``dhid``, then ``dpre``)."""
-    return 2 * h + g
+    """Numbers a ``gate_edge`` row holds: ``g``, ``u`` then ``dg``, ``du``; ``hid`` (then
+    ``dhid``, then ``dpre``); a one (the bias's column in the gate's products); padding."""
+    return 2 * h + g + GATE_ROW_EXTRA
 
 
 def _bytes_from_env(name: str) -> int | None:
@@ -713,15 +727,16 @@ MIN_CHUNK_TARGETS = 256
 
 def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
     """The stash of ``rows`` edges: ``dw``, ``q.k`` then ``dqk`` ([rows, H]), the gate rows
-    ([rows, SW]), the ones the bias gradient's product sums with, and each edge's position on
-    the radial table's grid (``[rows]``)."""
-    return (torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), torch.empty(rows, sw, **f32),
-            torch.ones(rows, **f32), torch.empty(rows, **f32))
+    ([rows, SW], the column after ``hid`` (``SW - GATE_ROW_EXTRA``) set to one), and each edge's
+    position on the radial table's grid (``[rows]``)."""
+    gate = torch.empty(rows, sw, **f32)
+    gate[:, sw - GATE_ROW_EXTRA] = 1.0
+    return torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), gate, torch.empty(rows, **f32)
 
 
 def _stash_bytes(rows: int, h: int, g: int) -> int:
     """Bytes of ``_stash_buffers`` for ``rows`` edges."""
-    return rows * (2 * h + _gate_stash_width(h, g) + 2) * 4
+    return rows * (2 * h + _gate_stash_width(h, g) + 1) * 4
 
 
 def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple:
@@ -783,7 +798,6 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
-    prec = _gate_precision()
     # the radial table and its gradient come out of the stash's budget, and the table's float64
     # temporaries (built before the stash, differentiated after it) stay within the stash
     chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
@@ -793,9 +807,12 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     dtable = torch.zeros_like(radial)
     marks = _radial_marks(grid_intervals, dev)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk, (dw_edge, qk_edge, gate_edge, ones, x_edge) = _allocate_stash(chunk, kslots, h, g, f32)
+    chunk, (dw_edge, qk_edge, gate_edge, x_edge) = _allocate_stash(chunk, kslots, h, g, f32)
+    # the gate's output layer with its bias as one more row, and their gradients alike
+    w_aug = torch.cat((t["w_out"].detach(), t["b_out"].detach()[None])).float()
+    dw_aug = torch.zeros_like(w_aug)
     sw = gate_edge.shape[1]
-    dpre_edge = gate_edge[:, 2 * h:]  # hid, then dhid, then dpre: a row's last G numbers
+    dpre_edge = gate_edge[:, 2 * h:]  # hid, then dhid, then dpre: the G numbers after 2 H
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
@@ -806,9 +823,13 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         a0, a1 = active_ptr[c], active_ptr[c + 1]  # the sources with in-edges from the chunk
         kern["edge"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["gate_dst"], t["gate_src"],
-            radial, t["w_out"], t["b_out"], qk_edge, gate_edge,
+            radial, qk_edge, gate_edge,
             t0, t0 + nt, kslots, h, g, grid_intervals, sw, inv_h, cutoff, inv_sqrt_dk,
-            DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
+            DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"])
+        # the gate outputs [g u] = [hid 1] [w_out; b_out] into the row's first 2 H numbers
+        # (strided operands and output: cuBLAS reads and writes the stash in place)
+        hid_one = rows[:, 2 * h:2 * h + g + 1]
+        torch.mm(hid_one, w_aug, out=rows[:, :2 * h])
         if a1 > a0:
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
                 t["pos_dst"], t["pos_src"], t["v"], dout, m, s, qk_edge, gate_edge, rowptr, edge_ids, active,
@@ -817,16 +838,15 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         kern["target"][(nt,)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["k"], m, s, grads["q"], dd_edge, dw_edge, qk_edge, gate_edge,
             t0, kslots, h, sw, cutoff, inv_sqrt_dk, DK=d["DK"], BK=d["BK"], DKP=d["DKP"])
-        # the output layer's weights: hid^T [dg du] over the chunk's edges (slots without an
-        # edge hold dg = du = 0); matrix products at the gate kernels' precision (_gate_precision).
-        # The bias as a product too: a column sum of the strided stash (.sum(0)) took a
-        # temporary of up to 132 MiB on an H100 (10 KB an atom at N = 1,024)
+        # the output layer's weights and bias: [hid 1]^T [dg du] over the chunk's edges (slots
+        # without an edge hold dg = du = 0); matrix products at the gate kernels' precision
+        # (_gate_precision). The bias through the ones: a column sum of the strided stash
+        # (.sum(0)) took a temporary of up to 132 MiB on an H100 (10 KB an atom at N = 1,024)
         hid = rows[:, 2 * h:2 * h + g]
-        grads["w_out"].addmm_(hid.t(), rows[:, :2 * h])
-        grads["b_out"].addmv_(rows[:, :2 * h].t(), ones[:nt * kslots])
+        dw_aug.addmm_(hid_one.t(), rows[:, :2 * h])
         # the hidden layer's gradient [dg du] w_out^T over hid (its last reader was the product
         # above; a strided output cuBLAS writes in place), then the elementwise gate backward
-        torch.mm(rows[:, :2 * h], t["w_out"].detach().t(), out=hid)
+        torch.mm(rows[:, :2 * h], w_aug[:g].t(), out=hid)
         kern["gate"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial,
             dpre_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
@@ -842,7 +862,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     _last["bwd_radial_table"] = {"BE": RADIAL_EDGE_BLOCK, "num_warps": RADIAL_WARPS}  # a fixed configuration
     _last["backward_chunks"] = chunks
     # the table's float64 gradient after the stash is freed (its temporaries stay below it)
-    del dw_edge, qk_edge, gate_edge, dpre_edge, ones, x_edge, dd_edge, rows, hid, rowptr, edge_ids, active
+    grads["w_out"], grads["b_out"] = dw_aug[:g].contiguous(), dw_aug[g].contiguous()
+    del dw_edge, qk_edge, gate_edge, dpre_edge, x_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
                                                                     dtable, max_bytes=scratch)
     return grads

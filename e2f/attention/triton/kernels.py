@@ -34,10 +34,11 @@ The backward runs the targets in chunks (``function._stash_chunk``); per chunk, 
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
 of them computes the gate outputs and q.k and one walks the value rows:
 
-* ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, gate MLP from the radial
-  table, q.k), storing
-  per edge and head ``q.k`` (``qk_edge``), ``g`` and ``u``, and per edge the gate's hidden
-  layer ``hid``: a ``gate_edge`` row of ``SW = 2 H + G`` numbers.
+* ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, the gate's hidden layer
+  from the radial table, q.k), storing per edge and head ``q.k`` (``qk_edge``) and per edge
+  ``hid`` into a ``gate_edge`` row of ``SW = 2 H + G + 4`` numbers (``g``, ``u``, ``hid``, a
+  one, padding); ``function`` then writes ``[g u] = [hid 1] [w_out; b_out]`` into the row's
+  first ``2 H`` numbers with one cuBLAS product a chunk.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
   the softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``,
@@ -543,14 +544,13 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
-def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, w_out, b_out,
-                    qk_edge, gate_edge,
+def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, qk_edge, gate_edge,
                     T0, N, K, H, G, NT, SW, inv_h, cutoff, inv_sqrt_dk,
                     DK: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr, DKP: tl.constexpr, GP: tl.constexpr,
-                    PREC: tl.constexpr, TB: tl.constexpr = 1):
-    # fwd_logit_kernel's tiles, stashing the logit's and the coefficient's factors: q.k per edge
-    # and head into qk_edge, g and u into the first 2 H numbers of the edge's gate_edge row and
-    # the gate's hidden layer after them
+                    TB: tl.constexpr = 1):
+    # fwd_logit_kernel's tiles, stashing the logit's and the coefficient's factors but the gate
+    # outputs: q.k per edge and head into qk_edge, the gate's hidden layer after the first 2 H
+    # numbers of the edge's gate_edge row (function's product then writes g and u there)
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     hid = _gate_hidden(d_safe, tgt, src, ok, radial, inv_h, NT, gate_dst, gate_src, G, GP)
@@ -559,13 +559,8 @@ def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, w_o
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
-        g, u = _gates(hid, w_out, b_out, offs_h, hmask, H, G, GP, PREC)
-        m2 = keep[:, None] & hmask[None, :]
         tl.store(qk_edge + row[:, None] * H + offs_h[None, :],
-                 _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP), mask=m2)
-        gu = row[:, None] * SW + offs_h[None, :]
-        tl.store(gate_edge + gu, g, mask=m2)
-        tl.store(gate_edge + gu + H, u, mask=m2)
+                 _edge_qk(q, k, tgt, src, ok, H, offs_h, hmask, inv_sqrt_dk, DK, DKP), mask=keep[:, None] & hmask[None, :])
 
 
 @triton.jit
