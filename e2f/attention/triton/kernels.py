@@ -32,13 +32,13 @@ recompile every autotune candidate.
   across warps).
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
-of them computes the gate outputs and q.k and one walks the value rows:
+of them computes the gate's hidden layer and q.k and one walks the value rows:
 
 * ``bwd_edge_kernel``: ``fwd_logit_kernel``'s edge tiles (geometry, the gate's hidden layer
   from the radial table, q.k), storing per edge and head ``q.k`` (``qk_edge``) and per edge
-  ``hid`` into a ``gate_edge`` row of ``SW = 2 H + G + 4`` numbers (``g``, ``u``, ``hid``, a
-  one, padding); ``function`` then writes ``[g u] = [hid 1] [w_out; b_out]`` into the row's
-  first ``2 H`` numbers with one cuBLAS product a chunk.
+  ``hid`` into a ``gate_edge`` row of ``SW = 2 H + G + 16`` numbers (``g``, ``u``, ``hid``, a
+  one, padding to a multiple of 16); ``function`` then writes ``[g u] = [hid 1] [w_out; b_out]``
+  into the row's first ``2 H`` numbers with one cuBLAS product a chunk.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
   the softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``,
