@@ -656,10 +656,9 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
 #: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients), the
 #: gate's hidden layer, which becomes its gradient and then the pre-activation's, and a one
 #: (``4 H + G + 16`` floats an edge, padded to rows of a multiple of 16: 2.6 KB at the paper
-#: sizes). The gate
-#: outputs ``[hid 1] [w_out; b_out]``, the output layer's weight and bias gradients
-#: ``[hid 1]^T [dg du]`` and the hidden layer's gradient are matrix products per chunk over
-#: the stash's columns, the radial layer's a sum over each grid interval's edges
+#: sizes). The gate outputs ``[hid 1] [w_out; b_out]``, the output layer's weight and bias
+#: gradients ``[hid 1]^T [dg du]`` and the hidden layer's gradient are matrix products per
+#: chunk over the stash's columns, the radial layer's a sum over each grid interval's edges
 #: (``_radial_gradient``). The edge pass computes the hidden layer and q.k; the value, target
 #: and source passes read the stash (the gate backward recomputes the pre-activation).
 #: Targets run in chunks so that the stash stays within ``SCRATCH_BYTES_PER_ATOM`` an atom,
