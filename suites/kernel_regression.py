@@ -127,11 +127,11 @@ def _dim_names(inp: CoreInputs) -> dict[int, str]:
     n, k = inp.nbr.shape
     h, dk = inp.q.shape[1:]
     r, g = inp.w_radial.shape
-    from e2f.attention.triton.function import _gate_stash_width
+    from e2f.attention.triton.function import GATE_ROW_EXTRA, _gate_stash_width
 
     # the fused backward's gate stash row width first: a probe size it happens to equal keeps
     # its own name
-    return {_gate_stash_width(h, g): "2H+G", n * k: "E", n: "N", k: "K", h: "H", dk: "dk",
+    return {_gate_stash_width(h, g): f"2H+G+{GATE_ROW_EXTRA}", n * k: "E", n: "N", k: "K", h: "H", dk: "dk",
             inp.v.shape[2]: "dv", r: "R", g: "G", 2 * h: "2H",
             inp.pos_src.shape[0]: "M" if inp.pos_src.shape[0] != n else "N", 3: "3"}
 

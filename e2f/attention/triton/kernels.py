@@ -48,7 +48,7 @@ of them computes the gate's hidden layer and q.k and one walks the value rows:
   softmax's backward from ``dw`` (``dout_i . out_i`` as the sum of ``dw w``), written over the
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
   rows, and the envelope and 1/d parts of ``dd = dL/dd_ij`` (an [N K] scalar). ``function``
-  then adds ``hid^T [dg du]`` to the output layer's weight gradient.
+  then adds ``[hid 1]^T [dg du]`` to the output layer's weight and bias gradients.
 * ``bwd_gate_kernel``: elementwise over ``fwd_logit_kernel``'s edge tiles; ``function`` first
   writes the gate's hidden-layer gradient ``dhid = [dg du] w_out^T`` over ``hid`` (one matrix
   product a chunk), which this kernel turns into the pre-activation gradient ``dpre`` in place
