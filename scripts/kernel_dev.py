@@ -239,12 +239,12 @@ def time_point(out_dir, impl, n, dtype, k=32, do_bwd=True, timing=True, layout="
 # reference the others are checked against), the previous default (GROUPS=4), TB > 1, and
 # TB = 2 at 8 warps capped to 128 registers (40 B spilled) so two programs share an SM
 DEFAULT_FWD_VARIANTS = [
-    "TB=1,HC=16,RC=32,GROUPS=2,num_warps=4",
-    "TB=1,HC=16,RC=32,GROUPS=4,num_warps=4",
-    "TB=2,HC=16,RC=32,GROUPS=8,num_warps=4",
-    "TB=2,HC=16,RC=32,GROUPS=4,num_warps=8",
-    "TB=2,HC=16,RC=32,GROUPS=4,num_warps=8,maxnreg=128",
-    "TB=4,HC=16,RC=32,GROUPS=4,num_warps=8",
+    "TB=1,HC=16,GROUPS=2,num_warps=4",
+    "TB=1,HC=16,GROUPS=4,num_warps=4",
+    "TB=2,HC=16,GROUPS=8,num_warps=4",
+    "TB=2,HC=16,GROUPS=4,num_warps=8",
+    "TB=2,HC=16,GROUPS=4,num_warps=8,maxnreg=128",
+    "TB=4,HC=16,GROUPS=4,num_warps=8",
 ]
 
 
@@ -324,13 +324,14 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     out = torch.empty(n, d["H"], d["DV"], device=DEV)
     m = torch.empty(n, d["H"], device=DEV)
     s = torch.empty_like(m)
+    radial, inv_h = F.radial_table(t["rbf_centers"], t["w_radial"], inp.rbf_gamma, inp.cutoff)
     for var in probe_variants(dtype):
         grid = (triton.cdiv(n, var.get("TB", 1)),)
 
         def run():
             return K.fwd_kernel[grid](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"],
-                                      t["gate_src"], t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
-                                      n, d["K"], d["H"], d["G"], d["R"], float(inp.rbf_gamma),
+                                      t["gate_src"], radial, t["w_out"], t["b_out"], out, m, s,
+                                      n, d["K"], d["H"], d["G"], radial.shape[0] - 1, inv_h,
                                       float(inp.cutoff), float(inp.eps), 1.0 / d["DK"] ** 0.5, DK=d["DK"], DV=d["DV"],
                                       BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC="tf32", VS=d["VS"],
                                       **var)

@@ -121,7 +121,7 @@ def parse_config(text: str):
     if kernel == "fwd":
         config = parse_fwd_config(",".join(rest))
     else:
-        meta = dict(DEFAULT_META.get(kernel, {"HC": 16, "RC": 32, "num_warps": 8}))
+        meta = dict(DEFAULT_META.get(kernel, {"HC": 16, "num_warps": 8}))
         meta.update((key, int(value)) for key, value in (item.split("=", 1) for item in rest))
         warps, maxnreg = meta.pop("num_warps"), meta.pop("maxnreg", None)
         config = Config(meta, num_warps=warps, num_stages=1, maxnreg=maxnreg)

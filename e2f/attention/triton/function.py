@@ -32,10 +32,10 @@ Environment:
     The backward's per-edge stash, in bytes per atom: targets run in as many chunks as keep
     the stash within it. Unset: ``SCRATCH_BYTES_PER_ATOM``, capped at ``STASH_MAX_BYTES`` in
     all, and never below ``STASH_BYTES_PER_ATOM``.
-``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,RC=32,GROUPS=4,num_warps=8"``
+``E2F_TRITON_FWD_CONFIG="TB=2,HC=16,GROUPS=4,num_warps=8"``
     Forces one forward configuration (timing experiments), read at every call: comma-separated
     ``KEY=INT`` among ``TB`` (targets per program: 1, 2 or 4), ``HC`` (heads per chunk),
-    ``RC`` (radial basis functions per product), ``GROUPS`` (head groups the values move
+    ``GROUPS`` (head groups the values move
     in: 2, 4 or 8; see ``kernels``), ``num_warps``, ``num_stages``, ``maxnreg`` (register cap a thread, so that
     more programs share an SM; spills beyond it); a key left out keeps its ``FWD_BASE``
     value (no cap). Unset or empty: autotuned as above.
@@ -98,7 +98,7 @@ FWD_STASH_BYTES_PER_ATOM = 3 * 1024
 #: machine, whose host launched the 22 kernels slower than the GPU ran them), 2.24 / 2.06 at
 #: 8,192 (745), 4.42 / 3.24 at 16,384 (perf-notes section 24).
 SPLIT_MIN_TARGETS = {True: 2048, False: 1024}
-_FWD_KEYS = ("TB", "HC", "RC", "GROUPS", "num_warps", "num_stages", "maxnreg")
+_FWD_KEYS = ("TB", "HC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}
 _last: dict = {}
@@ -183,9 +183,9 @@ def _config(warps, maxnreg=None, stages=1, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-def _cfg(hc, rc, warps, stages=1, maxnreg=None, **extra):
-    """A configuration of a gate-MLP kernel: ``HC`` heads a chunk, ``RC`` basis functions a product."""
-    return _config(warps, maxnreg, stages, HC=hc, RC=rc, **extra)
+def _cfg(hc, warps, stages=1, maxnreg=None, **extra):
+    """A configuration of the fused forward: ``HC`` heads a chunk."""
+    return _config(warps, maxnreg, stages, HC=hc, **extra)
 
 
 def _heads_cfg(hb, warps, **extra):
@@ -206,22 +206,23 @@ def _src_cfg(hb, bks, warps):
 
 
 #: Meta-parameters a forced forward configuration starts from (``E2F_TRITON_FWD_CONFIG``).
-FWD_BASE = dict(HC=16, RC=32, TB=1, GROUPS=2, num_warps=4, num_stages=1, maxnreg=None)
+FWD_BASE = dict(HC=16, TB=1, GROUPS=2, num_warps=4, num_stages=1, maxnreg=None)
 
 
 def _fwd_candidates(dtype: torch.dtype = torch.float32) -> list:
     """Forward configurations for q/k/v of ``dtype``, the default first."""
     if _interpreting():
-        return [_cfg(16, 16, 4, TB=1, GROUPS=2)]
+        return [_cfg(16, 4, TB=1, GROUPS=2)]
     # GROUPS=2 (contiguous heads: the warps own heads, the sum over edges stays in registers),
     # capped at 128 registers a thread so that four programs share an SM (latency-bound: more
     # warps in flight beat the spills). On an H100, N = 65,536 (ms; perf-notes sections 9, 11):
     # fp32 GROUPS=4 29.5, GROUPS=2 22.2, capped at 128 17.5 (50 B spilled), at 96 20.2, HC=8
     # capped at 96 18.9; bf16 GROUPS=2 19.6, capped at 128 17.6, at 96 17.3, HC=8 32-35.
     # GROUPS=8, 8 warps and TB > 1 (several targets a program) were slower and stay
-    # forced-configuration experiments.
-    capped_at_96 = _cfg(8 if dtype == torch.float32 else 16, 32, 4, maxnreg=96, TB=1, GROUPS=2)
-    return [_cfg(16, 32, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 32, 4, TB=1, GROUPS=2)]
+    # forced-configuration experiments. (Timed with the radial layer's R = 256 Gaussians and
+    # their product in the kernel, 32 basis functions a product, before it read the table.)
+    capped_at_96 = _cfg(8 if dtype == torch.float32 else 16, 4, maxnreg=96, TB=1, GROUPS=2)
+    return [_cfg(16, 4, maxnreg=128, TB=1, GROUPS=2), capped_at_96, _cfg(16, 4, TB=1, GROUPS=2)]
 
 
 def _logit_candidates(bk: int) -> list:
@@ -331,13 +332,13 @@ def parse_fwd_config(text: str):
             raise ValueError(f"{FWD_CONFIG_ENV}: {name} needs an integer, got {value.strip()!r}") from None
     if meta["TB"] not in (1, 2, 4) or meta["GROUPS"] not in (2, 4, 8):
         raise ValueError(f"{FWD_CONFIG_ENV}: needs TB in (1, 2, 4) and GROUPS in (2, 4, 8), got {text!r}")
-    for name in ("HC", "RC", "num_warps"):
+    for name in ("HC", "num_warps"):
         if meta[name] < 1 or meta[name] & (meta[name] - 1):
             raise ValueError(f"{FWD_CONFIG_ENV}: {name} must be a power of two, got {meta[name]}")
     if meta["maxnreg"] is not None and meta["maxnreg"] < 1:
         raise ValueError(f"{FWD_CONFIG_ENV}: maxnreg must be positive, got {meta['maxnreg']}")
     warps, stages, maxnreg = meta.pop("num_warps"), meta.pop("num_stages"), meta.pop("maxnreg")
-    return _cfg(meta.pop("HC"), meta.pop("RC"), warps, stages, maxnreg, **meta)
+    return _cfg(meta.pop("HC"), warps, stages, maxnreg, **meta)
 
 
 def _fwd_kernel(dtype: torch.dtype, n_rows: int, bk: int):
@@ -478,6 +479,10 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     if d["N"] == 0 or d["M"] == 0:
         return (torch.zeros(d["N"], d["H"], d["DV"], **f32), torch.zeros(d["N"], d["H"], **f32),
                 torch.full((d["N"], d["H"]), eps, **f32))
+    # both forms read the radial table, built before the outputs exist and with float64
+    # temporaries no larger than them, so the forward's peak stays the outputs' (and the stash's)
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff,
+                                 max_bytes=d["N"] * d["H"] * d["DV"] * 4)
     # both forms write every row (a target without neighbours gets 0, 0 and eps)
     out = torch.empty(d["N"], d["H"], d["DV"], **f32)
     m = torch.empty(d["N"], d["H"], **f32)
@@ -487,27 +492,26 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     _last["precision"] = prec
     _last["fwd_mode"] = mode
     if mode == "split":
-        _forward_split(t, d, chunk, out, m, s, gamma, cutoff, eps, prec)
+        _forward_split(t, d, chunk, (radial, inv_h), out, m, s, cutoff, eps, prec)
         return out, m, s
     fwd = _fwd_kernel(t["q"].dtype, d["N"], d["BK"])
     n = d["N"]
     compiled = fwd[lambda meta: (triton_cdiv(n, meta["TB"]),)](
         t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"], t["gate_src"],
-        t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
-        n, d["K"], d["H"], d["G"], d["R"], float(gamma), float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]),
+        radial, t["w_out"], t["b_out"], out, m, s,
+        n, d["K"], d["H"], d["G"], radial.shape[0] - 1, inv_h, float(cutoff), float(eps), 1.0 / math.sqrt(d["DK"]),
         DK=d["DK"], DV=d["DV"], BK=d["BK"], DKP=d["DKP"], DVP=d["DVP"], GP=d["GP"], PREC=prec, VS=d["VS"])
     _record("fwd", fwd, compiled)
     return out, m, s
 
 
-def _forward_split(t: dict, d: dict, chunk: int, out: Tensor, m: Tensor, s: Tensor, gamma: float, cutoff: float,
+def _forward_split(t: dict, d: dict, chunk: int, table: tuple, out: Tensor, m: Tensor, s: Tensor, cutoff: float,
                    eps: float, prec: str) -> None:
-    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation."""
+    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation
+    (``table``: ``radial_table``'s ``(radial, 1 / h)``)."""
     n, kslots, h = d["N"], d["K"], d["H"]
     f32 = dict(device=t["q"].device, dtype=torch.float32)
-    # the table's float64 temporaries go before the stash exists, and within its size
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff,
-                                 max_bytes=chunk * kslots * (2 * h + 1) * 4)
+    radial, inv_h = table
     stash = (torch.empty(chunk * kslots, h, **f32), torch.empty(chunk * kslots, h, **f32),
              torch.empty(chunk * kslots, **f32))
     logits, aggregate = _split_kernels(size_bucket(n), d["BK"])
@@ -592,9 +596,9 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
     """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
     ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
     computed in float64 in blocks of grid points whose temporaries stay within ``max_bytes``),
-    for the kernels' cubic Hermite interpolation (the split forward's logits kernel and the
-    backward; the fused forward keeps the exact Gaussians: the two differ by ~5e-8 relative,
-    far inside the backend's tolerance)."""
+    for the kernels' cubic Hermite interpolation (both forms of the forward and the backward,
+    so the backend's energies and forces come from one function; it differs from the exact
+    Gaussians of the other backends by ~5e-8 relative, far inside the backend's tolerance)."""
     grid, h = _radial_grid(gamma, cutoff, centers.device)
     c, w = centers.detach().double(), w_radial.detach().double()
     block = _row_block(grid.shape[0], c.shape[0], max_bytes)

@@ -9,9 +9,10 @@ recompile every autotune candidate.
 
 * ``fwd_kernel``: ``TB`` (1, 2 or 4) consecutive targets, each with all its ``K <= BK``
   neighbour slots, in one edge tile of ``TB * BK`` rows, so every target's softmax max is
-  exact (no rescaling needed). Geometry, envelope and 1/d per edge; the gate MLP as
-  tensor-core ``tl.dot`` tiles (``[TB BK, RC] @ [RC, G]`` radial part, plus the per-node
-  parts, SiLU, then ``[TB BK, G] @ [G, HC]`` per head chunk), computed once per edge and
+  exact (no rescaling needed). Geometry, envelope and 1/d per edge; the gate MLP (its
+  radial part interpolated in ``function.radial_table``, as every Triton kernel reads it,
+  plus the per-node parts, SiLU, then tensor-core ``[TB BK, G] @ [G, HC]`` tiles per head
+  chunk), computed once per edge and
   kept in registers while a loop walks the heads in chunks of ``HC``: the gate weights are
   read once per ``TB`` targets and the products have ``TB * BK`` rows. The keys and values
   are gathered one target at a time (a target's tiles are as large as with ``TB = 1``), the
@@ -21,11 +22,9 @@ recompile every autotune candidate.
   included) and ``s`` (denominator, sink included).
 * ``fwd_logit_kernel`` and ``fwd_aggregate_kernel``: the same forward in two kernels (the
   ``split`` form, ``function.forward_plan``). The first runs the edge-tile part above for ``TB``
-  targets (geometry, gate MLP, q.k; the radial part read from ``function.radial_table``, the
-  cubic Hermite interpolation of its values, ``_radial_from_table``, instead of the ``R``
-  Gaussians and their product) and writes per edge and head the logit (``-inf`` where the
-  edge is not live) and ``u / d``, and per edge the envelope, into a stash of one chunk of
-  targets. The second owns one target and ``HB`` heads a program and walks the slots with an
+  targets (geometry, gate MLP from the table, q.k) and writes per edge and head the logit
+  (``-inf`` where the edge is not live) and ``u / d``, and per edge the envelope, into a stash
+  of one chunk of targets. The second owns one target and ``HB`` heads a program and walks the slots with an
   online softmax that starts from the sink (logit 0, weight eps): every head's running max,
   denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
   threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
@@ -99,24 +98,6 @@ def _geometry(pos_dst, pos_src, tgt, src, ok, cutoff):
     # the reference masks logits with env > 0 (env can round to 0 just inside the cutoff)
     live = inside & (env > 0.0)
     return dx, dy, dz, d_safe, x, env, inv_d, inside, live
-
-
-@triton.jit
-def _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G,
-              E: tl.constexpr, RC: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
-    """Pre-activation of the gate hidden layer: rbf(d) @ w_radial + gate_dst[i] + gate_src[j]."""
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < G
-    acc = tl.zeros([E, GP], dtype=tl.float32)
-    for r0 in range(0, R, RC):
-        offs_r = r0 + tl.arange(0, RC)
-        rmask = offs_r < R
-        c = tl.load(centers + offs_r, mask=rmask, other=0.0)
-        diff = d_safe[:, None] - c[None, :]
-        rbf = tl.where(rmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
-        w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
-        acc += tl.dot(rbf, w, input_precision=PREC)
-    return _node_gates(acc, tgt, src, ok, gate_dst, gate_src, G, GP)
 
 
 @triton.jit
@@ -364,17 +345,17 @@ def _fwd_group(v, out, nbr, w, t0, N, K, hbase, H, DV: tl.constexpr, DVP: tl.con
 
 
 @triton.jit(do_not_specialize=["N"])
-def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_radial, w_out, b_out,
+def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, radial, w_out, b_out,
                out, m_out, s_out,
-               N, K, H, G, R, gamma, cutoff, eps, inv_sqrt_dk,
+               N, K, H, G, NT, inv_h, cutoff, eps, inv_sqrt_dk,
                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, HC: tl.constexpr,
-               DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr, RC: tl.constexpr,
+               DKP: tl.constexpr, DVP: tl.constexpr, GP: tl.constexpr,
                PREC: tl.constexpr, VS: tl.constexpr = 0, TB: tl.constexpr = 1, GROUPS: tl.constexpr = 4, GATE: tl.constexpr = True,
                AGG: tl.constexpr = True):
     # TB (1, 2 or 4): consecutive targets per program (grid cdiv(N, TB)); edge row
     # e = t * BK + slot belongs to target t0 + t.
     # GROUPS (2, 4 or 8): head groups a chunk's values move in (module docstring).
-    # GATE / AGG: profiling switches (False skips the gate MLP products / the value
+    # GATE / AGG: profiling switches (False skips the gate's radial part and products / the value
     # gathers); the library always runs with both on.
     E: tl.constexpr = TB * BK
     t0 = tl.program_id(0).to(tl.int64) * TB
@@ -386,7 +367,8 @@ def fwd_kernel(pos_dst, pos_src, nbr, q, k, v, gate_dst, gate_src, centers, w_ra
     src = _row_index(j, ok)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     if GATE:
-        pre = _gate_pre(d_safe, tgt, src, ok, centers, w_radial, gate_dst, gate_src, gamma, R, G, E, RC, GP, PREC)
+        pre = _node_gates(_radial_from_table(d_safe, ok, radial, inv_h, NT, G, GP), tgt, src, ok, gate_dst, gate_src,
+                          G, GP)
     else:
         pre = tl.zeros([E, GP], dtype=tl.float32) + d_safe[:, None]
     hid = pre * tl.sigmoid(pre)

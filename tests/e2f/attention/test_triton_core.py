@@ -370,15 +370,16 @@ def test_forward_kernel_head_groups(padded):
     vs = padded_head_stride(t["v"]) or 0
     assert vs == (d["DVP"] if padded else 0)  # padded: the contiguous-row path of GROUPS=2
     ref = attention_core_reference(detached_copy(inp))
+    radial, inv_h = F.radial_table(t["rbf_centers"], t["w_radial"], inp.rbf_gamma, inp.cutoff)
     for groups in (2, 4, 8):
         out = torch.full((d["N"], d["H"], d["DV"]), float("nan"), device=DEVICE)
         m = torch.empty(d["N"], d["H"], device=DEVICE)
         s = torch.empty_like(m)
         K.fwd_kernel[(d["N"],)](t["pos_dst"], t["pos_src"], t["nbr"], t["q"], t["k"], t["v"], t["gate_dst"],
-                                t["gate_src"], t["rbf_centers"], t["w_radial"], t["w_out"], t["b_out"], out, m, s,
-                                d["N"], d["K"], d["H"], d["G"], d["R"], inp.rbf_gamma, inp.cutoff, inp.eps,
+                                t["gate_src"], radial, t["w_out"], t["b_out"], out, m, s,
+                                d["N"], d["K"], d["H"], d["G"], radial.shape[0] - 1, inv_h, inp.cutoff, inp.eps,
                                 1 / math.sqrt(d["DK"]), DK=d["DK"], DV=d["DV"], BK=d["BK"], HC=16, DKP=d["DKP"],
-                                DVP=d["DVP"], GP=d["GP"], RC=16, PREC="ieee", VS=vs, GROUPS=groups)
+                                DVP=d["DVP"], GP=d["GP"], PREC="ieee", VS=vs, GROUPS=groups)
         assert rel(out, ref) < 1e-5, groups
 
 
@@ -711,8 +712,8 @@ def test_every_gpu_candidate_names_only_its_kernels_arguments(monkeypatch):
     assert len(lists) == 8
     for name, cfgs in lists.items():
         F._autotuned(getattr(K, name), cfgs)  # raises on an unknown meta-parameter
-    with pytest.raises(ValueError, match="RC"):
-        F._autotuned(K.bwd_edge_kernel, [F._cfg(8, 16, 4, TB=1)])
+    with pytest.raises(ValueError, match="GROUPS"):
+        F._autotuned(K.bwd_edge_kernel, [F._cfg(8, 4, TB=1, GROUPS=2)])
 
 
 def test_size_buckets_of_the_autotuners():
