@@ -479,10 +479,8 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
     if d["N"] == 0 or d["M"] == 0:
         return (torch.zeros(d["N"], d["H"], d["DV"], **f32), torch.zeros(d["N"], d["H"], **f32),
                 torch.full((d["N"], d["H"]), eps, **f32))
-    # both forms read the radial table, built before the outputs exist and with float64
-    # temporaries no larger than them, so the forward's peak stays the outputs' (and the stash's)
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff,
-                                 max_bytes=d["N"] * d["H"] * d["DV"] * 4)
+    # both forms read the radial table
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     # both forms write every row (a target without neighbours gets 0, 0 and eps)
     out = torch.empty(d["N"], d["H"], d["DV"], **f32)
     m = torch.empty(d["N"], d["H"], **f32)
@@ -555,9 +553,9 @@ def radial_intervals(gamma: float, cutoff: float) -> int:
     return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
 
 
-#: Float64 ``[P, R]`` temporaries alive at once while ``_radial_rows`` runs on ``P`` grid points
-#: or is differentiated (four saved for the backward, up to ~8 gradients beside them): what
-#: bounds a block of grid points by the caller's memory budget. With 8 the N = 1,024 forward +
+#: Float64 ``[P, R]`` temporaries alive at once while ``_radial_rows`` is differentiated on ``P``
+#: grid points (four saved for the backward, up to ~8 gradients beside them): what bounds a
+#: block of grid points of ``radial_table_backward`` by the caller's memory budget. With 8 the N = 1,024 forward +
 #: backward peak rose by 1.4 KB an atom (H100, perf-notes 28).
 RADIAL_TEMPORARIES = 12
 #: Fewest grid points a block.
@@ -565,15 +563,16 @@ RADIAL_MIN_BLOCK = 64
 
 
 def _row_block(points: int, r: int, max_bytes: int | None) -> int:
-    """Grid points a block of the table's build or gradient: all of them, or as many as keep
-    their float64 temporaries within ``max_bytes``."""
+    """Grid points a block of the table's gradient: all of them, or as many as keep their
+    float64 temporaries within ``max_bytes``."""
     if max_bytes is None:
         return points
     return max(RADIAL_MIN_BLOCK, min(points, max_bytes // (RADIAL_TEMPORARIES * 8 * max(1, r))))
 
 
 def _radial_rows(points: Tensor, centers: Tensor, w: Tensor, gamma: float, h: float) -> Tensor:
-    """``rbf(d) @ w`` and ``h`` times its derivative at the distances ``points`` (``[P, 2, G]``)."""
+    """``rbf(d) @ w`` and ``h`` times its derivative at the distances ``points`` (``[P, 2, G]``):
+    ``radial_table_kernel``'s twin, and what ``radial_table_backward`` differentiates."""
     diff = points[:, None] - centers[None, :]
     rbf = torch.exp(-gamma * diff * diff)
     return torch.stack((rbf @ w, (rbf * (-2.0 * gamma * h) * diff) @ w), dim=1)
@@ -591,20 +590,37 @@ def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
     return (radial_intervals(gamma, cutoff) + 1) * 2 * g * 4
 
 
-def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float,
-                 max_bytes: int | None = None) -> tuple[Tensor, float]:
+def _float_pair(x: float) -> tuple[float, float]:
+    """``x`` as two float32 numbers whose float64 sum is ``x`` to ~1e-14 (a kernel's float64
+    scalar: Triton passes Python floats as float32)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+#: Grid points and hidden units a program of ``radial_table_kernel`` (two float64 ``[BP, BG]``
+#: sums: 32 registers a thread at 4 warps); the interpreter takes blocks of 1,024 points, all units.
+RADIAL_BUILD_BLOCK = (16, 64)
+
+
+def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
     """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
     ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
-    computed in float64 in blocks of grid points whose temporaries stay within ``max_bytes``),
-    for the kernels' cubic Hermite interpolation (both forms of the forward and the backward,
-    so the backend's energies and forces come from one function; it differs from the exact
-    Gaussians of the other backends by ~5e-8 relative, far inside the backend's tolerance)."""
-    grid, h = _radial_grid(gamma, cutoff, centers.device)
-    c, w = centers.detach().double(), w_radial.detach().double()
-    block = _row_block(grid.shape[0], c.shape[0], max_bytes)
-    table = torch.cat([_radial_rows(grid[b:b + block], c, w, gamma, h).float()
-                       for b in range(0, grid.shape[0], block)])
-    return table.contiguous(), 1.0 / h
+    computed in float64 by ``kernels.radial_table_kernel`` in one launch; ``_radial_rows`` is
+    its PyTorch twin), for the kernels' cubic Hermite interpolation (both forms of the forward
+    and the backward, so the backend's energies and forces come from one function; it differs
+    from the exact Gaussians of the other backends by ~5e-8 relative, far inside the backend's
+    tolerance)."""
+    nt = radial_intervals(gamma, cutoff)
+    h = cutoff / nt
+    r, g = w_radial.shape
+    from e2f.attention.triton import kernels as K
+
+    table = torch.empty(nt + 1, 2, g, device=w_radial.device, dtype=torch.float32)
+    bp, bg = (1024, _pow2(g, 16)) if _interpreting() else RADIAL_BUILD_BLOCK
+    K.radial_table_kernel[(triton_cdiv(nt + 1, bp), triton_cdiv(g, bg))](
+        centers.detach().contiguous(), w_radial.detach().contiguous(), table, nt + 1, r, g,
+        *_float_pair(gamma), *_float_pair(h), BP=bp, BG=bg, num_warps=4)
+    return table, 1.0 / h
 
 
 def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float, dtable: Tensor,
@@ -803,11 +819,11 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
-    # the radial table and its gradient come out of the stash's budget, and the table's float64
-    # temporaries (built before the stash, differentiated after it) stay within the stash
+    # the radial table and its gradient come out of the stash's budget, and the float64
+    # temporaries of the table's gradient (after the stash is freed) stay within the stash
     chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
     scratch = _stash_bytes(chunk * kslots, h, g)
-    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff, max_bytes=scratch)
+    radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     grid_intervals = radial.shape[0] - 1
     dtable = torch.zeros_like(radial)
     marks = _radial_marks(grid_intervals, dev)
