@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -593,13 +594,15 @@ def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
 def _float_pair(x: float) -> tuple[float, float]:
     """``x`` as two float32 numbers whose float64 sum is ``x`` to ~1e-14 (a kernel's float64
     scalar: Triton passes Python floats as float32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = float(numpy.float32(x))
+    return hi, float(numpy.float32(x - hi))
 
 
-#: Grid points and hidden units a program of ``radial_table_kernel`` (two float64 ``[BP, BG]``
-#: sums: 32 registers a thread at 4 warps); the interpreter takes blocks of 1,024 points, all units.
-RADIAL_BUILD_BLOCK = (16, 64)
+#: Grid points, hidden units and basis functions a step of a ``radial_table_kernel`` program
+#: (4 warps, 176 registers on sm_90a, two float64 ``[BP, BG]`` accumulators; a loop of one
+#: basis function a step with float64 FMAs took ~0.2 ms on an H200, latency-bound); the
+#: interpreter takes blocks of 1,024 points and all units.
+RADIAL_BUILD_BLOCK = (32, 64, 16)
 
 
 def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
@@ -616,10 +619,10 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float)
     from e2f.attention.triton import kernels as K
 
     table = torch.empty(nt + 1, 2, g, device=w_radial.device, dtype=torch.float32)
-    bp, bg = (1024, _pow2(g, 16)) if _interpreting() else RADIAL_BUILD_BLOCK
+    bp, bg, rc = (1024, _pow2(g, 16), 16) if _interpreting() else RADIAL_BUILD_BLOCK
     K.radial_table_kernel[(triton_cdiv(nt + 1, bp), triton_cdiv(g, bg))](
         centers.detach().contiguous(), w_radial.detach().contiguous(), table, nt + 1, r, g,
-        *_float_pair(gamma), *_float_pair(h), BP=bp, BG=bg, num_warps=4)
+        *_float_pair(gamma), *_float_pair(h), BP=bp, BG=bg, RC=rc, num_warps=4)
     return table, 1.0 / h
 
 

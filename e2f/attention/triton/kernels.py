@@ -30,9 +30,9 @@ recompile every autotune candidate.
   threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
   across warps).
 The radial table every kernel reads is built by ``radial_table_kernel``: ``BP`` grid points
-and ``BG`` hidden units a program, the Gaussians and the sum over the basis in float64 (one
-launch, no temporaries: its PyTorch twin, ``function._radial_rows``, took ~35 launches and
-float64 ``[P, R]`` temporaries).
+and ``BG`` hidden units a program, the Gaussians and the products over the basis in float64
+(one launch, no temporaries: its PyTorch twin, ``function._radial_rows``, took ~35 launches
+and float64 ``[P, R]`` temporaries).
 
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
@@ -167,12 +167,13 @@ def _radial_slope_dot(dpre, d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
 
 @triton.jit
 def radial_table_kernel(centers, w_radial, table, P, R, G, gamma_hi, gamma_lo, h_hi, h_lo,
-                        BP: tl.constexpr, BG: tl.constexpr):
+                        BP: tl.constexpr, BG: tl.constexpr, RC: tl.constexpr):
     """``table[p] = (rbf(p h) @ w_radial, h d/dd rbf(p h) @ w_radial)`` for the grid points
-    ``p`` of ``BP`` rows and the hidden units of ``BG`` columns, accumulated in float64 (the
-    table's float32 rounding is then its only error) and stored as float32 ``[P, 2, G]``.
-    ``gamma`` and ``h`` come as float32 pairs ``hi + lo`` (Triton passes Python floats as
-    float32: ``gamma`` rounded so would shift the Gaussians' tails by ~1e-6)."""
+    ``p`` of ``BP`` rows and the hidden units of ``BG`` columns: float64 Gaussians of ``RC``
+    basis functions a step and float64 products (DMMA on sm_80+; the table's float32 rounding is
+    then its only error), stored as float32 ``[P, 2, G]``. ``gamma`` and ``h`` come as float32
+    pairs ``hi + lo`` (Triton passes Python floats as float32: ``gamma`` rounded so would shift
+    the Gaussians' tails by ~1e-6)."""
     offs_p = tl.program_id(0) * BP + tl.arange(0, BP)
     offs_g = tl.program_id(1) * BG + tl.arange(0, BG)
     gmask = offs_g < G
@@ -181,12 +182,15 @@ def radial_table_kernel(centers, w_radial, table, P, R, G, gamma_hi, gamma_lo, h
     x = offs_p.to(tl.float64) * h
     value = tl.zeros([BP, BG], dtype=tl.float64)
     slope = tl.zeros([BP, BG], dtype=tl.float64)
-    for r in range(0, R):
-        diff = x - tl.load(centers + r).to(tl.float64)
-        rbf = tl.exp(-gamma * diff * diff)
-        w = tl.load(w_radial + r * G + offs_g, mask=gmask, other=0.0).to(tl.float64)[None, :]
-        value += rbf[:, None] * w
-        slope += (rbf * diff)[:, None] * w
+    for r0 in range(0, R, RC):
+        offs_r = r0 + tl.arange(0, RC)
+        rmask = offs_r < R
+        diff = x[:, None] - tl.load(centers + offs_r, mask=rmask, other=0.0).to(tl.float64)[None, :]
+        rbf = tl.where(rmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
+        w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :],
+                    other=0.0).to(tl.float64)
+        value = tl.dot(rbf, w, value, out_dtype=tl.float64)
+        slope = tl.dot(rbf * diff, w, slope, out_dtype=tl.float64)
     mask = (offs_p < P)[:, None] & gmask[None, :]
     row = table + offs_p.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
     tl.store(row, value.to(tl.float32), mask=mask)

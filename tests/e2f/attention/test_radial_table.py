@@ -27,6 +27,12 @@ from e2f.attention.triton import function as F  # noqa: E402
 from e2f.nn import rbf_centers_and_gamma  # noqa: E402
 
 
+def _table(centers, w, gamma, cutoff):
+    """``function.radial_table`` on ``DEVICE`` (a kernel), back on the CPU."""
+    table, inv_h = F.radial_table(centers.to(DEVICE), w.to(DEVICE), gamma, cutoff)
+    return table.cpu(), inv_h
+
+
 def _exact(d, centers, gamma, w):
     return torch.exp(-gamma * (d[:, None] - centers[None, :]) ** 2) @ w
 
@@ -82,7 +88,7 @@ def test_table_interpolates_the_exact_basis(cutoff, num_rbf, g):
     gen = torch.Generator().manual_seed(num_rbf)
     centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
     w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)
-    table, inv_h = F.radial_table(centers, w, gamma, cutoff)
+    table, inv_h = _table(centers, w, gamma, cutoff)
     assert table.dtype == torch.float32 and table.shape == (F.radial_intervals(gamma, cutoff) + 1, 2, g)
     d = torch.cat([torch.rand(20000, generator=gen, dtype=torch.float64) * cutoff,
                    torch.tensor([0.0, cutoff * (1 - 1e-12), cutoff], dtype=torch.float64)])
@@ -97,7 +103,7 @@ def test_table_size_follows_the_basis_width():
     sigma = math.sqrt(0.5 / gamma)
     assert F.radial_intervals(gamma, 5.0) == math.ceil(F.RADIAL_POINTS_PER_SIGMA * 5.0 / sigma)
     assert F.radial_intervals(0.0, 5.0) == 16  # a constant basis
-    table, _ = F.radial_table(torch.zeros(3, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64), 0.0, 5.0)
+    table, _ = _table(torch.zeros(3, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64), 0.0, 5.0)
     assert torch.equal(table[:, 0], torch.full((17, 2), 3.0)) and torch.equal(table[:, 1], torch.zeros(17, 2))
 
 
@@ -124,7 +130,7 @@ def test_slope_of_the_interpolant_follows_the_exact_derivative(cutoff, num_rbf, 
     gen = torch.Generator().manual_seed(7)
     centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
     w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)
-    table, inv_h = F.radial_table(centers, w, gamma, cutoff)
+    table, inv_h = _table(centers, w, gamma, cutoff)
     d = torch.rand(20000, generator=gen, dtype=torch.float64) * cutoff
     exact = _exact_slope(d, centers, gamma, w)
     got = _hermite_slope(d, table.double(), inv_h)
@@ -144,7 +150,7 @@ def test_table_gradient_gives_the_exact_basis_gradients():
     centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
     centers = centers.double()
     w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) / math.sqrt(num_rbf)
-    table, inv_h = F.radial_table(centers, w, gamma, cutoff)
+    table, inv_h = _table(centers, w, gamma, cutoff)
     d = torch.rand(5000, generator=gen, dtype=torch.float64) * cutoff
     dpre = torch.randn(5000, g, generator=gen, dtype=torch.float64)
     dw, dc = F.radial_table_backward(centers, w, gamma, cutoff, _table_gradient(d, dpre, table.shape[0] - 1, inv_h))
@@ -193,12 +199,12 @@ def test_table_kernel_against_its_twin(cutoff, num_rbf, g, dtype):
     centers = (centers.double() + 0.1 * torch.rand(num_rbf, generator=gen, dtype=torch.float64)).to(dtype)
     gamma *= 1.0 + 1e-3 * math.pi
     w = (torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)).to(dtype)
-    table, inv_h = F.radial_table(centers.to(DEVICE), w.to(DEVICE), gamma, cutoff)
+    table, inv_h = _table(centers, w, gamma, cutoff)
     grid, h = F._radial_grid(gamma, cutoff, "cpu")
     twin = F._radial_rows(grid, centers.double(), w.double(), gamma, h)
     assert table.dtype == torch.float32 and table.shape == twin.shape and inv_h == 1.0 / h
     scale = float(twin.abs().max())
-    assert float((table.cpu().double() - twin).abs().max()) <= scale * 2.0 ** -23
+    assert float((table.double() - twin).abs().max()) <= scale * 2.0 ** -23
 
 
 def test_float_pair_carries_a_float64_scalar():
