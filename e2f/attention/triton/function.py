@@ -623,6 +623,7 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float)
     K.radial_table_kernel[(triton_cdiv(nt + 1, bp), triton_cdiv(g, bg))](
         centers.detach().contiguous(), w_radial.detach().contiguous(), table, nt + 1, r, g,
         *_float_pair(gamma), *_float_pair(h), BP=bp, BG=bg, RC=rc, num_warps=4)
+    _last["radial_table"] = {"BP": bp, "BG": bg, "RC": rc, "num_warps": 4}  # a fixed configuration
     return table, 1.0 / h
 
 

@@ -120,7 +120,8 @@ def test_forward_and_all_gradients_fp32_odd_sizes(forward_mode):
     assert torch.count_nonzero(out[2]) == 0 and torch.count_nonzero(out[11]) == 0
     cfg = last_config()
     kernels = {"fwd"} if forward_mode == "fused" else {"fwd_logits", "fwd_aggregate", "fwd_chunks"}
-    assert kernels | {"bwd_edge", "bwd_value", "bwd_target", "bwd_gate", "bwd_source", "precision"} <= set(cfg)
+    backward = {"bwd_edge", "bwd_value", "bwd_target", "bwd_gate", "bwd_source"}
+    assert kernels | backward | {"radial_table", "precision"} <= set(cfg)
     assert cfg["precision"] == "ieee" and cfg["fwd_mode"] == forward_mode
 
 
