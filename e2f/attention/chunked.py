@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from e2f.attention.core import CoreInputs, attention_core_reference, edge_terms
+from e2f.attention.radial import build_table
 
 _DST_FIELDS = ("pos_dst", "q", "gate_dst")
 _SRC_FIELDS = ("pos_src", "k", "v", "gate_src")
@@ -60,8 +61,8 @@ def block_plan(inp: CoreInputs, target_block: int | None = None, neighbor_block:
     h = inp.num_heads
     kb = neighbor_block or min(kslots, 64)
     # Numbers held per edge inside a block: gathered k, v, the gate hidden layer and its
-    # outputs, the radial basis and the [H]-wide softmax terms.
-    per_edge = h * (inp.k.shape[-1] + 2 * inp.v.shape[-1] + 8) + 3 * inp.w_radial.shape[1] + inp.rbf_centers.shape[0]
+    # outputs, the radial table's four float64 rows and the [H]-wide softmax terms.
+    per_edge = h * (inp.k.shape[-1] + 2 * inp.v.shape[-1] + 8) + 11 * inp.w_radial.shape[1]
     tb = target_block or max(1, max_elements // (per_edge * max(kslots, 1)))
     return BlockPlan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps)
 
@@ -77,12 +78,14 @@ def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
     return block, src, valid
 
 
-def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan):
-    """``p``-ready terms of a block: ``logit [E, H]`` (-inf off-edge), ``env``, ``u / d``."""
+def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan,
+                  table: tuple[Tensor, float]):
+    """``p``-ready terms of a block: ``logit [E, H]`` (-inf off-edge), ``env``, ``u / d``
+    (``table``: ``radial.build_table``'s, built once a pass)."""
     inp = CoreInputs(nbr=None, rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **block)
     num_edges = valid.shape[0]
     dst = torch.arange(rows, device=valid.device).repeat_interleave(num_edges // max(rows, 1))
-    env, inv_d, g, u, qk = edge_terms(inp, dst, torch.arange(num_edges, device=valid.device), valid)
+    env, inv_d, g, u, qk = edge_terms(inp, dst, torch.arange(num_edges, device=valid.device), valid, table)
     logit = torch.where((valid & (env > 0))[:, None], g * qk, torch.full_like(qk, -math.inf))
     return logit, env, u * inv_d[:, None]
 
@@ -94,6 +97,7 @@ def _forward(t: dict[str, Tensor], plan: BlockPlan):
     out = like.new_empty(n, h, dv)
     m_all = like.new_empty(n, h)
     s_all = like.new_empty(n, h)
+    table = build_table(t["rbf_centers"], t["w_radial"], plan.rbf_gamma, plan.cutoff)
     for a in range(0, n, plan.target_block):
         rows = slice(a, min(a + plan.target_block, n))
         nr = rows.stop - a
@@ -104,7 +108,7 @@ def _forward(t: dict[str, Tensor], plan: BlockPlan):
             cols = slice(c, min(c + plan.neighbor_block, kslots))
             kb = cols.stop - c
             block, _, valid = _gather_block(t, rows, cols)
-            logit, env, coef = _edge_weights(block, valid, nr, plan)
+            logit, env, coef = _edge_weights(block, valid, nr, plan, table)
             logit = logit.reshape(nr, kb, h)
             m_new = torch.maximum(m, logit.amax(1))
             scale = torch.exp(m - m_new)
@@ -138,6 +142,13 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
     h, dv = t["v"].shape[1], t["v"].shape[2]
     grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
     delta = (dout * out).sum(-1)
+    # the blocks' gradients of the radial table add up in dtable, taken to the centres and
+    # w_radial once at the end, through the table's build
+    centers, w_radial = (t[f].detach().requires_grad_(True) for f in ("rbf_centers", "w_radial"))
+    with torch.enable_grad():
+        table, inv_h = build_table(centers, w_radial, plan.rbf_gamma, plan.cutoff)
+    table_leaf = table.detach().requires_grad_(True)
+    dtable = torch.zeros_like(table)
     for a in range(0, n, plan.target_block):
         rows = slice(a, min(a + plan.target_block, n))
         nr = rows.stop - a
@@ -148,12 +159,17 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
             block, src, valid = _gather_block(t, rows, cols)
             leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
             with torch.enable_grad():
-                logit, env, coef = _edge_weights(leaves, valid, nr, plan)
+                logit, env, coef = _edge_weights(leaves, valid, nr, plan, (table_leaf, inv_h))
                 p = env.reshape(nr, kb, 1) * torch.exp(logit.reshape(nr, kb, h) - m_all[rows, None])
                 dv_dot = torch.einsum("rhd,rkhd->rkh", dout[rows], leaves["v"].reshape(nr, kb, h, dv))
                 surrogate = (p * (coef.reshape(nr, kb, h) * dv_dot - delta[rows, None]) * inv_s[:, None]).sum()
-                parts = torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True)
+                *parts, part_table = torch.autograd.grad(surrogate, [*leaves.values(), table_leaf],
+                                                         allow_unused=True)
             _scatter_grads(grads, dict(zip(leaves, parts)), rows, src)
+            if part_table is not None:
+                dtable += part_table
+    with torch.enable_grad():
+        grads["rbf_centers"], grads["w_radial"] = torch.autograd.grad(table, (centers, w_radial), dtable)
     return grads
 
 

@@ -77,6 +77,7 @@ from torch import Tensor
 
 from e2f.attention.chunked import BlockPlan, block_plan, second_order_grads
 from e2f.attention.core import CoreInputs, padded_head_stride
+from e2f.attention.radial import RADIAL_MAX_INTERVALS, radial_grid, radial_intervals, radial_rows
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -529,35 +530,10 @@ def _forward_split(t: dict, d: dict, chunk: int, table: tuple, out: Tensor, m: T
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
 
 
-#: Grid points of the radial table a basis width ``sigma``. The backward differentiates the
-#: cubic Hermite interpolant, whose derivative error falls as ``h^3`` down to the float32 table's
-#: rounding amplified by ``1 / h`` (R = 256 Gaussians of width 2 spacings over 5 Å, random
-#: weights; largest / rms error of the derivative relative to its largest value): 7.5e-6 /
-#: 5.2e-6 at 16 points (2,040 intervals), 4.5e-6 / 2.8e-6 at 20, 3.7e-6 / 2.0e-6 at 24, 4.1e-6 /
-#: 1.9e-6 at 32. At 16 the positions' gradients at N = 65,536 were 6.2e-6 from ``chunked``'s
-#: (3.8e-6 with the exact Gaussians; tolerance 1e-5; H100, perf-notes 28). At 24 (3,060
-#: intervals, 3 MB at G = 128) the values are within 4.4e-8 of the largest (1.1e-7 at 16; linear
-#: interpolation 4e-4).
-RADIAL_POINTS_PER_SIGMA = 24
-#: At most this many intervals (a basis narrower than
-#: ``RADIAL_POINTS_PER_SIGMA cutoff / RADIAL_MAX_INTERVALS`` is refused by ``check``).
-RADIAL_MAX_INTERVALS = 1 << 16
-#: At least this many (a wide or constant basis).
-RADIAL_MIN_INTERVALS = 16
-
-
-def radial_intervals(gamma: float, cutoff: float) -> int:
-    """Intervals of the radial table over ``[0, cutoff]`` for Gaussians ``exp(-gamma x^2)``."""
-    if gamma <= 0:  # a constant basis: any grid interpolates it exactly
-        return RADIAL_MIN_INTERVALS
-    sigma = math.sqrt(0.5 / gamma)
-    return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
-
-
-#: Float64 ``[P, R]`` temporaries alive at once while ``_radial_rows`` is differentiated on ``P``
-#: grid points (four saved for the backward, up to ~8 gradients beside them): what bounds a
-#: block of grid points of ``radial_table_backward`` by the caller's memory budget. With 8 the N = 1,024 forward +
-#: backward peak rose by 1.4 KB an atom (H100, perf-notes 28).
+#: Float64 ``[P, R]`` temporaries alive at once while ``radial.radial_rows`` is differentiated
+#: on ``P`` grid points (four saved for the backward, up to ~8 gradients beside them): what
+#: bounds a block of grid points of ``radial_table_backward`` by the caller's memory budget.
+#: With 8 the N = 1,024 forward + backward peak rose by 1.4 KB an atom (H100, perf-notes 28).
 RADIAL_TEMPORARIES = 12
 #: Fewest grid points a block.
 RADIAL_MIN_BLOCK = 64
@@ -569,21 +545,6 @@ def _row_block(points: int, r: int, max_bytes: int | None) -> int:
     if max_bytes is None:
         return points
     return max(RADIAL_MIN_BLOCK, min(points, max_bytes // (RADIAL_TEMPORARIES * 8 * max(1, r))))
-
-
-def _radial_rows(points: Tensor, centers: Tensor, w: Tensor, gamma: float, h: float) -> Tensor:
-    """``rbf(d) @ w`` and ``h`` times its derivative at the distances ``points`` (``[P, 2, G]``):
-    ``radial_table_kernel``'s twin, and what ``radial_table_backward`` differentiates."""
-    diff = points[:, None] - centers[None, :]
-    rbf = torch.exp(-gamma * diff * diff)
-    return torch.stack((rbf @ w, (rbf * (-2.0 * gamma * h) * diff) @ w), dim=1)
-
-
-def _radial_grid(gamma: float, cutoff: float, device) -> tuple[Tensor, float]:
-    """The table's grid points ``g h`` (float64) and ``h``."""
-    nt = radial_intervals(gamma, cutoff)
-    h = cutoff / nt
-    return torch.arange(nt + 1, device=device, dtype=torch.float64) * h, h
 
 
 def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
@@ -606,13 +567,12 @@ RADIAL_BUILD_BLOCK = (32, 64, 16)
 
 
 def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float) -> tuple[Tensor, float]:
-    """``(table, 1 / h)``: the radial part of the gate's first layer, ``rbf(d) @ w_radial``, and
-    ``h`` times its derivative on the grid ``d = g h`` (``[intervals + 1, 2, G]`` float32,
-    computed in float64 by ``kernels.radial_table_kernel`` in one launch; ``_radial_rows`` is
-    its PyTorch twin), for the kernels' cubic Hermite interpolation (both forms of the forward
-    and the backward, so the backend's energies and forces come from one function; it differs
-    from the exact Gaussians of the other backends by ~5e-8 relative, far inside the backend's
-    tolerance)."""
+    """``(table, 1 / h)``: ``e2f.attention.radial``'s table of the radial part of the gate's
+    first layer, ``rbf(d) @ w_radial`` and ``h`` times its derivative on the grid ``d = g h``
+    (``[intervals + 1, 2, G]`` float32), computed in float64 by ``kernels.radial_table_kernel``
+    in one launch (``radial.build_table`` is its PyTorch twin: the table every other backend
+    interpolates), for the kernels' cubic Hermite interpolation in both forms of the forward
+    and the backward."""
     nt = radial_intervals(gamma, cutoff)
     h = cutoff / nt
     r, g = w_radial.shape
@@ -632,7 +592,7 @@ def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutof
     """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
     ``w_radial`` and ``centers`` (float32; autograd through the float64 build, in blocks of
     grid points as ``radial_table``)."""
-    grid, h = _radial_grid(gamma, cutoff, centers.device)
+    grid, h = radial_grid(gamma, cutoff, centers.device)
     if dtable.shape[0] != grid.shape[0]:
         raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {grid.shape[0]}")
     c = centers.detach().double().requires_grad_(True)
@@ -641,7 +601,7 @@ def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutof
     block = _row_block(grid.shape[0], c.shape[0], max_bytes)
     with torch.enable_grad():
         for b in range(0, grid.shape[0], block):
-            rows = _radial_rows(grid[b:b + block], c, w, gamma, h)
+            rows = radial_rows(grid[b:b + block], c, w, gamma, h)
             gc, gw = torch.autograd.grad(rows, (c, w), dtable[b:b + block].double())
             dc += gc
             dw += gw

@@ -115,11 +115,11 @@ def test_workload_is_seeded_and_softmax_nontrivial():
     assert a.q.dtype == torch.float32 and a.nbr.dtype == torch.int64 and a.nbr.shape == (300, 32)
     # Interior atoms at 0.1 / Å^3 and 5 Å have ~52 neighbours: the cap of 32 is reached.
     assert (a.nbr >= 0).sum(1).max() == 32
-    from e2f.attention.core import edge_terms
+    from e2f.attention.core import edge_terms, radial_table
 
     n, k = a.nbr.shape
     valid = a.nbr.reshape(-1) >= 0
     dst = torch.arange(n).repeat_interleave(k)
-    _, _, g, _, qk = edge_terms(a, dst, a.nbr.reshape(-1).clamp_min(0), valid)
+    _, _, g, _, qk = edge_terms(a, dst, a.nbr.reshape(-1).clamp_min(0), valid, radial_table(a))
     spread = (g * qk)[valid].std()
     assert 0.5 < spread < 5.0, spread

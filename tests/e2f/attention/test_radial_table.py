@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+from e2f.attention import radial  # noqa: E402
 from e2f.attention.triton import function as F  # noqa: E402
 from e2f.nn import rbf_centers_and_gamma  # noqa: E402
 
@@ -89,7 +90,7 @@ def test_table_interpolates_the_exact_basis(cutoff, num_rbf, g):
     centers, gamma = rbf_centers_and_gamma(cutoff, num_rbf)
     w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)
     table, inv_h = _table(centers, w, gamma, cutoff)
-    assert table.dtype == torch.float32 and table.shape == (F.radial_intervals(gamma, cutoff) + 1, 2, g)
+    assert table.dtype == torch.float32 and table.shape == (radial.radial_intervals(gamma, cutoff) + 1, 2, g)
     d = torch.cat([torch.rand(20000, generator=gen, dtype=torch.float64) * cutoff,
                    torch.tensor([0.0, cutoff * (1 - 1e-12), cutoff], dtype=torch.float64)])
     exact = _exact(d, centers, gamma, w)
@@ -101,8 +102,8 @@ def test_table_interpolates_the_exact_basis(cutoff, num_rbf, g):
 def test_table_size_follows_the_basis_width():
     centers, gamma = rbf_centers_and_gamma(5.0, 256)
     sigma = math.sqrt(0.5 / gamma)
-    assert F.radial_intervals(gamma, 5.0) == math.ceil(F.RADIAL_POINTS_PER_SIGMA * 5.0 / sigma)
-    assert F.radial_intervals(0.0, 5.0) == 16  # a constant basis
+    assert radial.radial_intervals(gamma, 5.0) == math.ceil(radial.RADIAL_POINTS_PER_SIGMA * 5.0 / sigma)
+    assert radial.radial_intervals(0.0, 5.0) == 16  # a constant basis
     table, _ = _table(torch.zeros(3, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64), 0.0, 5.0)
     assert torch.equal(table[:, 0], torch.full((17, 2), 3.0)) and torch.equal(table[:, 1], torch.zeros(17, 2))
 
@@ -200,8 +201,8 @@ def test_table_kernel_against_its_twin(cutoff, num_rbf, g, dtype):
     gamma *= 1.0 + 1e-3 * math.pi
     w = (torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) * 4.0 / math.sqrt(num_rbf)).to(dtype)
     table, inv_h = _table(centers, w, gamma, cutoff)
-    grid, h = F._radial_grid(gamma, cutoff, "cpu")
-    twin = F._radial_rows(grid, centers.double(), w.double(), gamma, h)
+    grid, h = radial.radial_grid(gamma, cutoff, "cpu")
+    twin = radial.radial_rows(grid, centers.double(), w.double(), gamma, h)
     assert table.dtype == torch.float32 and table.shape == twin.shape and inv_h == 1.0 / h
     scale = float(twin.abs().max())
     assert float((table.double() - twin).abs().max()) <= scale * 2.0 ** -23
@@ -219,7 +220,7 @@ def test_blocks_of_grid_points_change_nothing():
     gen = torch.Generator().manual_seed(5)
     centers, gamma = rbf_centers_and_gamma(5.0, 32)
     w = torch.randn(32, 8, generator=gen, dtype=torch.float64)
-    points = F.radial_intervals(gamma, 5.0) + 1
+    points = radial.radial_intervals(gamma, 5.0) + 1
     dtable = torch.randn(points, 2, 8, generator=gen, dtype=torch.float64)
     budget = F.RADIAL_MIN_BLOCK * F.RADIAL_TEMPORARIES * 8 * 32  # the smallest block: several of them
     assert F._row_block(points, 32, budget) == F.RADIAL_MIN_BLOCK < points // 2
@@ -237,7 +238,7 @@ def test_float64_temporaries_stay_within_the_budget():
     centers, gamma = rbf_centers_and_gamma(5.0, 256)
     centers = centers.float().to(DEVICE)
     w = torch.randn(256, 128, device=DEVICE)
-    points = F.radial_intervals(gamma, 5.0) + 1
+    points = radial.radial_intervals(gamma, 5.0) + 1
     budget = 512 * F.RADIAL_TEMPORARIES * 8 * 256
     table, _ = F.radial_table(centers, w, gamma, 5.0)
     dtable = torch.randn_like(table)
