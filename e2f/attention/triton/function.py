@@ -573,11 +573,11 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float)
     in one launch (``radial.build_table`` is its PyTorch twin: the table every other backend
     interpolates), for the kernels' cubic Hermite interpolation in both forms of the forward
     and the backward."""
+    from e2f.attention.triton import kernels as K
+
     nt = radial_intervals(gamma, cutoff)
     h = cutoff / nt
     r, g = w_radial.shape
-    from e2f.attention.triton import kernels as K
-
     table = torch.empty(nt + 1, 2, g, device=w_radial.device, dtype=torch.float32)
     bp, bg, rc = (1024, _pow2(g, 16), 16) if _interpreting() else RADIAL_BUILD_BLOCK
     K.radial_table_kernel[(triton_cdiv(nt + 1, bp), triton_cdiv(g, bg))](
@@ -591,7 +591,7 @@ def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutof
                           max_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
     ``w_radial`` and ``centers`` (float32; autograd through the float64 build, in blocks of
-    grid points as ``radial_table``)."""
+    grid points whose temporaries stay within ``max_bytes``)."""
     grid, h = radial_grid(gamma, cutoff, centers.device)
     if dtable.shape[0] != grid.shape[0]:
         raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {grid.shape[0]}")
