@@ -560,9 +560,9 @@ def _float_pair(x: float) -> tuple[float, float]:
 
 
 #: Grid points, hidden units and basis functions a step of a ``radial_table_kernel`` program
-#: (4 warps, 176 registers on sm_90a, two float64 ``[BP, BG]`` accumulators; a loop of one
-#: basis function a step with float64 FMAs took ~0.2 ms on an H200, latency-bound); the
-#: interpreter takes blocks of 1,024 points and all units.
+#: (4 warps, two float64 ``[BP, BG]`` accumulators: 166 registers on sm_90a, ``kernel_regs.py
+#: kernel=table``; a loop of one basis function a step with float64 FMAs took ~0.2 ms on an
+#: H200, latency-bound); the interpreter takes blocks of 1,024 points and all units.
 RADIAL_BUILD_BLOCK = (32, 64, 16)
 
 
