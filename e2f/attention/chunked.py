@@ -33,9 +33,12 @@ from e2f.attention.radial import build_table
 
 _DST_FIELDS = ("pos_dst", "q", "gate_dst")
 _SRC_FIELDS = ("pos_src", "k", "v", "gate_src")
-_SHARED_FIELDS = ("rbf_centers", "w_radial", "w_out", "b_out")
+_RADIAL_FIELDS = ("rbf_centers", "w_radial")
+_SHARED_FIELDS = _RADIAL_FIELDS + ("w_out", "b_out")
 _FIELDS = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src") + _SHARED_FIELDS
 _DIFF_FIELDS = tuple(f for f in _FIELDS if f != "nbr")
+#: The key under which ``second_order_grads`` hands its blocks the call's radial table.
+_TABLE = "radial_table"
 
 
 #: Default bound on a block's per-edge temporaries, in numbers.
@@ -144,7 +147,7 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
     delta = (dout * out).sum(-1)
     # the blocks' gradients of the radial table add up in dtable, taken to the centres and
     # w_radial once at the end, through the table's build
-    centers, w_radial = (t[f].detach().requires_grad_(True) for f in ("rbf_centers", "w_radial"))
+    centers, w_radial = (t[f].detach().requires_grad_(True) for f in _RADIAL_FIELDS)
     with torch.enable_grad():
         table, inv_h = build_table(centers, w_radial, plan.rbf_gamma, plan.cutoff)
     table_leaf = table.detach().requires_grad_(True)
@@ -192,21 +195,23 @@ class _CoreGrad(torch.autograd.Function):
         return (None, None, None, None, d_dout, *(grads.get(f) for f in _FIELDS))
 
 
-def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: dict, rows: slice, create: bool):
+def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict, gg: dict, rows: slice, create: bool):
     """One target block of :func:`second_order_grads`: ``(parts, d_dout, src)``, or None if
     ``gg`` pairs with nothing here; ``parts`` maps the block's leaves to their gradients and
-    ``d_dout`` is the gradient of the block's rows of ``dout``."""
+    ``d_dout`` is the gradient of the block's rows of ``dout``. ``t``'s radial fields are the
+    call's leaves and ``t[_TABLE]`` the table built from them once a call (every block
+    differentiates through that one build, so its graph is retained)."""
     kslots = t["nbr"].shape[1]
     block, src, valid = _gather_block(t, rows, slice(0, kslots))
     with torch.enable_grad():
-        leaves = {f: x.detach().requires_grad_(True) for f, x in block.items()}
+        leaves = {f: x if f in _RADIAL_FIELDS else x.detach().requires_grad_(True) for f, x in block.items()}
         dout_blk = dout[rows].detach().requires_grad_(True)
         local_nbr = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
         inp = CoreInputs(
             nbr=local_nbr.reshape(rows.stop - rows.start, kslots),
             rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **leaves,
         )
-        out_blk = attention_core_reference(inp)
+        out_blk = attention_core_reference(inp, t[_TABLE])
         g = torch.autograd.grad(out_blk, list(leaves.values()), dout_blk, create_graph=True, allow_unused=True)
         pairing = []
         for name, gi in zip(leaves, g):
@@ -221,7 +226,7 @@ def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg:
         if not pairing:
             return None
         *parts, d_dout = torch.autograd.grad(sum(pairing), [*leaves.values(), dout_blk], create_graph=create,
-                                             allow_unused=True)
+                                             retain_graph=True, allow_unused=True)
     return dict(zip(leaves, parts)), d_dout, src
 
 
@@ -241,6 +246,11 @@ def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: 
     n = t["nbr"].shape[0]
     grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
     d_dout = torch.zeros_like(dout)
+    # one radial table for all blocks (its float64 build costs a few blocks' worth of edges)
+    radial_leaves = {f: t[f].detach().requires_grad_(True) for f in _RADIAL_FIELDS}
+    with torch.enable_grad():
+        table = build_table(radial_leaves["rbf_centers"], radial_leaves["w_radial"], plan.rbf_gamma, plan.cutoff)
+    t = {**t, **radial_leaves, _TABLE: table}
     # a stack: blocks pop in order, and a split block's halves go back on top
     pending = [slice(a, min(a + plan.target_block, n)) for a in range(0, n, plan.target_block)][::-1]
     while pending:

@@ -144,17 +144,19 @@ def edge_terms(inp: CoreInputs, dst: Tensor, src: Tensor, valid: Tensor, table: 
     return env, inv_d, g, u, qk
 
 
-def attention_core_reference(inp: CoreInputs) -> Tensor:
+def attention_core_reference(inp: CoreInputs, table: tuple[Tensor, float] | None = None) -> Tensor:
     """The obviously-right twin: materialises every per-edge tensor ([E, H, dv] too).
 
-    Returns ``out`` of shape [N, H, dv]. Differentiable by plain autograd (any order).
+    ``table``: ``radial_table(inp)`` when the caller already built it (blocks of one call
+    share it); built here otherwise. Returns ``out`` of shape [N, H, dv]. Differentiable by
+    plain autograd (any order).
     """
     n, kslots = inp.nbr.shape
     dst = torch.arange(n, device=inp.nbr.device).repeat_interleave(kslots)
     flat = inp.nbr.reshape(-1).long()
     valid = flat >= 0
     src = flat.clamp_min(0)
-    env, inv_d, g, u, qk = edge_terms(inp, dst, src, valid, radial_table(inp))
+    env, inv_d, g, u, qk = edge_terms(inp, dst, src, valid, radial_table(inp) if table is None else table)
     logit = torch.where((valid & (env > 0))[:, None], g * qk, torch.full_like(qk, -math.inf))
     # [N, H]; 0 is the sink logit. The function does not depend on m (it cancels), so no
     # gradient flows through it.

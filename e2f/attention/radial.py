@@ -48,10 +48,15 @@ def radial_intervals(gamma: float, cutoff: float) -> int:
     return max(RADIAL_MIN_INTERVALS, math.ceil(RADIAL_POINTS_PER_SIGMA * cutoff / sigma))
 
 
+def radial_spacing(gamma: float, cutoff: float) -> tuple[int, float]:
+    """The table's intervals and their width ``h``."""
+    nt = radial_intervals(gamma, cutoff)
+    return nt, cutoff / nt
+
+
 def radial_grid(gamma: float, cutoff: float, device) -> tuple[Tensor, float]:
     """The table's grid points ``p h`` (float64) and ``h``."""
-    nt = radial_intervals(gamma, cutoff)
-    h = cutoff / nt
+    nt, h = radial_spacing(gamma, cutoff)
     return torch.arange(nt + 1, device=device, dtype=torch.float64) * h, h
 
 

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from e2f.attention.chunked import BlockPlan, block_plan, second_order_grads
 from e2f.attention.core import CoreInputs, padded_head_stride
-from e2f.attention.radial import RADIAL_MAX_INTERVALS, radial_grid, radial_intervals, radial_rows
+from e2f.attention.radial import RADIAL_MAX_INTERVALS, radial_grid, radial_intervals, radial_rows, radial_spacing
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -575,8 +575,7 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float)
     and the backward."""
     from e2f.attention.triton import kernels as K
 
-    nt = radial_intervals(gamma, cutoff)
-    h = cutoff / nt
+    nt, h = radial_spacing(gamma, cutoff)
     r, g = w_radial.shape
     table = torch.empty(nt + 1, 2, g, device=w_radial.device, dtype=torch.float32)
     bp, bg, rc = (1024, _pow2(g, 16), 16) if _interpreting() else RADIAL_BUILD_BLOCK

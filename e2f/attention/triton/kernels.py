@@ -31,7 +31,7 @@ recompile every autotune candidate.
   across warps).
 The radial table every kernel reads is built by ``radial_table_kernel``: ``BP`` grid points
 and ``BG`` hidden units a program, the Gaussians and the products over the basis in float64
-(one launch, no temporaries: its PyTorch twin, ``function._radial_rows``, took ~35 launches
+(one launch, no temporaries: its PyTorch twin, ``radial.build_table``, takes ~35 launches
 and float64 ``[P, R]`` temporaries).
 
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
