@@ -26,7 +26,7 @@ exactly. (The public reference adds eps *after* the max shift, which makes the e
 jump when a neighbour with the largest logit crosses the cutoff; ours is continuous.)
 
 ``T`` is the cubic Hermite interpolation of a table of ``rbf(d) @ w_radial`` and its
-derivative at 24 points a basis width (``e2f.attention.radial``): within ~5e-8 of the exact
+derivative at 12 points a basis width (``e2f.attention.radial``): within ~3e-7 of the exact
 Gaussians, and the same table in every backend, so the fused kernels (which read it instead
 of R exponentials and an R x G product an edge) compute this very function.
 

@@ -4,8 +4,8 @@ The first gate layer's radial part, ``rbf(d) @ w_radial`` with Gaussians
 ``exp(-gamma (d - mu_k)^2)``, is a function of the distance alone. Every backend evaluates it
 as the cubic Hermite interpolation of a table: the value and ``h`` times the derivative of
 ``rbf(d) @ w_radial`` at the grid points ``d = p h`` over ``[0, cutoff]``, ``RADIAL_POINTS_PER_SIGMA``
-points a basis width (24: the interpolant is within ~5e-8 of the exact function relative to its
-largest value, its derivative within ~4e-6). So the fused kernels, which read the table instead
+points a basis width (12: the interpolant is within ~3e-7 of the exact function relative to its
+largest value, its derivative within ~2e-5). So the fused kernels, which read the table instead
 of ``R`` exponentials and an ``[E, R] @ [R, G]`` product an edge, compute the same function as
 ``chunked`` and ``materialized`` (``core.edge_terms``).
 
@@ -13,8 +13,9 @@ The table is built, kept and interpolated in float64 (the result cast to the dis
 dtype); the fused kernels keep a float32 copy of the same table (within 6e-8 of it) and
 interpolate in float32. Float64 matters for the second derivative in the distance (force
 training's position terms, Hessians): ``(T1 - T0) / h^2`` from a float32 table carries its
-rounding times ``(sigma / h)^2`` (~600), ~1e-4 relative in float32 arithmetic. Its gradients
-(to the weights and the centres) come from autograd through the build, ``radial_rows``.
+rounding times ``(sigma / h)^2`` (~600 at 24 points a width: ~1e-4 relative in float32
+arithmetic). Its gradients (to the weights and the centres) come from autograd through the
+build, ``radial_rows``; the fused backward's from ``kernels.radial_table_backward_kernel``.
 """
 from __future__ import annotations
 
@@ -23,16 +24,16 @@ import math
 import torch
 from torch import Tensor
 
-#: Grid points a basis width ``sigma``. The backward differentiates the cubic Hermite
-#: interpolant, whose derivative error falls as ``h^3`` down to the float32 table's rounding
-#: amplified by ``1 / h`` (R = 256 Gaussians of width 2 spacings over 5 Å, random weights;
-#: largest / rms error of the derivative relative to its largest value): 7.5e-6 / 5.2e-6 at 16
-#: points (2,040 intervals), 4.5e-6 / 2.8e-6 at 20, 3.7e-6 / 2.0e-6 at 24, 4.1e-6 / 1.9e-6 at
-#: 32. At 16 the fused backend's position gradients at N = 65,536 were 6.2e-6 from ``chunked``'s
-#: (3.8e-6 with the exact Gaussians; tolerance 1e-5; H100, perf-notes 28). At 24 (3,060
-#: intervals, 3 MB at G = 128) the values are within 4.4e-8 of the largest (1.1e-7 at 16; linear
-#: interpolation 4e-4).
-RADIAL_POINTS_PER_SIGMA = 24
+#: Grid points a basis width ``sigma``. Every backend reads the table, so its density sets how
+#: close the layer is to the Gaussian basis, not whether the backends agree (the fused kernels'
+#: float32 copy differs from the float64 table by its rounding, which the slope divides by ``h``:
+#: the agreement improves with fewer points). Largest error relative to the largest value, R =
+#: 256 Gaussians of width 2 spacings over 5 Å, random weights, float64 table (value / slope):
+#: 1.7e-6 / 5.8e-5 at 8 points, 3.4e-7 / 1.7e-5 at 12, 1.1e-7 / 7.3e-6 at 16, 2.1e-8 / 2.2e-6 at
+#: 24. At 12 the table holds 1,531 points, 1.5 MB at G = 128; at 24 its 3 MB made the fused
+#: forward's peak at N = 1,024 12 % above that at 16,384 per atom (issue 4 asks for 10 %;
+#: perf-notes 31).
+RADIAL_POINTS_PER_SIGMA = 12
 #: At most this many intervals (a basis narrower than
 #: ``RADIAL_POINTS_PER_SIGMA cutoff / RADIAL_MAX_INTERVALS`` is refused by the fused backend's ``check``).
 RADIAL_MAX_INTERVALS = 1 << 16

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from e2f.attention.chunked import BlockPlan, block_plan, second_order_grads
 from e2f.attention.core import CoreInputs, padded_head_stride
-from e2f.attention.radial import RADIAL_MAX_INTERVALS, radial_grid, radial_intervals, radial_rows, radial_spacing
+from e2f.attention.radial import RADIAL_MAX_INTERVALS, radial_intervals, radial_spacing
 
 TENSOR_NAMES = ("pos_dst", "pos_src", "nbr", "q", "k", "v", "gate_dst", "gate_src",
                 "rbf_centers", "w_radial", "w_out", "b_out")
@@ -530,23 +530,6 @@ def _forward_split(t: dict, d: dict, chunk: int, table: tuple, out: Tensor, m: T
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
 
 
-#: Float64 ``[P, R]`` temporaries alive at once while ``radial.radial_rows`` is differentiated
-#: on ``P`` grid points (four saved for the backward, up to ~8 gradients beside them): what
-#: bounds a block of grid points of ``radial_table_backward`` by the caller's memory budget.
-#: With 8 the N = 1,024 forward + backward peak rose by 1.4 KB an atom (H100, perf-notes 28).
-RADIAL_TEMPORARIES = 12
-#: Fewest grid points a block.
-RADIAL_MIN_BLOCK = 64
-
-
-def _row_block(points: int, r: int, max_bytes: int | None) -> int:
-    """Grid points a block of the table's gradient: all of them, or as many as keep their
-    float64 temporaries within ``max_bytes``."""
-    if max_bytes is None:
-        return points
-    return max(RADIAL_MIN_BLOCK, min(points, max_bytes // (RADIAL_TEMPORARIES * 8 * max(1, r))))
-
-
 def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
     """Bytes of ``radial_table``'s table (and of its gradient) for a hidden layer of ``g``."""
     return (radial_intervals(gamma, cutoff) + 1) * 2 * g * 4
@@ -586,25 +569,41 @@ def radial_table(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float)
     return table, 1.0 / h
 
 
+#: Basis functions, hidden units and grid points a step of a ``radial_table_backward_kernel``
+#: program, and the most blocks of grid points it splits the grid into (each block's partial
+#: sums, float64 ``[R, G]``, are added at the end: 8 fill an H100 with 256 programs at the paper
+#: sizes and take 2 MB).
+RADIAL_GRAD_BLOCK = (16, 64, 32)
+RADIAL_GRAD_MAX_PARTS = 8
+
+
 def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutoff: float, dtable: Tensor,
                           max_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
-    ``w_radial`` and ``centers`` (float32; autograd through the float64 build, in blocks of
-    grid points whose temporaries stay within ``max_bytes``)."""
-    grid, h = radial_grid(gamma, cutoff, centers.device)
-    if dtable.shape[0] != grid.shape[0]:
-        raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {grid.shape[0]}")
-    c = centers.detach().double().requires_grad_(True)
-    w = w_radial.detach().double().requires_grad_(True)
-    dc, dw = torch.zeros_like(c), torch.zeros_like(w)
-    block = _row_block(grid.shape[0], c.shape[0], max_bytes)
-    with torch.enable_grad():
-        for b in range(0, grid.shape[0], block):
-            rows = radial_rows(grid[b:b + block], c, w, gamma, h)
-            gc, gw = torch.autograd.grad(rows, (c, w), dtable[b:b + block].double())
-            dc += gc
-            dw += gw
-    return dw.float(), dc.float()
+    ``w_radial`` and ``centers`` (float32), from ``kernels.radial_table_backward_kernel`` in one
+    launch: float64 sums in blocks of grid points whose partial sums (``R G`` float64 numbers
+    a block) stay within ``max_bytes``, added in a fixed order (the PyTorch twin: autograd
+    through ``radial.build_table``)."""
+    from e2f.attention.triton import kernels as K
+
+    nt, h = radial_spacing(gamma, cutoff)
+    if dtable.shape[0] != nt + 1:
+        raise ValueError(f"dtable has {dtable.shape[0]} grid points, the table {nt + 1}")
+    r, g = w_radial.shape
+    dev = w_radial.device
+    # the interpreter runs a program's tiles as numpy arrays: few, large ones
+    br, bg, bp = (_pow2(r, 16), _pow2(g, 16), 256) if _interpreting() else RADIAL_GRAD_BLOCK
+    parts = RADIAL_GRAD_MAX_PARTS if max_bytes is None else max(1, min(RADIAL_GRAD_MAX_PARTS, max_bytes // (r * g * 8)))
+    per_part = triton_cdiv(triton_cdiv(nt + 1, parts), bp) * bp
+    parts = triton_cdiv(nt + 1, per_part)
+    g_blocks = triton_cdiv(g, bg)
+    dw_part = torch.empty(parts, r, g, device=dev, dtype=torch.float64)
+    dc_part = torch.empty(parts, g_blocks, r, device=dev, dtype=torch.float64)
+    K.radial_table_backward_kernel[(triton_cdiv(r, br), g_blocks, parts)](
+        centers.detach().contiguous(), w_radial.detach().contiguous(), dtable.detach().contiguous(), dw_part, dc_part,
+        nt + 1, r, g, per_part, *_float_pair(gamma), *_float_pair(h), BR=br, BG=bg, BP=bp, num_warps=4)
+    _last["radial_table_backward"] = {"BR": br, "BG": bg, "BP": bp, "parts": parts, "num_warps": 4}
+    return dw_part.sum(0).float(), dc_part.sum((0, 1)).float()
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -62,7 +62,7 @@ of them computes the gate's hidden layer and q.k and one walks the value rows:
 * ``bwd_radial_table_kernel``: one grid point of the radial table a program: the gradient of
   the chunk's pre-activations with respect to the table, summed over the edges of the two
   intervals around the point (``function._radial_gradient`` sorts the edges by grid position);
-  ``function.radial_table_backward`` takes it to ``w_radial`` and the centres at the end.
+  ``radial_table_backward_kernel`` takes it to ``w_radial`` and the centres at the end.
 * ``bwd_source_kernel``: the transposed walk again, one source and ``HB`` heads a program:
   ``dk += dqk q_i``; one more program a source sums ``dgate_src += dpre`` and ``dpos_src``
   from ``dd`` in steps of ``BKS`` in-edges.
@@ -195,6 +195,51 @@ def radial_table_kernel(centers, w_radial, table, P, R, G, gamma_hi, gamma_lo, h
     row = table + offs_p.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
     tl.store(row, value.to(tl.float32), mask=mask)
     tl.store(row + G, (slope * (-2.0 * gamma * h)).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def radial_table_backward_kernel(centers, w_radial, dtable, dw_part, dc_part, P, R, G, PB,
+                                 gamma_hi, gamma_lo, h_hi, h_lo,
+                                 BR: tl.constexpr, BG: tl.constexpr, BP: tl.constexpr):
+    """The gradients of ``sum(dtable * table)`` (``radial_table_kernel``'s table) with respect to
+    ``w_radial`` and ``centers`` over the grid points ``PB k .. PB (k + 1) - 1`` (program axis 2)
+    for ``BR`` basis functions and ``BG`` hidden units: with ``a = rbf(p h)`` and
+    ``b = -2 gamma h (p h - c) a``, ``dw += a^T dT0 + b^T dT1`` and
+    ``dc += sum_p a (2 gamma (p h - c) S0 - 2 gamma h (2 gamma (p h - c)^2 - 1) S1)``,
+    ``S = dT w^T``. Float64 Gaussians and products (DMMA); per-block partial sums (``dw_part
+    [k, R, G]``, ``dc_part [k, G block, R]``) that the caller adds in a fixed order."""
+    pid_r, pid_g, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    offs_g = pid_g * BG + tl.arange(0, BG)
+    rmask = offs_r < R
+    gmask = offs_g < G
+    gamma = tl.cast(gamma_hi, tl.float64) + tl.cast(gamma_lo, tl.float64)
+    h = tl.cast(h_hi, tl.float64) + tl.cast(h_lo, tl.float64)
+    mu = tl.load(centers + offs_r, mask=rmask, other=0.0).to(tl.float64)
+    w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :],
+                other=0.0).to(tl.float64)
+    acc_w = tl.zeros([BR, BG], dtype=tl.float64)
+    acc_c = tl.zeros([BR], dtype=tl.float64)
+    p_end = tl.minimum(pid_p * PB + PB, P)
+    for p0 in range(pid_p * PB, p_end, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        pmask = offs_p < p_end
+        diff = offs_p.to(tl.float64)[None, :] * h - mu[:, None]  # [BR, BP]
+        a = tl.where(rmask[:, None] & pmask[None, :], tl.exp(-gamma * diff * diff), 0.0)
+        b = a * diff * (-2.0 * gamma * h)
+        rows = dtable + offs_p.to(tl.int64)[:, None] * (2 * G) + offs_g[None, :]
+        m2 = pmask[:, None] & gmask[None, :]
+        d0 = tl.load(rows, mask=m2, other=0.0).to(tl.float64)  # [BP, BG]
+        d1 = tl.load(rows + G, mask=m2, other=0.0).to(tl.float64)
+        acc_w = tl.dot(a, d0, acc_w, out_dtype=tl.float64)
+        acc_w = tl.dot(b, d1, acc_w, out_dtype=tl.float64)
+        s0 = tl.dot(w, tl.trans(d0), out_dtype=tl.float64)  # [BR, BP]
+        s1 = tl.dot(w, tl.trans(d1), out_dtype=tl.float64)
+        acc_c += tl.sum(a * (s0 * (2.0 * gamma) * diff + s1 * (-2.0 * gamma * h) * (2.0 * gamma * diff * diff - 1.0)),
+                        axis=1)
+    tl.store(dw_part + (pid_p * R + offs_r[:, None]).to(tl.int64) * G + offs_g[None, :], acc_w,
+             mask=rmask[:, None] & gmask[None, :])
+    tl.store(dc_part + (pid_p * tl.num_programs(1) + pid_g) * R + offs_r, acc_c, mask=rmask)
 
 
 @triton.jit

@@ -31,11 +31,11 @@ def test_interpolant_follows_the_exact_function_and_its_derivative(cutoff, num_r
     diff = d.detach()[:, None] - centers[None, :]
     rbf = torch.exp(-gamma * diff * diff)
     exact, slope = rbf @ w, (rbf * (-2.0 * gamma) * diff) @ w
-    assert float((got.detach() - exact).abs().max() / exact.abs().max()) < 1e-7
-    # the derivative autograd takes is the interpolant's, within ~4e-6 of the exact one
+    assert float((got.detach() - exact).abs().max() / exact.abs().max()) < 1e-6
+    # the derivative autograd takes is the interpolant's, within ~2e-5 of the exact one
     probe = torch.randn(g, generator=gen, dtype=torch.float64)
     (dd,) = torch.autograd.grad((got * probe).sum(), d)
-    assert float((dd - slope @ probe).abs().max() / (slope @ probe).abs().max()) < 1e-5
+    assert float((dd - slope @ probe).abs().max() / (slope @ probe).abs().max()) < 5e-5
 
 
 def test_table_is_float64_and_smooth_in_the_weights():
