@@ -154,14 +154,16 @@ def test_table_gradient_gives_the_exact_basis_gradients():
     table, inv_h = _table(centers, w, gamma, cutoff)
     d = torch.rand(5000, generator=gen, dtype=torch.float64) * cutoff
     dpre = torch.randn(5000, g, generator=gen, dtype=torch.float64)
-    dw, dc = F.radial_table_backward(centers, w, gamma, cutoff, _table_gradient(d, dpre, table.shape[0] - 1, inv_h))
+    dtable = _table_gradient(d, dpre, table.shape[0] - 1, inv_h)
+    dw, dc = (x.cpu() for x in F.radial_table_backward(centers.to(DEVICE), w.to(DEVICE), gamma, cutoff,
+                                                        dtable.to(DEVICE)))
     c, ww = centers.clone().requires_grad_(True), w.clone().requires_grad_(True)
     exact_c, exact_w = torch.autograd.grad((_exact(d, c, gamma, ww) * dpre).sum(), (c, ww))
     assert dw.dtype == torch.float32 and dw.shape == w.shape and dc.shape == centers.shape
     assert float((dw.double() - exact_w).norm() / exact_w.norm()) < 1e-6
     assert float((dc.double() - exact_c).norm() / exact_c.norm()) < 1e-5
     with pytest.raises(ValueError, match="grid points"):
-        F.radial_table_backward(centers, w, gamma, cutoff, torch.zeros(3, 2, g))
+        F.radial_table_backward(centers.to(DEVICE), w.to(DEVICE), gamma, cutoff, torch.zeros(3, 2, g, device=DEVICE))
 
 
 @pytest.mark.parametrize("edges", [0, 1, 300])
