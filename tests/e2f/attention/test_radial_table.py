@@ -230,7 +230,8 @@ def test_table_gradient_kernel_against_autograd(cutoff, num_rbf, g):
     w = torch.randn(num_rbf, g, generator=gen, dtype=torch.float64) / math.sqrt(num_rbf)
     centers, w = centers.float().double(), w.float().double()  # the kernel's inputs are float32
     points = radial.radial_intervals(gamma, cutoff) + 1
-    for dtable in (torch.randn(points, 2, g, generator=gen), torch.randn(points, 2, g, generator=gen, dtype=torch.float64)):
+    for dtype in (torch.float32, torch.float64):
+        dtable = torch.randn(points, 2, g, generator=gen, dtype=dtype)
         c, ww = centers.clone().requires_grad_(True), w.clone().requires_grad_(True)
         table, _ = radial.build_table(c, ww, gamma, cutoff)
         twin_c, twin_w = torch.autograd.grad((table * dtable.double()).sum(), (c, ww))
