@@ -32,7 +32,8 @@ recompile every autotune candidate.
 The radial table every kernel reads is built by ``radial_table_kernel``: ``BP`` grid points
 and ``BG`` hidden units a program, the Gaussians and the products over the basis in float64
 (one launch, no temporaries: its PyTorch twin, ``radial.build_table``, takes ~35 launches
-and float64 ``[P, R]`` temporaries).
+and float64 ``[P, R]`` temporaries); ``radial_table_backward_kernel`` takes the table's
+gradient to ``w_radial`` and the centres alike (its twin: autograd through that build).
 
 The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
