@@ -51,7 +51,8 @@ Environment:
     chunk holds at least ``SPLIT_MIN_TARGETS`` targets, else ``fused`` (and ``fused`` whenever
     ``E2F_TRITON_FWD_CONFIG`` forces a fused configuration).
 ``E2F_TRITON_FWD_STASH_BYTES=3072``
-    The split forward's stash, in bytes per atom (default ``FWD_STASH_BYTES_PER_ATOM``).
+    The split forward's stash, in bytes per atom (default ``FWD_STASH_BYTES_PER_ATOM``, at most
+    ``FWD_STASH_MAX_BYTES`` in all).
 
 Precision: the gate MLP's products run on tensor cores in TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), in which case
@@ -92,6 +93,11 @@ FWD_STASH_ENV = "E2F_TRITON_FWD_STASH_BYTES"
 #: edge: K (8 H + 4) bytes a target, 33 KB at the paper sizes) runs in chunks that keep it
 #: within this many bytes an atom, so the forward's peak stays ~10 % above the output's 30 KB.
 FWD_STASH_BYTES_PER_ATOM = 3 * 1024
+#: ... and within this many bytes in all: at N = 1,048,576 on an 80 GB H100 the inputs (45 GiB
+#: periodic), the output (29 GiB) and a 3 GB stash left no room for the allocator's rounding
+#: (out of memory asking 1.46 GiB with 1.47 GiB reserved in pieces, perf-notes 31); a 1 GiB
+#: stash keeps chunks of ~32,000 targets there, and changes nothing up to ~350,000 atoms.
+FWD_STASH_MAX_BYTES = 1 << 30
 #: Targets a chunk below which ``auto`` takes the fused forward (smaller launches leave SMs
 #: idle), for float32 and for 16-bit q/k/v. H100, 11 chunks, fused against split (ms): fp32
 #: 2.21 / 2.51 at N = 8,192 (745 targets a chunk), 4.41 / 4.26 at 16,384 (1,490: within the
@@ -466,7 +472,9 @@ def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True) -> tuple[s
     mode = os.environ.get(FWD_MODE_ENV, "").strip() or "auto"
     if mode not in FWD_MODES:
         raise ValueError(f"{FWD_MODE_ENV} must be one of {FWD_MODES}, got {mode!r}")
-    budget = _bytes_from_env(FWD_STASH_ENV) or FWD_STASH_BYTES_PER_ATOM
+    budget = _bytes_from_env(FWD_STASH_ENV)
+    if budget is None:
+        budget = max(1, min(FWD_STASH_BYTES_PER_ATOM, FWD_STASH_MAX_BYTES // max(1, n_rows)))
     chunk = _chunk_within(n_rows, kslots * (8 * h + 4), budget)
     if mode == "auto":
         # a forced fused configuration is an experiment on the fused kernel

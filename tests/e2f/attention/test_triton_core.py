@@ -655,6 +655,12 @@ def test_forward_plan(monkeypatch):
         assert F.forward_plan(small * 2, 32, 128, fp32)[0] == "split"
     assert F.forward_plan(16384, 32, 128, True)[0] == "fused" and F.forward_plan(16384, 32, 128, False)[0] == "split"
     assert F.forward_plan(1, 32, 128) == ("fused", 1)
+    # at most FWD_STASH_MAX_BYTES in all: more chunks from ~350,000 atoms, still split
+    for n in (262144, 1048576, 4194304):
+        mode, chunk = F.forward_plan(n, 32, 128)
+        limit = min(n * F.FWD_STASH_BYTES_PER_ATOM, F.FWD_STASH_MAX_BYTES)
+        assert mode == "split" and chunk * per_target <= limit + per_target
+    assert F.forward_plan(262144, 32, 128)[1] == F._chunk_within(262144, per_target, F.FWD_STASH_BYTES_PER_ATOM)
     monkeypatch.setenv(F.FWD_CONFIG_ENV, "TB=2")
     assert F.forward_plan(65536, 32, 128)[0] == "fused"
     monkeypatch.setenv(F.FWD_MODE_ENV, "split")
