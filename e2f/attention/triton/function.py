@@ -590,8 +590,8 @@ def radial_table_backward(centers: Tensor, w_radial: Tensor, gamma: float, cutof
     """The gradients of ``(dtable * radial_table(centers, w_radial)).sum()`` with respect to
     ``w_radial`` and ``centers`` (float32), from ``kernels.radial_table_backward_kernel`` in one
     launch: float64 sums in blocks of grid points whose partial sums (``R G`` float64 numbers
-    a block) stay within ``max_bytes``, added in a fixed order (the PyTorch twin: autograd
-    through ``radial.build_table``)."""
+    a block, at least one block) stay within ``max_bytes``, added in a fixed order (the PyTorch
+    twin: autograd through ``radial.build_table``)."""
     from e2f.attention.triton import kernels as K
 
     nt, h = radial_spacing(gamma, cutoff)
