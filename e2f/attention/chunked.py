@@ -41,6 +41,14 @@ _DIFF_FIELDS = tuple(f for f in _FIELDS if f != "nbr")
 _TABLE = "radial_table"
 
 
+def _differentiable_table(t: dict[str, Tensor], plan: BlockPlan) -> tuple[dict[str, Tensor], tuple[Tensor, float]]:
+    """``(leaves, (table, 1 / h))``: fresh leaves of ``t``'s radial fields and the radial table
+    built from them with its graph, so one build serves every block of a pass."""
+    leaves = {f: t[f].detach().requires_grad_(True) for f in _RADIAL_FIELDS}
+    with torch.enable_grad():
+        return leaves, build_table(leaves["rbf_centers"], leaves["w_radial"], plan.rbf_gamma, plan.cutoff)
+
+
 #: Default bound on a block's per-edge temporaries, in numbers.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 
@@ -147,9 +155,7 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
     delta = (dout * out).sum(-1)
     # the blocks' gradients of the radial table add up in dtable, taken to the centres and
     # w_radial once at the end, through the table's build
-    centers, w_radial = (t[f].detach().requires_grad_(True) for f in _RADIAL_FIELDS)
-    with torch.enable_grad():
-        table, inv_h = build_table(centers, w_radial, plan.rbf_gamma, plan.cutoff)
+    radial_leaves, (table, inv_h) = _differentiable_table(t, plan)
     table_leaf = table.detach().requires_grad_(True)
     dtable = torch.zeros_like(table)
     for a in range(0, n, plan.target_block):
@@ -172,7 +178,7 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
             if part_table is not None:
                 dtable += part_table
     with torch.enable_grad():
-        grads["rbf_centers"], grads["w_radial"] = torch.autograd.grad(table, (centers, w_radial), dtable)
+        grads["rbf_centers"], grads["w_radial"] = torch.autograd.grad(table, list(radial_leaves.values()), dtable)
     return grads
 
 
@@ -247,9 +253,7 @@ def second_order_grads(plan: BlockPlan, dout: Tensor, t: dict[str, Tensor], gg: 
     grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
     d_dout = torch.zeros_like(dout)
     # one radial table for all blocks (its float64 build costs a few blocks' worth of edges)
-    radial_leaves = {f: t[f].detach().requires_grad_(True) for f in _RADIAL_FIELDS}
-    with torch.enable_grad():
-        table = build_table(radial_leaves["rbf_centers"], radial_leaves["w_radial"], plan.rbf_gamma, plan.cutoff)
+    radial_leaves, table = _differentiable_table(t, plan)
     t = {**t, **radial_leaves, _TABLE: table}
     # a stack: blocks pop in order, and a split block's halves go back on top
     pending = [slice(a, min(a + plan.target_block, n)) for a in range(0, n, plan.target_block)][::-1]

@@ -790,7 +790,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     # the radial table and its gradient come out of the stash's budget, and the float64
-    # temporaries of the table's gradient (after the stash is freed) stay within the stash
+    # partial sums of the table's gradient (after the stash is freed) stay within the stash
     chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
     scratch = _stash_bytes(chunk * kslots, h, g)
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
@@ -852,7 +852,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         _record("bwd_" + role, kern[role])
     _last["bwd_radial_table"] = {"BE": RADIAL_EDGE_BLOCK, "num_warps": RADIAL_WARPS}  # a fixed configuration
     _last["backward_chunks"] = chunks
-    # the table's float64 gradient after the stash is freed (its temporaries stay below it)
+    # the table's gradient to the weights after the stash is freed (its partial sums stay below it)
     grads["w_out"], grads["b_out"] = dw_aug[:g].contiguous(), dw_aug[g].contiguous()
     del dw_edge, qk_edge, gate_edge, dpre_edge, x_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,

@@ -167,6 +167,13 @@ def _radial_slope_dot(dpre, d_safe, ok, table, inv_h, NT, G, GP: tl.constexpr):
 
 
 @triton.jit
+def _float64(hi, lo):
+    """A float64 scalar passed as two float32 numbers ``hi + lo`` (Triton passes Python floats
+    as float32; ``function._float_pair`` splits them)."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
 def radial_table_kernel(centers, w_radial, table, P, R, G, gamma_hi, gamma_lo, h_hi, h_lo,
                         BP: tl.constexpr, BG: tl.constexpr, RC: tl.constexpr):
     """``table[p] = (rbf(p h) @ w_radial, h d/dd rbf(p h) @ w_radial)`` for the grid points
@@ -178,8 +185,8 @@ def radial_table_kernel(centers, w_radial, table, P, R, G, gamma_hi, gamma_lo, h
     offs_p = tl.program_id(0) * BP + tl.arange(0, BP)
     offs_g = tl.program_id(1) * BG + tl.arange(0, BG)
     gmask = offs_g < G
-    gamma = tl.cast(gamma_hi, tl.float64) + tl.cast(gamma_lo, tl.float64)
-    h = tl.cast(h_hi, tl.float64) + tl.cast(h_lo, tl.float64)
+    gamma = _float64(gamma_hi, gamma_lo)
+    h = _float64(h_hi, h_lo)
     x = offs_p.to(tl.float64) * h
     value = tl.zeros([BP, BG], dtype=tl.float64)
     slope = tl.zeros([BP, BG], dtype=tl.float64)
@@ -214,8 +221,8 @@ def radial_table_backward_kernel(centers, w_radial, dtable, dw_part, dc_part, P,
     offs_g = pid_g * BG + tl.arange(0, BG)
     rmask = offs_r < R
     gmask = offs_g < G
-    gamma = tl.cast(gamma_hi, tl.float64) + tl.cast(gamma_lo, tl.float64)
-    h = tl.cast(h_hi, tl.float64) + tl.cast(h_lo, tl.float64)
+    gamma = _float64(gamma_hi, gamma_lo)
+    h = _float64(h_hi, h_lo)
     mu = tl.load(centers + offs_r, mask=rmask, other=0.0).to(tl.float64)
     w = tl.load(w_radial + offs_r[:, None] * G + offs_g[None, :], mask=rmask[:, None] & gmask[None, :],
                 other=0.0).to(tl.float64)
