@@ -8,11 +8,11 @@ forward-kernel change, register pressure, can be checked before spending GPU tim
 Each argument is a forward configuration in ``E2F_TRITON_FWD_CONFIG`` syntax (keys left out
 keep their ``FWD_BASE`` values), optionally with ``vs=64`` (padded value rows, as the library
 passes them), ``qkv=bf16`` or ``qkv=fp16``, and ``kernel=edge``, ``kernel=value``,
-``kernel=target``, ``kernel=gate``, ``kernel=radial`` (the radial table's gradient) or
+``kernel=target``, ``kernel=gate``, ``kernel=grid`` (the edges' grid positions), ``kernel=radial`` (the radial table's gradient) or
 ``kernel=source`` for a backward pass, ``kernel=table`` for the radial table's build,
 ``kernel=table-grad`` for its gradient to the weights and centres, ``kernel=logits`` or ``kernel=aggregate`` for the split
 forward's two kernels (their meta-parameters given as ``KEY=INT``: ``HC`` for the target pass,
-``HC``, ``TB`` for the edge pass and the logits kernel, ``TB`` for the gate backward, ``HB``, ``BKS`` for
+``HC``, ``TB`` for the edge pass and the logits kernel, ``TB`` for the gate backward and the grid positions, ``HB``, ``BKS`` for
 the source pass, ``HB`` for the value pass and the aggregation, ``BE`` for the radial table's
 gradient, ``BP``, ``BG``, ``RC`` for its build, ``BR``, ``BG``, ``BP`` for that gradient, and ``num_warps``, ``maxnreg``; ``DEFAULT_META`` for the ones left out). Shapes
 are the paper sizes (K = 32, H = 128, dk = 8, dv = 58, G = 128, R = 256) with TF32 gate
@@ -48,18 +48,18 @@ SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=_gate_stash_width(128, 128),
 # 1,531 grid points, not divisible by 16): no divisibility hint
 UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC", "P")
 KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "value": "bwd_value_kernel", "target": "bwd_target_kernel",
-           "gate": "bwd_gate_kernel", "source": "bwd_source_kernel", "logits": "fwd_logit_kernel",
+           "gate": "bwd_gate_kernel", "grid": "bwd_grid_kernel", "source": "bwd_source_kernel", "logits": "fwd_logit_kernel",
            "aggregate": "fwd_aggregate_kernel", "radial": "bwd_radial_table_kernel", "table": "radial_table_kernel",
            "table-grad": "radial_table_backward_kernel"}
 # meta-parameters of a kernel= argument that does not name them (the library's first fp32 configurations)
 DEFAULT_META = {"value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
                 "edge": {"HC": 16, "TB": 1, "num_warps": 4}, "target": {"HC": 8, "num_warps": 4},
                 "logits": {"HC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1},
-                "gate": {"TB": 1, "num_warps": 16}, "radial": {"BE": 32, "num_warps": 4},
+                "gate": {"TB": 1, "num_warps": 16}, "grid": {"TB": 4, "num_warps": 4}, "radial": {"BE": 32, "num_warps": 4},
                 "table": {"BP": 32, "BG": 64, "RC": 16, "num_warps": 4},
                 "table-grad": {"BR": 16, "BG": 64, "BP": 32, "num_warps": 4}}
-INDEX_POINTERS = ("nbr", "rowptr", "edge_ids", "order", "bounds")
-INT32_POINTERS = ("active",)
+INDEX_POINTERS = ("nbr", "rowptr", "edge_ids")
+INT32_POINTERS = ("active", "order", "bounds")
 FLOAT64_POINTERS = ("dw_part", "dc_part")
 PADDED = dict(DK=8, DV=58, BK=32, DKP=8, DVP=64, GP=128)
 FLOATS = ("gamma", "cutoff", "eps", "inv_sqrt_dk", "inv_h", "gamma_hi", "gamma_lo", "h_hi", "h_lo")

@@ -717,17 +717,16 @@ MIN_CHUNK_TARGETS = 256
 
 
 def _stash_buffers(rows: int, h: int, sw: int, f32: dict) -> tuple:
-    """The stash of ``rows`` edges: ``dw``, ``q.k`` then ``dqk`` ([rows, H]), the gate rows
-    ([rows, SW], the column after ``hid`` (``SW - GATE_ROW_EXTRA``) set to one), and each edge's
-    position on the radial table's grid (``[rows]``)."""
+    """The stash of ``rows`` edges: ``dw``, ``q.k`` then ``dqk`` ([rows, H]), and the gate rows
+    ([rows, SW], the column after ``hid`` (``SW - GATE_ROW_EXTRA``) set to one)."""
     gate = torch.empty(rows, sw, **f32)
     gate[:, sw - GATE_ROW_EXTRA] = 1.0
-    return torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), gate, torch.empty(rows, **f32)
+    return torch.empty(rows, h, **f32), torch.empty(rows, h, **f32), gate
 
 
 def _stash_bytes(rows: int, h: int, g: int) -> int:
     """Bytes of ``_stash_buffers`` for ``rows`` edges."""
-    return rows * (2 * h + _gate_stash_width(h, g) + 1) * 4
+    return rows * (2 * h + _gate_stash_width(h, g)) * 4
 
 
 def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple:
@@ -758,17 +757,43 @@ def _radial_marks(nt: int, device) -> Tensor:
     return torch.where(grid < nt, grid, grid + 0.5)
 
 
-def _radial_gradient(x_edge: Tensor, dpre_edge: Tensor, dtable: Tensor, marks: Tensor, gp: int) -> None:
+def _radial_sort(x: Tensor, marks: Tensor) -> tuple:
+    """Rows of grid positions ``x`` (``[rows, E]``, ``+inf``: no contribution) sorted (stable),
+    the slot each sorted position came from (int32), and where each grid interval starts in the
+    sorted row, then its end (``[rows, NT + 1]``, int32; ``marks``: ``_radial_marks``)."""
+    x_sorted, order = torch.sort(x, dim=-1, stable=True)
+    bounds = torch.searchsorted(x_sorted, marks.expand(*x.shape[:-1], -1).contiguous(), out_int32=True)
+    return x_sorted, order.to(torch.int32), bounds
+
+
+def _radial_order(t: dict, d: dict, chunk: int, marks: Tensor, inv_h: float, cutoff: float) -> tuple:
+    """``_radial_sort`` of every target chunk's edge slots by their position on the radial
+    table's grid (``kernels.bwd_grid_kernel``; the last chunk padded with ``+inf``): one batched
+    sort a backward, where a sort a chunk took ~15 % of the GPU's time and ~1 ms of the host's at
+    1,024 atoms (perf-notes 32)."""
+    from e2f.attention.triton import kernels as K
+
+    n, kslots = d["N"], d["K"]
+    chunks = triton_cdiv(n, chunk)
+    x = torch.empty(chunks, chunk * kslots, device=t["q"].device, dtype=torch.float32)
+    if chunks * chunk > n:
+        x.view(-1)[n * kslots:].fill_(float("inf"))
+    tb = max(1, 128 // d["BK"])
+    K.bwd_grid_kernel[(triton_cdiv(n, tb),)](t["pos_dst"], t["pos_src"], t["nbr"], x, n, kslots, marks.shape[0] - 1,
+                                            inv_h, cutoff, BK=d["BK"], TB=tb, num_warps=4)
+    return _radial_sort(x, marks)
+
+
+def _radial_gradient(x_sorted: Tensor, order: Tensor, bounds: Tensor, dpre_edge: Tensor, dtable: Tensor,
+                     gp: int) -> None:
     """Adds to ``dtable`` the gradient of a chunk's gate pre-activations (``dpre``, the first
     ``G`` numbers of each ``dpre_edge`` row) with respect to the radial table: every edge's
-    Hermite weights at its grid position ``x_edge`` (``+inf``: none) on the two grid points
-    around it. The edges sorted by position (stable), each grid point sums its two intervals'
-    edges in that order: deterministic, and no atomics. ``marks``: ``_radial_marks``."""
+    Hermite weights at its grid position on the two grid points around it. Each grid point sums
+    its two intervals' edges in their sorted order (``_radial_sort``'s row of the chunk):
+    deterministic, and no atomics."""
     from e2f.attention.triton import kernels as K
 
     nt = dtable.shape[0] - 1
-    x_sorted, order = torch.sort(x_edge, stable=True)
-    bounds = torch.searchsorted(x_sorted, marks)  # the first edge of each interval, the end
     K.bwd_radial_table_kernel[(nt + 1,)](x_sorted, order, bounds, dpre_edge, dtable, nt, dtable.shape[2],
                                          dpre_edge.stride(0), BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=RADIAL_WARPS)
 
@@ -798,7 +823,14 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     dtable = torch.zeros_like(radial)
     marks = _radial_marks(grid_intervals, dev)
     dd_edge = torch.empty(n * kslots, **f32)
-    chunk, (dw_edge, qk_edge, gate_edge, x_edge) = _allocate_stash(chunk, kslots, h, g, f32)
+    gamma, cutoff = float(gamma), float(cutoff)
+    # sorted before the stash exists, so that the sort's temporaries stay below its peak
+    by_grid = _radial_order(t, d, chunk, marks, inv_h, cutoff)
+    planned = chunk
+    chunk, (dw_edge, qk_edge, gate_edge) = _allocate_stash(chunk, kslots, h, g, f32)
+    if chunk != planned:  # halved near a full card
+        del by_grid
+        by_grid = _radial_order(t, d, chunk, marks, inv_h, cutoff)
     # the gate's output layer with its bias as one more row, and their gradients alike
     w_aug = torch.cat((t["w_out"].detach(), t["b_out"].detach()[None])).float()
     dw_aug = torch.zeros_like(w_aug)
@@ -806,7 +838,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     dpre_edge = gate_edge[:, 2 * h:]  # hid, then dhid, then dpre: the G numbers after 2 H
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
-    gamma, cutoff, inv_sqrt_dk = float(gamma), float(cutoff), 1.0 / math.sqrt(d["DK"])
+    inv_sqrt_dk = 1.0 / math.sqrt(d["DK"])
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
@@ -840,9 +872,9 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         torch.mm(rows[:, :2 * h], w_aug[:g].t(), out=hid)
         kern["gate"][lambda meta: (triton_cdiv(nt, meta["TB"]),)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["gate_dst"], t["gate_src"], radial,
-            dpre_edge, dd_edge, x_edge, grads["gate_dst"], grads["pos_dst"],
+            dpre_edge, dd_edge, grads["gate_dst"], grads["pos_dst"],
             t0, t0 + nt, kslots, g, grid_intervals, sw, inv_h, cutoff, BK=d["BK"], GP=d["GP"])
-        _radial_gradient(x_edge[:nt * kslots], dpre_edge, dtable, marks, d["GP"])
+        _radial_gradient(*(part[c] for part in by_grid), dpre_edge, dtable, d["GP"])
         if a1 > a0:
             kern["source"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]) + 1)](
                 t["pos_dst"], t["pos_src"], t["q"], dd_edge, qk_edge, dpre_edge, rowptr, edge_ids, active,
@@ -854,7 +886,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     _last["backward_chunks"] = chunks
     # the table's gradient to the weights after the stash is freed (its partial sums stay below it)
     grads["w_out"], grads["b_out"] = dw_aug[:g].contiguous(), dw_aug[g].contiguous()
-    del dw_edge, qk_edge, gate_edge, dpre_edge, x_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active
+    del dw_edge, qk_edge, gate_edge, dpre_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active, by_grid
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
                                                                     dtable, max_bytes=scratch)
     return grads

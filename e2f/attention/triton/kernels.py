@@ -58,11 +58,12 @@ of them computes the gate's hidden layer and q.k and one walks the value rows:
   writes the gate's hidden-layer gradient ``dhid = [dg du] w_out^T`` over ``hid`` (one matrix
   product a chunk), which this kernel turns into the pre-activation gradient ``dpre`` in place
   (the pre-activation recomputed from the radial table) and sums into ``dgate_dst``; the radial
-  layer's part of ``dd`` (the interpolant's derivative, ``_radial_slope_dot``), so ``dpos_dst``;
-  and each edge's grid position ``x_edge`` for the next kernel.
+  layer's part of ``dd`` (the interpolant's derivative, ``_radial_slope_dot``), so ``dpos_dst``.
+* ``bwd_grid_kernel`` (once a backward, before the chunks): every edge slot's position on the
+  radial table's grid, which ``function._radial_order`` sorts chunk by chunk in one batched sort.
 * ``bwd_radial_table_kernel``: one grid point of the radial table a program: the gradient of
   the chunk's pre-activations with respect to the table, summed over the edges of the two
-  intervals around the point (``function._radial_gradient`` sorts the edges by grid position);
+  intervals around the point in their sorted order;
   ``radial_table_backward_kernel`` takes it to ``w_radial`` and the centres at the end.
 * ``bwd_source_kernel``: the transposed walk again, one source and ``HB`` heads a program:
   ``dk += dqk q_i``; one more program a source sums ``dgate_src += dpre`` and ``dpos_src``
@@ -751,14 +752,13 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
 
 
 @triton.jit(do_not_specialize=["N", "T0"])
-def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, hid_edge, dd_edge, x_edge, dgate_dst, dpos_dst,
+def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, hid_edge, dd_edge, dgate_dst, dpos_dst,
                     T0, N, K, G, NT, SW, inv_h, cutoff,
                     BK: tl.constexpr, GP: tl.constexpr, TB: tl.constexpr = 1):
     # elementwise over fwd_logit_kernel's edge tiles: the pre-activation gradient dpre from the
     # hidden layer's (dhid = [dg du] w_out^T, function's product, written over hid in the
     # stash), in place (each number read and written by the same thread), the pre-activation
-    # recomputed; the radial table's gradient is bwd_radial_table_kernel's, from dpre and the
-    # grid position x stored here
+    # recomputed; the radial table's gradient is bwd_radial_table_kernel's, from dpre
     tgt, keep, src, ok, row = _edge_tile(nbr, T0, N, K, BK, TB)
     dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     pre = _node_gates(_radial_from_table(d_safe, ok, radial, inv_h, NT, G, GP), tgt, src, ok, gate_dst, gate_src,
@@ -775,10 +775,7 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, hid_edge,
     in_chunk = rows_t < N
     tl.store(dgate_dst + rows_t[:, None] * G + offs_g[None, :], tl.sum(tl.reshape(dpre, (TB, BK, GP)), axis=1),
              mask=in_chunk[:, None] & gmask[None, :])
-    # the radial layer: the grid position for the table's gradient (+inf: no contribution),
-    # its part of d(loss)/d(distance), then the target's position gradient
-    xg, _, _ = _table_point(d_safe, inv_h, NT)
-    tl.store(x_edge + row, tl.where(inside, xg, float("inf")), mask=keep)
+    # the radial layer's part of d(loss)/d(distance), then the target's position gradient
     slot = T0 * K + row  # the edge's slot in dd_edge: tgt K + slot
     ddist = _radial_slope_dot(dpre, d_safe, ok, radial, inv_h, NT, G, GP)
     ddist = tl.where(inside, ddist + tl.load(dd_edge + slot, mask=keep, other=0.0), 0.0)
@@ -787,6 +784,16 @@ def bwd_gate_kernel(pos_dst, pos_src, nbr, gate_dst, gate_src, radial, hid_edge,
     tl.store(dpos_dst + rows_t * 3 + 0, tl.sum(f * tl.reshape(dx, (TB, BK)), axis=1), mask=in_chunk)
     tl.store(dpos_dst + rows_t * 3 + 1, tl.sum(f * tl.reshape(dy, (TB, BK)), axis=1), mask=in_chunk)
     tl.store(dpos_dst + rows_t * 3 + 2, tl.sum(f * tl.reshape(dz, (TB, BK)), axis=1), mask=in_chunk)
+
+
+@triton.jit(do_not_specialize=["N"])
+def bwd_grid_kernel(pos_dst, pos_src, nbr, x_edge, N, K, NT, inv_h, cutoff, BK: tl.constexpr, TB: tl.constexpr):
+    # each edge slot's position on the radial table's grid, as bwd_gate_kernel's geometry finds
+    # it (+inf: no edge or beyond the cutoff, no contribution), at row i K + slot
+    tgt, keep, src, ok, row = _edge_tile(nbr, 0, N, K, BK, TB)
+    _, _, _, d_safe, _, _, _, inside, _ = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    xg, _, _ = _table_point(d_safe, inv_h, NT)
+    tl.store(x_edge + row, tl.where(inside, xg, float("inf")), mask=keep)
 
 
 @triton.jit(do_not_specialize=["NT"])
@@ -812,7 +819,7 @@ def bwd_radial_table_kernel(x_sorted, order, bounds, dpre_edge, dtable, NT, G, S
         own = i == n  # the edge's interval starts at n: n is its left grid point
         wv = tl.where(em, tl.where(own, 2.0 * t3 - 3.0 * t2 + 1.0, 3.0 * t2 - 2.0 * t3), 0.0)
         ws = tl.where(em, tl.where(own, t3 - 2.0 * t2 + t, t3 - t2), 0.0)
-        r = tl.load(order + e, mask=em, other=0)
+        r = tl.load(order + e, mask=em, other=0).to(tl.int64)
         dp = tl.load(dpre_edge + r[:, None] * SW + offs_g[None, :], mask=em[:, None] & gmask[None, :], other=0.0)
         acc_v += wv[:, None] * dp
         acc_s += ws[:, None] * dp

@@ -180,13 +180,17 @@ def test_table_gradient_kernel_against_its_twin(edges):
         x[-5:] = float("inf")
     gate_edge = torch.randn(edges, sw, generator=gen)
     start = torch.randn(nt + 1, 2, g, generator=gen)
+    # a second row (another chunk) sorted in the same call must not change the first's
+    rows = torch.stack((x, torch.rand(edges, generator=gen) * nt)).to(DEVICE)
+    x_sorted, order, bounds = F._radial_sort(rows, F._radial_marks(nt, DEVICE))
+    assert order.dtype == bounds.dtype == torch.int32 and bounds.shape == (2, nt + 1)
     dtable = start.clone().to(DEVICE)
-    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), dtable, F._radial_marks(nt, DEVICE), 16)
+    F._radial_gradient(x_sorted[0], order[0], bounds[0], gate_edge.to(DEVICE), dtable, 16)
     live = torch.isfinite(x)
     twin = start.double() + _table_gradient(x[live].double(), gate_edge[live, :g], nt, 1.0)
     assert torch.allclose(dtable.cpu().double(), twin, rtol=1e-5, atol=1e-5)
     again = start.clone().to(DEVICE)
-    F._radial_gradient(x.to(DEVICE), gate_edge.to(DEVICE), again, F._radial_marks(nt, DEVICE), 16)
+    F._radial_gradient(*F._radial_sort(x.to(DEVICE), F._radial_marks(nt, DEVICE)), gate_edge.to(DEVICE), again, 16)
     assert torch.equal(again, dtable)  # the same order of sums
 
 

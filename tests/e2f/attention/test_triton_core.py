@@ -485,6 +485,32 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     assert_backward_bitwise_reproducible(inp, seed=3)
 
 
+@pytest.mark.parametrize("chunk", [13, 5, 1])
+def test_grid_positions_sorted_by_chunk(chunk):
+    # bwd_grid_kernel and the batched sort: row c holds chunk c's edge slots' grid positions
+    # d / h, sorted, with the slot each came from; +inf for padding slots, sources beyond the
+    # cutoff and the last chunk's fill; bounds where each grid interval starts
+    from e2f.attention.triton import function as F
+
+    n, kslots = 13, 6
+    inp = make_inputs(n, 17, kslots, empty_rows=(2,), seed=45)
+    t = {name: getattr(inp, name).detach() for name in F.TENSOR_NAMES}
+    radial, inv_h = F.radial_table(t["rbf_centers"], t["w_radial"], inp.rbf_gamma, inp.cutoff)
+    marks = F._radial_marks(radial.shape[0] - 1, DEVICE)
+    x_sorted, order, bounds = F._radial_order(t, F._dims(t), chunk, marks, inv_h, inp.cutoff)
+    chunks = F.triton_cdiv(n, chunk)
+    nbr = t["nbr"].cpu()
+    d = (t["pos_dst"].cpu()[:, None] - t["pos_src"].cpu()[nbr.clamp(min=0)]).norm(dim=-1)
+    x = torch.where((nbr >= 0) & (d < inp.cutoff), d * inv_h, torch.inf).reshape(-1)
+    x = torch.cat((x, torch.full((chunks * chunk * kslots - x.numel(),), torch.inf))).reshape(chunks, -1)
+    assert x_sorted.shape == order.shape == x.shape and bounds.shape == (chunks, marks.numel())
+    assert torch.equal(x_sorted.cpu(), torch.sort(x_sorted.cpu(), dim=1).values)
+    got = torch.gather(x_sorted.cpu(), 1, torch.argsort(order.cpu().long(), dim=1))  # back to slot order
+    assert torch.equal(got.isinf(), x.isinf()) and torch.allclose(got[x.isfinite()], x[x.isfinite()], rtol=1e-6)
+    assert torch.equal(bounds.cpu(), torch.searchsorted(x_sorted.cpu(), marks.cpu().expand(chunks, -1).contiguous(),
+                                                        out_int32=True))
+
+
 def test_stash_halves_while_out_of_memory(monkeypatch):
     # near a full card the stash's allocation may fail although the budget allows it: the
     # backward halves its chunk until the stash fits (same gradients), down to a floor
