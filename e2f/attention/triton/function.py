@@ -701,21 +701,15 @@ def _chunk_within(n_rows: int, per_target: int, budget: int) -> int:
     return max(1, triton_cdiv(n_rows, chunks))
 
 
-def _stash_per_target(kslots: int, h: int, g: int, dvp: int) -> int:
-    """Stash bytes a target: its ``kslots`` edge rows (``_stash_buffers``) and its ``dout`` row
-    with head rows padded to ``dvp`` numbers."""
-    return kslots * (2 * h + _gate_stash_width(h, g)) * 4 + h * dvp * 4
-
-
-def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, dvp: int, fixed_bytes: int = 0) -> int:
+def _stash_chunk(n_rows: int, kslots: int, h: int, g: int, fixed_bytes: int = 0) -> int:
     """Targets per chunk of the backward (the stash budget above, less ``fixed_bytes`` of other
-    scratch that does not grow with the atoms; ``dvp``: ``_stash_per_target``'s)."""
+    scratch that does not grow with the atoms)."""
     budget = _bytes_from_env(STASH_ENV)
     if budget is None:
         n = max(1, n_rows)
         budget = min(SCRATCH_BYTES_PER_ATOM, STASH_MAX_BYTES // n) - fixed_bytes // n
         budget = max(STASH_BYTES_PER_ATOM, budget)
-    return _chunk_within(n_rows, _stash_per_target(kslots, h, g, dvp), budget)
+    return _chunk_within(n_rows, kslots * (2 * h + _gate_stash_width(h, g)) * 4, budget)
 
 
 #: Targets per chunk below which the backward stops halving a stash that does not fit.
@@ -735,17 +729,14 @@ def _stash_bytes(rows: int, h: int, g: int) -> int:
     return rows * (2 * h + _gate_stash_width(h, g)) * 4
 
 
-def _allocate_stash(chunk: int, kslots: int, h: int, g: int, dvp: int, f32: dict) -> tuple:
+def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple:
     """``(targets per chunk, stash buffers)``: ``chunk`` (``_stash_chunk``'s), halved while its
     stash runs out of memory (down to ``MIN_CHUNK_TARGETS``): near a full card the budget alone
     does not decide (N = 524,288 on an 80 GB H100: the inputs, ``dout``, the output and the
-    gradients leave ~2 GiB, in pieces). The buffers: ``_stash_buffers``', then the chunk's
-    ``dout`` rows ``[chunk, H, dvp]`` with their padding zeroed (the value pass reads whole
-    padded rows in 16-byte vectors, where the 58-number rows of ``dout`` take 8-byte loads)."""
+    gradients leave ~2 GiB, in pieces)."""
     while True:
         try:
-            return chunk, (*_stash_buffers(chunk * kslots, h, _gate_stash_width(h, g), f32),
-                           torch.zeros(chunk, h, dvp, **f32))
+            return chunk, _stash_buffers(chunk * kslots, h, _gate_stash_width(h, g), f32)
         except torch.OutOfMemoryError:
             if chunk <= MIN_CHUNK_TARGETS:
                 raise
@@ -825,7 +816,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
     # the radial table and its gradient come out of the stash's budget, and the float64
     # partial sums of the table's gradient (after the stash is freed) stay within the stash
-    chunk = _stash_chunk(n, kslots, h, g, d["DVP"], fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
+    chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))
     scratch = _stash_bytes(chunk * kslots, h, g)
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     grid_intervals = radial.shape[0] - 1
@@ -836,7 +827,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     # sorted before the stash exists, so that the sort's temporaries stay below its peak
     by_grid = _radial_order(t, d, chunk, marks, inv_h, cutoff)
     planned = chunk
-    chunk, (dw_edge, qk_edge, gate_edge, dout_rows) = _allocate_stash(chunk, kslots, h, g, d["DVP"], f32)
+    chunk, (dw_edge, qk_edge, gate_edge) = _allocate_stash(chunk, kslots, h, g, f32)
     if chunk != planned:  # halved near a full card
         del by_grid
         by_grid = _radial_order(t, d, chunk, marks, inv_h, cutoff)
@@ -863,9 +854,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         hid_one = rows[:, 2 * h:2 * h + g + 1]
         torch.mm(hid_one, w_aug, out=rows[:, :2 * h])
         if a1 > a0:
-            dout_rows[:nt, :, :d["DV"]].copy_(dout[t0:t0 + nt])
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
-                t["pos_dst"], t["pos_src"], t["v"], dout_rows, m, s, qk_edge, gate_edge, rowptr, edge_ids, active,
+                t["pos_dst"], t["pos_src"], t["v"], dout, m, s, qk_edge, gate_edge, rowptr, edge_ids, active,
                 dw_edge, grads["v"], a0, kslots, h, sw, c, chunks, t0, cutoff,
                 DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
         kern["target"][(nt,)](
@@ -896,7 +886,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     _last["backward_chunks"] = chunks
     # the table's gradient to the weights after the stash is freed (its partial sums stay below it)
     grads["w_out"], grads["b_out"] = dw_aug[:g].contiguous(), dw_aug[g].contiguous()
-    del dw_edge, qk_edge, gate_edge, dout_rows, dpre_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active, by_grid
+    del dw_edge, qk_edge, gate_edge, dpre_edge, dd_edge, rows, hid, hid_one, rowptr, edge_ids, active, by_grid
     grads["w_radial"], grads["rbf_centers"] = radial_table_backward(t["rbf_centers"], t["w_radial"], gamma, cutoff,
                                                                     dtable, max_bytes=scratch)
     return grads

@@ -655,16 +655,15 @@ def _source_in_edges(active, rowptr, A0, NC, C):
 
 
 @triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
-def bwd_value_kernel(pos_dst, pos_src, v, dout_rows, m_in, s_in, qk_edge, gate_edge, rowptr, edge_ids, active,
+def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, rowptr, edge_ids, active,
                      dw_edge, dv,
                      A0, K, H, SW, C, NC, T0, cutoff,
                      DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
     # source j = active[A0 + program id 0], one of those with in-edges from target chunk C
     # (targets T0 ..), heads program id 1 * HB ..: in-edges (i, slot) one at a time (stash row
     # i K + slot - T0 K), the softmax weight w from the stashed g, q.k, u and the forward's m, s;
-    # dv += w dout_i, and dw = dout_i . v_j into dw_edge (dout_i: row i - T0 of the chunk's
-    # dout_rows, head rows padded to DVP numbers and zeroed there). v_j stays in registers,
-    # every head's sums in the threads that own its columns (as in fwd_aggregate_kernel)
+    # dv += w dout_i, and dw = dout_i . v_j into dw_edge. v_j stays in registers, every head's
+    # sums in the threads that own its columns (as in fwd_aggregate_kernel)
     E0 = T0 * K
     j, start, count = _source_in_edges(active, rowptr, A0, NC, C)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -685,7 +684,7 @@ def bwd_value_kernel(pos_dst, pos_src, v, dout_rows, m_in, s_in, qk_edge, gate_e
                             tl.load(gate_edge + at * SW + H + hh, mask=hm, other=0.0), env, inv_d, live,
                             tl.load(m_in + i * H + hh, mask=hm, other=0.0),
                             tl.load(s_in + i * H + hh, mask=hm, other=1.0))[0]
-        go = _head_rows(dout_rows, i - T0, hh, hm, H, DV, DVP, DVP)
+        go = _head_rows(dout, i, hh, hm, H, DV, DVP, 0)
         acc += w[:, None] * go
         tl.store(dw_edge + at * H + hh, tl.sum(go * vj, axis=1), mask=hm)
     pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]

@@ -474,10 +474,10 @@ def test_backward_in_target_chunks(monkeypatch, chunks):
     from e2f.attention.triton import function as F
 
     n, kslots, h, g, r = 13, 6, 3, 10, 7
-    per_target = F._stash_per_target(kslots, h, g, 16)  # dv = 5: rows of 16
+    per_target = kslots * (2 * h + F._gate_stash_width(h, g)) * 4
     monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)  # the stash at its minimum, below
     monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", per_target // chunks + 1)
-    rows = F._stash_chunk(n, kslots, h, g, 16)
+    rows = F._stash_chunk(n, kslots, h, g)
     assert F.triton_cdiv(n, rows) == chunks and rows * per_target <= n * F.STASH_BYTES_PER_ATOM + per_target
     inp = make_inputs(n, 17, kslots, h=h, g=g, r=r, empty_rows=(2, 11), seed=41)
     compare(inp, 1e-5)
@@ -536,32 +536,31 @@ def test_stash_halves_while_out_of_memory(monkeypatch):
 
 def test_stash_budget(monkeypatch):
     # the stash takes its budget an atom, in all at most STASH_MAX_BYTES above that, and never
-    # less than its minimum. Paper sizes (114 KB of stash a target: 82 KB of edge rows, 32 KB
-    # of padded dout): 9 chunks up to ~230,000 atoms, then the cap (3 GiB: 262,144 atoms take
-    # 10), back at the minimum at 524,288 (19); E2F_TRITON_STASH_BYTES fixes the stash
+    # less than its minimum. Paper sizes (82 KB of stash a target): 6 chunks up to ~230,000
+    # atoms, then the cap (3 GiB: 262,144 atoms take 7), back at the minimum at 524,288 (14);
+    # E2F_TRITON_STASH_BYTES fixes the stash
     from e2f.attention.triton import function as F
 
     monkeypatch.delenv(F.STASH_ENV, raising=False)
 
     def chunks(n):
-        return F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, 64))
+        return F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128))
 
-    per_target = F._stash_per_target(32, 128, 128, 64)
-    assert per_target == 32 * (2 * 128 + F._gate_stash_width(128, 128)) * 4 + 128 * 64 * 4
-    assert per_target == 80 * 1024 + 32 * F.GATE_ROW_EXTRA * 4 + 32 * 1024
-    assert [chunks(n) for n in (1024, 4096, 16384, 65536, 262144, 524288)] == [9, 9, 9, 9, 10, 19]
+    per_target = 32 * (2 * 128 + F._gate_stash_width(128, 128)) * 4
+    assert per_target == 80 * 1024 + 32 * F.GATE_ROW_EXTRA * 4
+    assert [chunks(n) for n in (1024, 4096, 16384, 65536, 262144, 524288)] == [6, 6, 6, 6, 7, 14]
     assert chunks(524288) == F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)
     # the radial table and its gradient (6 MiB) come out of the budget: 8 KB an atom at 1,024
-    # (15 chunks), noise from 16,384, never below the minimum
+    # (11 chunks), a seventh chunk at 16,384, noise from 65,536, never below the minimum
     fixed = 6 << 20
-    assert [F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, 64, fixed)) for n in (1024, 16384, 65536, 256)] == \
-        [15, 9, 9, F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)]
+    assert [F.triton_cdiv(n, F._stash_chunk(n, 32, 128, 128, fixed)) for n in (1024, 16384, 65536, 256)] == \
+        [11, 7, 6, F.triton_cdiv(per_target, F.STASH_BYTES_PER_ATOM)]
     monkeypatch.setenv(F.STASH_ENV, str(per_target))  # one target's stash an atom: a single chunk
-    assert F._stash_chunk(65536, 32, 128, 128, 64, fixed) == 65536
+    assert F._stash_chunk(65536, 32, 128, 128, fixed) == 65536
     for bad in ("0", "-5", "6KB"):
         monkeypatch.setenv(F.STASH_ENV, bad)
         with pytest.raises(ValueError, match="E2F_TRITON_STASH_BYTES"):
-            F._stash_chunk(65536, 32, 128, 128, 64)
+            F._stash_chunk(65536, 32, 128, 128)
 
 
 def test_transposed_edges_per_target_chunk():
