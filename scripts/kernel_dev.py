@@ -311,7 +311,9 @@ def probe_variants(dtype=torch.float32) -> list[dict]:
 
 def probe(out_dir, n=16384, dtype=torch.float32):
     """Raw forward-kernel variants (explicit meta-parameters, no autotuning), compiler
-    resource report, and a torch.profiler breakdown of one fwd+bwd step."""
+    resource report, a torch.profiler breakdown of one fwd+bwd step, its end-to-end time against
+    its kernels', its synchronisations, and a cProfile of the host over ten steps
+    (``host-cprofile-<n>-<dtype>.txt``)."""
     import triton
     import triton.testing
 
@@ -370,6 +372,19 @@ def probe(out_dir, n=16384, dtype=torch.float32):
     torch.cuda.set_sync_debug_mode("warn")  # names every synchronising call of one step
     torch.autograd.grad(fused_attention_core(inp), lv, dout)
     torch.cuda.set_sync_debug_mode(0)
+    # where the host's time goes without the profiler's own cost: Python functions (Triton's
+    # launchers and autotuner among them) by time of their own over ten steps
+    import cProfile
+    import io
+    import pstats
+    with cProfile.Profile() as host_prof:
+        for _ in range(10):
+            torch.autograd.grad(fused_attention_core(inp), lv, dout)
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(host_prof, stream=text).sort_stats("tottime").print_stats(25)
+    with open(os.path.join(out_dir, f"host-cprofile-{n}-{dtype_name}.txt"), "w") as f:
+        f.write(text.getvalue())
     kernels = {}
     for fp32 in (True, False):
         tuned = F._configs(F.size_bucket(n), d["BK"], fp32)
