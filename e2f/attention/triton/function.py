@@ -104,8 +104,10 @@ FWD_STASH_MAX_BYTES = 1 << 30
 #: 5-7 % that two processes of the regression gate differ by there), 8.78 / 8.39 at 32,768
 #: (2,979); bf16 0.60 / 0.98 at 2,048 (187), 1.16 / 1.11 at 4,096 (373; 1.61 on another
 #: machine, whose host launched the 22 kernels slower than the GPU ran them), 2.24 / 2.06 at
-#: 8,192 (745), 4.42 / 3.24 at 16,384 (perf-notes section 24).
-SPLIT_MIN_TARGETS = {True: 2048, False: 1024}
+#: 8,192 (745), 4.42 / 3.24 at 16,384 (perf-notes section 24). Since both forms read the radial
+#: table (session 19, H100, autotuned, two processes each, perf-notes 32): fp32 2.95 / 3.12 at
+#: 12,288 (1,118 targets a chunk), 3.95 / 3.79 at 16,384 (1,490), 5.87 / 5.61 at 24,576 (2,235).
+SPLIT_MIN_TARGETS = {True: 1280, False: 1024}
 _FWD_KEYS = ("TB", "HC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}

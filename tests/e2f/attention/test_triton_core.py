@@ -679,7 +679,8 @@ def test_forward_plan(monkeypatch):
         small = F.SPLIT_MIN_TARGETS[fp32] * per_target // F.FWD_STASH_BYTES_PER_ATOM
         assert F.forward_plan(small // 2, 32, 128, fp32)[0] == "fused"
         assert F.forward_plan(small * 2, 32, 128, fp32)[0] == "split"
-    assert F.forward_plan(16384, 32, 128, True)[0] == "fused" and F.forward_plan(16384, 32, 128, False)[0] == "split"
+    assert F.forward_plan(12288, 32, 128, True)[0] == "fused" and F.forward_plan(12288, 32, 128, False)[0] == "split"
+    assert F.forward_plan(16384, 32, 128, True)[0] == "split"
     assert F.forward_plan(1, 32, 128) == ("fused", 1)
     # at most FWD_STASH_MAX_BYTES in all: more chunks from ~350,000 atoms, still split
     for n in (262144, 1048576, 4194304):
