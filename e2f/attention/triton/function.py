@@ -749,6 +749,9 @@ def _allocate_stash(chunk: int, kslots: int, h: int, g: int, f32: dict) -> tuple
 #: of 65,536 atoms on an H100, ~2 % of forward + backward).
 RADIAL_EDGE_BLOCK = 32
 RADIAL_WARPS = 4
+#: Edge rows a program of ``kernels.bwd_grid_kernel`` (whole targets' slot tiles), at
+#: ``RADIAL_WARPS`` warps: geometry only, 18 registers on sm_90a.
+GRID_EDGE_ROWS = 128
 
 
 def _radial_marks(nt: int, device) -> Tensor:
@@ -780,9 +783,9 @@ def _radial_order(t: dict, d: dict, chunk: int, marks: Tensor, inv_h: float, cut
     x = torch.empty(chunks, chunk * kslots, device=t["q"].device, dtype=torch.float32)
     if chunks * chunk > n:
         x.view(-1)[n * kslots:].fill_(float("inf"))
-    tb = max(1, 128 // d["BK"])
+    tb = max(1, GRID_EDGE_ROWS // d["BK"])
     K.bwd_grid_kernel[(triton_cdiv(n, tb),)](t["pos_dst"], t["pos_src"], t["nbr"], x, n, kslots, marks.shape[0] - 1,
-                                            inv_h, cutoff, BK=d["BK"], TB=tb, num_warps=4)
+                                            inv_h, cutoff, BK=d["BK"], TB=tb, num_warps=RADIAL_WARPS)
     return _radial_sort(x, marks)
 
 
