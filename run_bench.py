@@ -7,6 +7,7 @@
     python run_bench.py --suite latency --full --out bench-out/h100 --resume
     python run_bench.py --report bench-out/h100 --paper
     python run_bench.py --suite kernel-regression --compare reports/baselines/h200.json
+    python run_bench.py --suite kernel-regression --compare BASE.json --confirm 2   # two reruns a flagged point
 
 Exit status: 0 when every point is ok/oom/skipped, 3 when a point recorded an error,
 2 for a usage error (unknown suite, implementation or dtype), otherwise what the report
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy suite: stop each model's training after this wall time (recorded with "
                         "the steps it reached) instead of losing the point to an outer time limit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--point", action="append", metavar="ID",
+                   help="only the points with this record id (repeatable; the regression gate's reruns use it)")
     rep = p.add_argument_group("reports (reports.report)")
     rep.add_argument("--report", nargs="*", metavar="RESULTS",
                      help="render a report from results files/directories (no suite run needed); "
@@ -86,7 +90,55 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--save-baseline", metavar="PATH", help="save this run (or the results in --out) as a baseline")
     reg.add_argument("--allow-mismatch", action="store_true", help="compare even if GPU/software differ from the baseline")
     reg.add_argument("--threshold", type=float, default=0.05, help="practical slowdown threshold (default 0.05 = 5%%)")
+    reg.add_argument("--confirm", type=int, default=1, metavar="N",
+                     help="measure each point flagged as a regression again in N fresh processes; it fails the gate "
+                          "only if every rerun regresses too (default 1; 0: no reruns; needs --suite)")
     return p
+
+
+#: Options of a suite run that its reruns (``--confirm``) repeat as given, and those they drop
+#: or set themselves; every option of ``build_parser`` is in one of the two (a test checks).
+RERUN_CARRIED = ("suite", "device", "impl", "sizes", "lmax", "dtype", "quick", "seed", "data", "steps",
+                 "time_budget")
+RERUN_DROPPED = ("help", "list", "out", "resume", "no_progress", "point", "report", "paper", "no_report",
+                 "compare", "save_baseline", "allow_mismatch", "threshold", "confirm")
+
+
+def rerun_argv(args: argparse.Namespace, device: str, point_ids: list[str], out_dir: Path) -> list[str]:
+    """The command line that measures ``point_ids`` again as ``args`` measured them, into ``out_dir``."""
+    argv = ["--out", str(out_dir), "--no-report", "--no-progress", "--device", device, "--seed", str(args.seed)]
+    for name in ("suite", "impl", "dtype"):
+        for value in getattr(args, name) or ():
+            argv += [f"--{name}", value]
+    for name in ("sizes", "lmax"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", ",".join(map(str, getattr(args, name)))]
+    if args.quick is not None:
+        argv.append("--quick" if args.quick else "--full")
+    for name in ("data", "steps", "time_budget"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for pid in point_ids:
+        argv += ["--point", pid]
+    return argv
+
+
+def fresh_process_rerun(args: argparse.Namespace, device: str, out_dir: Path):
+    """A ``suites.core.compare.Rerun``: each call runs this script again in a new process on
+    the given records' points, into ``<out>/confirm-<n>``, and returns the new records."""
+    from suites.core.records import latest_by_point, load_all
+
+    calls = 0
+
+    def rerun(records: list[dict]) -> list[dict]:
+        nonlocal calls
+        calls += 1
+        where = out_dir / f"confirm-{calls}"
+        argv = rerun_argv(args, device, [r["point_id"] for r in records], where)
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=False)
+        return latest_by_point(load_all([where])) if where.exists() else []
+
+    return rerun
 
 
 def _usage_error(message: str) -> int:
@@ -203,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = SweepConfig(
         device=device, quick=quick, sizes=args.sizes, lmax=args.lmax, dtypes=dtypes, impls=impls,
+        point_ids=tuple(args.point) if args.point else None,
         seed=args.seed, out_dir=out_dir, resume=args.resume, progress=not args.no_progress,
         extra={k: v for k, v in (("data", args.data), ("steps", args.steps), ("time_budget_s", args.time_budget))
                if v is not None},
@@ -250,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             compare_cli = _import_attr("suites.core.compare", "compare_cli", "--compare")
         except ImportError as exc:
             return _usage_error(str(exc))
-        rc = max(rc, int(compare_cli(args.compare, run_records, args.threshold, args.allow_mismatch) or 0))
+        rerun = fresh_process_rerun(args, device, out_dir) if suites_asked and args.confirm > 0 else None
+        rc = max(rc, int(compare_cli(args.compare, run_records, args.threshold, args.allow_mismatch,
+                                     rerun=rerun, rounds=args.confirm) or 0))
     return rc
 
 

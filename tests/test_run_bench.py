@@ -90,3 +90,45 @@ def test_a_run_that_loses_gpu_memory_restarts_itself_resuming(tmp_path, monkeypa
     assert run_bench.main(args) == 1  # no endless restarts
     assert len(execs) == 1
     assert run_bench.resume_argv(["--resume", "--suite", "x"]) == ["--resume", "--suite", "x"]
+
+
+def test_every_option_is_either_repeated_or_dropped_by_the_gate_reruns():
+    dests = {a.dest for a in run_bench.build_parser()._actions}
+    assert dests == set(run_bench.RERUN_CARRIED) | set(run_bench.RERUN_DROPPED)
+    assert not set(run_bench.RERUN_CARRIED) & set(run_bench.RERUN_DROPPED)
+    parser = run_bench.build_parser()
+    args = parser.parse_args(["--suite", "kernel-regression", "--impl", "triton", "--sizes", "1024,1e4", "--dtype",
+                              "bf16", "--full", "--seed", "3", "--compare", "b.json", "--out", "x", "--resume",
+                              "--time-budget", "2.5"])
+    again = parser.parse_args(run_bench.rerun_argv(args, "cuda:1", ["p1", "p2"], Path("y/confirm-1")))
+    for name in run_bench.RERUN_CARRIED:
+        assert getattr(again, name) == (getattr(args, name) if name != "device" else "cuda:1"), name
+    assert again.point == ["p1", "p2"] and again.out == "y/confirm-1" and again.no_report
+    assert again.compare is None and not again.resume  # a rerun measures; it does not gate or resume
+
+
+def test_a_flagged_point_is_measured_again_in_a_fresh_process(tmp_path, capsys):
+    """End to end: a baseline made 2x faster than this machine flags the point; the rerun (a
+    real second process, only that point) finds it slow too, so the gate fails."""
+    import json
+
+    out = tmp_path / "run"
+    args = ["--suite", "smoke", "--impl", "matmul", "--sizes", "16", "--device", "cpu", "--no-progress",
+            "--no-report", "--out", str(out)]
+    base = tmp_path / "base.json"
+    assert run_bench.main([*args, "--save-baseline", str(base)]) == 0
+    doc = json.loads(base.read_text())
+    fwd = next(p for p in doc["points"] if p["params"]["mode"] == "fwd")
+    fwd["samples_ms"] = [x / 2 for x in fwd["samples_ms"]]
+    doc["points"] = [fwd]
+    base.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert run_bench.main([*args, "--compare", str(base)]) == 1
+    text = capsys.readouterr().out
+    assert "confirming 1 flagged point(s)" in text and "FAIL: 1 REGRESSION" in text, text
+    again = rec.load_records(out / "confirm-1" / "smoke.jsonl")
+    assert [(r["impl"], r["params"]["mode"], r["status"]) for r in again] == [("matmul", "fwd", "ok")]
+    assert again[0]["point_id"] == fwd["point_id"]
+    # without reruns the first verdict stands alone
+    assert run_bench.main([*args, "--compare", str(base), "--confirm", "0"]) == 1
+    assert "confirming" not in capsys.readouterr().out

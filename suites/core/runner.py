@@ -91,8 +91,9 @@ class SweepConfig:
     """What the command line asked for; suites read it to build and measure points.
 
     ``sizes``/``lmax``/``dtypes``/``impls`` are None when not given (the suite's
-    defaults apply: use :meth:`pick_sizes` etc.). ``extra`` carries suite-specific
-    options (``extra["data"]``: the ``--data`` path of the accuracy suite).
+    defaults apply: use :meth:`pick_sizes` etc.). ``point_ids``, when given, keeps only the
+    points with those record ids (the regression gate's reruns). ``extra`` carries
+    suite-specific options (``extra["data"]``: the ``--data`` path of the accuracy suite).
     """
 
     device: str = "cpu"
@@ -101,6 +102,7 @@ class SweepConfig:
     lmax: tuple[int, ...] | None = None
     dtypes: tuple[str, ...] | None = None
     impls: tuple[str, ...] | None = None
+    point_ids: tuple[str, ...] | None = None
     seed: int = 0
     out_dir: Path = Path("bench-out")
     resume: bool = False
@@ -304,7 +306,8 @@ def run_suite(
     stored_by_id = {r["point_id"]: r for r in stored}
     done = {pid for pid, r in stored_by_id.items() if r["status"] in rec.FINAL_STATUSES}
 
-    points = [p for p in suite.points(cfg) if cfg.wants(p.impl)]
+    points = [p for p in suite.points(cfg) if cfg.wants(p.impl)
+              and (cfg.point_ids is None or rec.point_id(suite.name, p.impl, p.params) in cfg.point_ids)]
     reasons: dict[str, str | None] = {}
     broken: dict[str, str] = {}  # impl -> why its availability check itself failed
     for impl in dict.fromkeys(p.impl for p in points):

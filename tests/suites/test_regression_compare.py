@@ -209,3 +209,64 @@ def test_table_prints_both_figures_per_point(tmp_path):
         assert col in header
     row = next(line for line in text.splitlines() if line.startswith("triton"))
     assert "REGRESSION" in row and "+" in row
+
+
+# --------------------------------------------------------------------------- confirmation in fresh processes
+
+
+class Reruns:
+    """A ``compare.Rerun`` that hands back prepared records, one list a call, and notes what it was asked."""
+
+    def __init__(self, *rounds):
+        self.rounds, self.asked = list(rounds), []
+
+    def __call__(self, records):
+        self.asked.append([r["params"]["n_atoms"] for r in records])
+        return self.rounds.pop(0)
+
+
+def test_a_flagged_point_fails_only_if_the_rerun_regresses_too(tmp_path):
+    rng = np.random.default_rng(11)
+    path = tmp_path / "b.json"
+    cmp.save_baseline([record(gpu_like_samples(rng, 30, 2.0), n_atoms=n) for n in (1024, 4096)], path)
+    first = [record(gpu_like_samples(rng, 30, 2.4), n_atoms=1024), record(gpu_like_samples(rng, 30, 2.0), n_atoms=4096)]
+
+    # the slowdown comes back in a fresh process: a confirmed regression
+    again = Reruns([record(gpu_like_samples(rng, 30, 2.4), n_atoms=1024)])
+    code, text = run(path, first, rerun=again, rounds=1)
+    assert code == cmp.EXIT_REGRESSION and again.asked == [[1024]]  # only the flagged point measured again
+    assert "confirming 1 flagged point(s)" in text
+    row = [line for line in text.splitlines() if line.startswith("triton")][-2]
+    assert "REGRESSION (rerun 1 +" in row and "REGRESSION)" in row, text
+    assert "FAIL: 1 REGRESSION, 1 same" in text
+
+    # it does not: the first run's figures stay in the table, the point passes
+    gone = Reruns([record(gpu_like_samples(rng, 30, 2.0), n_atoms=1024)])
+    code, text = run(path, first, rerun=gone, rounds=1)
+    assert code == cmp.EXIT_PASS, text
+    row = [line for line in text.splitlines() if line.startswith("triton")][-2]
+    assert "not reproduced (rerun 1 " in row and "same)" in row and "+2" in row, text
+    assert "PASS: 1 not reproduced, 1 same" in text
+
+
+def test_confirmation_rounds_stop_at_the_first_rerun_that_disagrees(tmp_path):
+    rng = np.random.default_rng(12)
+    cmp.save_baseline([record(gpu_like_samples(rng, 30, 2.0))], tmp_path / "b.json")
+    base = cmp.load_baseline(tmp_path / "b.json")
+    first = [record(gpu_like_samples(rng, 30, 2.5))]
+    results = cmp.compare(base, first)
+    assert [r.status for r in results] == [cmp.REGRESSION]
+
+    slow, fast = record(gpu_like_samples(rng, 30, 2.5)), record(gpu_like_samples(rng, 30, 2.0))
+    reruns = Reruns([slow], [fast], [slow])
+    out = cmp.confirm(base, results, first, reruns, rounds=3)
+    assert out[0].status == cmp.NOT_REPRODUCED and len(reruns.asked) == 2  # the third round was not needed
+    assert "rerun 1 +" in out[0].confirmation and "rerun 2 " in out[0].confirmation
+    assert out[0].verdict == results[0].verdict  # the first run's figures
+
+    every = cmp.confirm(base, results, first, Reruns([slow], [slow]), rounds=2)
+    assert every[0].status == cmp.REGRESSION and every[0].confirmation.count("REGRESSION") == 2
+    # a rerun that fails or does not measure the point confirms it: the gate cannot pass on no evidence
+    for broken in ([record([], status="error")], []):
+        assert cmp.confirm(base, results, first, Reruns(broken), rounds=1)[0].status == cmp.REGRESSION
+    assert cmp.confirm(base, results, first, Reruns(), rounds=0) == results  # no reruns asked
