@@ -103,7 +103,7 @@ run_step() {
                 env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/ncu" --value-layouts padded \
                 --ncu-bwd "${NCU_N:-65536}" ;;
         regression-vs)  # the committed baseline of this card against this code; saves a new baseline
-            step regression-vs "${REGVS_SECS:-180}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
+            step regression-vs "${REGVS_SECS:-270}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
                 --compare "reports/baselines/${BASELINE_NAME:-h200}.json" --allow-mismatch --save-baseline "$res/baseline.json"
             step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json" ;;
         radial-cost)  # what a tabulated radial layer could save: the kernels at R = 256 and at RADIAL_R (one chunk of
