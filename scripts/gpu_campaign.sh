@@ -105,7 +105,7 @@ run_step() {
         regression-vs)  # the committed baseline of this card against this code; saves a new baseline
             step regression-vs "${REGVS_SECS:-270}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-new" \
                 --compare "reports/baselines/${BASELINE_NAME:-h200}.json" --allow-mismatch --save-baseline "$res/baseline.json"
-            step regression-compare1 90 env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json" ;;
+            step regression-compare1 "${REGCMP_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 $B $gate --out "$res/regression-rerun1" --compare "$res/baseline.json" ;;
         radial-cost)  # what a tabulated radial layer could save: the kernels at R = 256 and at RADIAL_R (one chunk of
             # the radial loop), N = 65,536, autotuned (per-kernel timings in each record's config)
             for r in 256 ${RADIAL_R:-32}; do
