@@ -14,7 +14,7 @@ in two forms:
 * ``async``: a Gluon program per ``TR`` consecutive targets and ``HB`` heads walks their
   ``TR K`` slots in order; slot ``g + S - 1``'s value slab ``[HB, 64]`` and weights ``[HB]``
   are copied into a ring of ``S`` shared-memory stages while slot ``g`` is summed, so
-  successive targets re-read shared rows shortly after (``cp.async.ca`` caches in L1).
+  successive targets re-read shared rows shortly after (through L1 with ``VEC = 2``).
 
 Prediction: at ``HB`` = 8-32 and ``TR`` = 8-32 the asynchronous walk keeps ~100-200 KB in
 flight an SM (enough for ~20 TB/s at ~1 us of latency) and re-reads a shared row within
@@ -25,10 +25,13 @@ if L1 serves the shared rows. Run on a GPU (Gluon has no interpreter)::
 
 Variants: ``edge,HB,warps`` and ``async,TR,HB,S,warps,VEC`` (``VEC`` 4: 16-byte value copies,
 ``cp.async.cg``, L2 only; 2: 8-byte copies, ``cp.async.ca``, through L1).
+
+Outcome (H100, 2026-11-27, perf-notes 33): the prediction was wrong. One target a program
+matches the edge walk (8.43 against 8.24 ms); more targets, fewer heads a slab or copies
+through L1 are slower (9-25 ms): each step waits on its neighbour index, ``wait_group``, two
+barriers and a shared-memory read, so the walk is bound by its steps, not by bytes in flight.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -72,7 +75,7 @@ def _issue(g, nbr, w, v, v_ring, w_ring, first, N, K, H, h0, TR: gl.constexpr, H
     hs = gl.arange(0, HB, layout=gl.SliceLayout(1, slab))
     ds = gl.arange(0, DVP, layout=gl.SliceLayout(0, slab))
     async_load(v_ring.index(g % S), v + jj * (H * DVP) + (h0 + hs)[:, None] * DVP + ds[None, :],
-                                   mask=ok & (hs < HB)[:, None])
+               mask=ok & (hs < HB)[:, None])
     hv = gl.arange(0, HB, layout=vec)
     async_load(w_ring.index(g % S), w + (i * K + slot) * H + h0 + hv, mask=ok & (hv < HB))
     cp.commit_group()
@@ -159,5 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "0")
     main()
