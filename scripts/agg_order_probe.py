@@ -103,9 +103,11 @@ def write_record(out_file, record: dict) -> None:
     out_file.flush()
 
 
-def probe_args(description: str, variants: list[str], variant_fields: str) -> argparse.Namespace:
-    """The command line both aggregation probes take."""
+def probe_args(description: str, variants: list[str], variant_fields: str, extra=None) -> argparse.Namespace:
+    """The command line the aggregation probes take (``extra(parser)`` adds a probe's own options)."""
     ap = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[65536])
     ap.add_argument("--variants", nargs="+", default=variants, help=variant_fields)

@@ -26,10 +26,18 @@ if L1 serves the shared rows. Run on a GPU (Gluon has no interpreter)::
 Variants: ``edge,HB,warps`` and ``async,TR,HB,S,warps,VEC`` (``VEC`` 4: 16-byte value copies,
 ``cp.async.cg``, L2 only; 2: 8-byte copies, ``cp.async.ca``, through L1).
 
+``--only-value`` (or ``--value-variants``) times the backward's value pass instead, without its
+softmax weights: source ``j`` walks its in-edges (CSR), ``dv_j += w dout_i`` and
+``dw = dout_i . v_j`` with ``v_j`` in registers (``value-edge,HB,warps``, ``bwd_value_kernel``'s
+form), or with the in-edges' ``dout`` slabs copied ``S - 1`` ahead into a ring
+(``value-async,HB,S,warps,ROWS``; ``dout`` rows are 8-byte aligned, so 8-byte ``cp.async.ca``).
+
 Outcome (H100, 2026-11-27, perf-notes 33): the prediction was wrong. One target a program
 matches the edge walk (8.43 against 8.24 ms); more targets, fewer heads a slab or copies
 through L1 are slower (9-25 ms): each step waits on its neighbour index, ``wait_group``, two
 barriers and a shared-memory read, so the walk is bound by its steps, not by bytes in flight.
+The value pass's core: 10.2-10.9 ms as the edge walk, 17.4-52 ms with the ring (deeper rings
+are slower: the ring's shared memory leaves 2-6 one-warp programs an SM).
 """
 from __future__ import annotations
 
@@ -120,16 +128,179 @@ def async_kernel(nbr, w, v, out, N, K, H, TR: gl.constexpr, HB: gl.constexpr, S:
     cp.wait_group(0)
 
 
+@triton.jit
+def value_edge_kernel(rowptr, edge_ids, w, v, dout, dv, dw, K, H, HB: tl.constexpr, DV: tl.constexpr,
+                      DVP: tl.constexpr):
+    # the backward's value pass without its softmax weights: source j walks its in-edges (CSR),
+    # dv_j += w dout_i and dw = dout_i . v_j, v_j held in registers (bwd_value_kernel's form)
+    j = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * HB + tl.arange(0, HB)
+    offs_d = tl.arange(0, DVP)
+    dmask = (offs_d < DV)[None, :]
+    vj = tl.load(v + j * (H * DVP) + hh[:, None] * DVP + offs_d[None, :], mask=dmask, other=0.0)
+    start = tl.load(rowptr + j)
+    acc = tl.zeros([HB, DVP], dtype=tl.float32)
+    for c in range(tl.load(rowptr + j + 1) - start):
+        eid = tl.load(edge_ids + start + c)
+        i = eid // K
+        wt = tl.load(w + eid * H + hh)
+        go = tl.load(dout + i * (H * DV) + hh[:, None] * DV + offs_d[None, :], mask=dmask, other=0.0)
+        acc += wt[:, None] * go
+        tl.store(dw + eid * H + hh, tl.sum(go * vj, axis=1))
+    tl.store(dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :], acc, mask=dmask)
+
+
+@gluon.jit
+def _issue_in_edge(c, count, start, edge_ids, w, dout, go_ring, w_ring, K, H, h0, HB: gl.constexpr,
+                   S: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, slab: gl.constexpr, vec: gl.constexpr):
+    """Copy in-edge ``c`` of ``count`` into ring stage ``c % S``: the target's ``dout`` slab and the weights."""
+    live = c < count
+    eid = gl.load(edge_ids + start + c, mask=live, other=0)
+    i = eid // K
+    hs = gl.arange(0, HB, layout=gl.SliceLayout(1, slab))
+    ds = gl.arange(0, DVP, layout=gl.SliceLayout(0, slab))
+    async_load(go_ring.index(c % S), dout + i * (H * DV) + (h0 + hs)[:, None] * DV + ds[None, :],
+               mask=live & (ds < DV)[None, :] & (hs < HB)[:, None])
+    hv = gl.arange(0, HB, layout=vec)
+    async_load(w_ring.index(c % S), w + eid * H + h0 + hv, mask=live & (hv < HB))
+    cp.commit_group()
+
+
+@gluon.jit
+def value_async_kernel(rowptr, edge_ids, w, v, dout, dv, dw, K, H, HB: gl.constexpr, S: gl.constexpr,
+                       DV: gl.constexpr, DVP: gl.constexpr, slab: gl.constexpr, ring: gl.constexpr,
+                       num_warps: gl.constexpr):
+    # dout rows are 58 numbers a head (8-byte aligned): copies of 2 numbers, cp.async.ca; ``slab``
+    # spreads a head row over threads (``value_slab(False)``) or gives each thread whole rows
+    vec: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    j = gl.program_id(0).to(gl.int64)
+    h0 = gl.program_id(1) * HB
+    hs = gl.arange(0, HB, layout=gl.SliceLayout(1, slab))
+    ds = gl.arange(0, DVP, layout=gl.SliceLayout(0, slab))
+    dmask = (ds < DV)[None, :] & (hs < HB)[:, None]
+    go_ring = gl.allocate_shared_memory(gl.float32, [S, HB, DVP], layout=ring)
+    w_ring = gl.allocate_shared_memory(gl.float32, [S, HB], layout=flat)
+    start = gl.load(rowptr + j)
+    count = (gl.load(rowptr + j + 1) - start).to(gl.int32)  # ring indices are int32
+    for c in gl.static_range(S - 1):
+        _issue_in_edge(c, count, start, edge_ids, w, dout, go_ring, w_ring, K, H, h0, HB, S, DV, DVP, slab, vec)
+    vj = gl.load(v + j * (H * DVP) + (h0 + hs)[:, None] * DVP + ds[None, :], mask=dmask, other=0.0)
+    acc = gl.zeros([HB, DVP], gl.float32, layout=slab)
+    for c in range(count):
+        barrier()
+        _issue_in_edge(c + S - 1, count, start, edge_ids, w, dout, go_ring, w_ring, K, H, h0, HB, S, DV, DVP,
+                       slab, vec)
+        cp.wait_group(S - 1)
+        barrier()
+        go = go_ring.index(c % S).load(slab)
+        wt = w_ring.index(c % S).load(gl.SliceLayout(1, slab))
+        acc += wt[:, None] * go
+        eid = gl.load(edge_ids + start + c)
+        gl.store(dw + eid * H + h0 + hs, gl.sum(go * vj, axis=1))
+    cp.wait_group(0)
+    gl.store(dv + j * (H * DV) + (h0 + hs)[:, None] * DV + ds[None, :], acc, mask=dmask)
+
+
+def value_slab(rows_in_threads: bool, num_warps: int, dvp: int = 64):
+    """The value pass's register layout of a ``[HB, DVP]`` slab and its ring's shared layout:
+    head rows spread over ``DVP / 2`` threads in pairs of numbers, or whole rows a thread (the
+    dot product ``dout_i . v_j`` then needs no shuffles, as in ``bwd_value_kernel``), whose
+    rows are swizzled in the ring so that a warp's 32 rows do not fall in one bank."""
+    if rows_in_threads:
+        return (gl.BlockedLayout([1, dvp], [32, 1], [num_warps, 1], [1, 0]),
+                gl.SwizzledSharedLayout(vec=2, per_phase=1, max_phase=32, order=[1, 0]))
+    return (gl.BlockedLayout([1, 2], [32 * 2 // dvp, dvp // 2], [num_warps, 1], [1, 0]),
+            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+
+
+def value_workload(nbr, v, w):
+    """The value pass's inputs: in-edges by source (CSR), ``dout [N, H, DV]`` (unpadded, as the
+    backward receives it), ``v`` as ``[M, H, DVP]`` with zeroed padding, and ``dv`` by PyTorch
+    on 256 sources."""
+    n, kslots = nbr.shape
+    m, heads, dv = v.shape
+    dvp = v.stride(1)
+    flat = nbr.reshape(-1)
+    eids = torch.nonzero(flat >= 0).reshape(-1)
+    order = torch.argsort(flat[eids], stable=True)
+    edge_ids = eids[order].contiguous()
+    rowptr = torch.searchsorted(flat[edge_ids].contiguous(), torch.arange(m + 1, device=nbr.device))
+    gen = torch.Generator(device=nbr.device).manual_seed(2)
+    dout = torch.randn(n, heads, dv, device=nbr.device, generator=gen)
+    vz = torch.zeros(m, heads, dvp, device=v.device)  # padded head rows, zero padding
+    vz[..., :dv] = v[..., :dv]
+    rows = torch.randperm(m, device=nbr.device, generator=gen)[:256]
+    ref_dv = torch.stack([(w[edge_ids[rowptr[j]:rowptr[j + 1]]][:, :, None]
+                           * dout[edge_ids[rowptr[j]:rowptr[j + 1]] // kslots]).sum(0) for j in rows.tolist()])
+    return rowptr, edge_ids, dout, vz, rows, ref_dv
+
+
+def value_pass(args, n: int, dev: str, out_file) -> None:
+    """Time the value pass's core in both forms (``value-edge,HB,warps``, ``value-async,HB,S,warps``)."""
+    nbr, v, w, _, _, _ = workload(n, dev, "float32")
+    rowptr, edge_ids, dout, vz, rows, ref_dv = value_workload(nbr, v, w)
+    m, heads, dvp = vz.shape
+    dv_dim = dout.shape[2]
+    kslots = nbr.shape[1]
+    logical = float(edge_ids.numel()) * heads * dv_dim * 4
+    for text in args.value_variants:
+        kind, *numbers = text.split(",")
+        dv = torch.zeros(m, heads, dv_dim, device=dev)
+        dw = torch.zeros(n * kslots, heads, device=dev)
+        if kind == "value-edge":
+            hb, warps = (int(x) for x in numbers)
+            fields = {"HB": hb, "num_warps": warps}
+
+            def run():
+                value_edge_kernel[(m, heads // hb)](rowptr, edge_ids, w, vz, dout, dv, dw, kslots, heads, HB=hb,
+                                                    DV=dv_dim, DVP=dvp, num_warps=warps)
+        else:
+            hb, stages, warps, rows_in_threads = (int(x) for x in numbers)
+            fields = {"HB": hb, "S": stages, "num_warps": warps, "rows_in_threads": bool(rows_in_threads)}
+            slab, ring = value_slab(bool(rows_in_threads), warps, dvp)
+
+            def run():
+                value_async_kernel[(m, heads // hb)](rowptr, edge_ids, w, vz, dout, dv, dw, kslots, heads, HB=hb,
+                                                     S=stages, DV=dv_dim, DVP=dvp, slab=slab, ring=ring,
+                                                     num_warps=warps)
+        try:
+            run()
+            err = float((dv[rows] - ref_dv).norm() / ref_dv.norm())
+            some = edge_ids[:4096]
+            ref_dw = (dout[some // kslots] * vz[nbr.reshape(-1)[some]][..., :dv_dim]).sum(-1)
+            err = max(err, float((dw[some] - ref_dw).norm() / ref_dw.norm()))
+            ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
+            record = {"ms": ms, "logical_TBps": logical / ms / 1e9, "rel_err": err}
+        except Exception as exc:  # noqa: BLE001 -- a variant that does not compile is a result
+            record = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        write_record(out_file, {"n_atoms": n, "variant": kind, **fields, **record})
+
+
+def _value_options(ap) -> None:
+    ap.add_argument("--value-variants", nargs="*", default=[
+        "value-edge,32,1", "value-edge,16,1", "value-async,32,4,1,1", "value-async,32,8,1,1", "value-async,32,16,1,1",
+        "value-async,64,8,2,1", "value-async,32,4,1,0", "value-async,16,8,1,0", "value-async,16,16,1,0",
+        "value-async,8,16,1,0", "value-async,32,8,2,0"],
+        help="the value pass's core: value-edge,HB,warps or value-async,HB,S,warps,ROWS (ROWS 1: whole head "
+             "rows a thread); none given: skip")
+    ap.add_argument("--only-value", action="store_true", help="time the value pass's core only")
+
+
 def main() -> None:
     args = probe_args(__doc__.splitlines()[0], [
         "edge,32,1", "edge,16,1", "async,1,32,4,1,4", "async,8,32,8,1,4", "async,8,16,8,1,4", "async,16,8,16,1,4",
         "async,16,8,16,1,2", "async,32,8,16,1,4", "async,32,8,16,1,2", "async,32,16,8,1,4", "async,32,16,8,1,2",
         "async,8,32,4,2,4", "async,16,16,8,2,4", "async,16,16,8,2,2", "async,64,8,16,1,2", "async,32,8,24,1,2",
         "async,32,4,32,1,2"],
-        "edge,HB,warps or async,TR,HB,S,warps,VEC")
+        "edge,HB,warps or async,TR,HB,S,warps,VEC", extra=_value_options)
     dev = "cuda"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
+            if args.value_variants:
+                value_pass(args, n, dev, out_file)
+            if args.only_value:
+                continue
             nbr, v, w, rows, ref, logical = workload(n, dev, "float32")
             kslots, heads, dv = nbr.shape[1], v.shape[1], v.shape[2]
             dvp = v.stride(1)

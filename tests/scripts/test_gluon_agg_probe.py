@@ -29,3 +29,25 @@ def test_async_walk_compiles_to_asynchronous_copies(load_script, vec, modifier):
     sizes = {int(b, 16) for b in re.findall(rf"cp\.async\.{modifier}\.shared\.global[^;]*, 0x([0-9a-f]+)", ptx)}
     assert 4 * vec in sizes  # the value slabs, in VEC-number pieces
     assert "cp.async.wait_group" in ptx and "bar.sync" in ptx
+
+
+def test_value_pass_twin_matches_its_reference(load_script):
+    """The probe's Triton value walk (run by the interpreter here) against the PyTorch sums
+    ``value_workload`` checks every GPU variant with: ``dv`` on sampled sources and ``dw``."""
+    pytest.importorskip("triton.experimental.gluon")
+    import torch
+
+    probe = load_script("gluon_agg_probe")
+    agg = load_script("agg_order_probe")
+    nbr, v, w, _, _, _ = agg.workload(40, "cpu", "float32")
+    rowptr, edge_ids, dout, vz, rows, ref_dv = probe.value_workload(nbr, v, w)
+    m, heads, dvp = vz.shape
+    kslots, dv_dim = nbr.shape[1], dout.shape[2]
+    assert dvp == 64 and torch.all(vz[..., dv_dim:] == 0) and int(rowptr[-1]) == int((nbr >= 0).sum())
+    dv = torch.zeros(m, heads, dv_dim)
+    dw = torch.zeros(nbr.numel(), heads)
+    probe.value_edge_kernel[(m, heads // 32)](rowptr, edge_ids, w, vz, dout, dv, dw, kslots, heads, HB=32,
+                                              DV=dv_dim, DVP=dvp, num_warps=1)
+    torch.testing.assert_close(dv[rows], ref_dv, rtol=1e-5, atol=1e-5)
+    ref_dw = (dout[edge_ids // kslots] * vz[nbr.reshape(-1)[edge_ids]][..., :dv_dim]).sum(-1)
+    torch.testing.assert_close(dw[edge_ids], ref_dw, rtol=1e-5, atol=1e-5)
