@@ -49,6 +49,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 from agg_order_probe import probe_args, time_and_check, workload, write_record
+from e2f.attention.triton.function import _transposed
 
 # Gluon is experimental: Triton 3.9 renamed 3.6's copy and barrier (the GPU box runs 3.6, CPU CI 3.9)
 async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
@@ -215,20 +216,15 @@ def value_slab(rows_in_threads: bool, num_warps: int, dvp: int = 64):
 
 
 def value_workload(nbr, v, w):
-    """The value pass's inputs: in-edges by source (CSR), ``dout [N, H, DV]`` (unpadded, as the
-    backward receives it), ``v`` as ``[M, H, DVP]`` with zeroed padding, and ``dv`` by PyTorch
-    on 256 sources."""
+    """The value pass's inputs: in-edges by source (CSR, the backend's ``_transposed`` with one
+    chunk), ``dout [N, H, DV]`` (unpadded, as the backward receives it), ``v`` as
+    ``[M, H, DVP]`` with zeroed padding, and ``dv`` by PyTorch on 256 sources."""
     n, kslots = nbr.shape
     m, heads, dv = v.shape
-    dvp = v.stride(1)
-    flat = nbr.reshape(-1)
-    eids = torch.nonzero(flat >= 0).reshape(-1)
-    order = torch.argsort(flat[eids], stable=True)
-    edge_ids = eids[order].contiguous()
-    rowptr = torch.searchsorted(flat[edge_ids].contiguous(), torch.arange(m + 1, device=nbr.device))
+    rowptr, edge_ids, _, _ = _transposed(nbr, m, n)
     gen = torch.Generator(device=nbr.device).manual_seed(2)
     dout = torch.randn(n, heads, dv, device=nbr.device, generator=gen)
-    vz = torch.zeros(m, heads, dvp, device=v.device)  # padded head rows, zero padding
+    vz = torch.zeros(m, heads, v.stride(1), device=v.device)  # padded head rows, zero padding
     vz[..., :dv] = v[..., :dv]
     rows = torch.randperm(m, device=nbr.device, generator=gen)[:256]
     ref_dv = torch.stack([(w[edge_ids[rowptr[j]:rowptr[j + 1]]][:, :, None]
@@ -236,18 +232,29 @@ def value_workload(nbr, v, w):
     return rowptr, edge_ids, dout, vz, rows, ref_dv
 
 
-def value_pass(args, n: int, dev: str, out_file) -> None:
-    """Time the value pass's core in both forms (``value-edge,HB,warps``, ``value-async,HB,S,warps``)."""
-    nbr, v, w, _, _, _ = workload(n, dev, "float32")
+def measure_variant(out_file, n: int, kind: str, fields: dict, logical: float, timed) -> None:
+    """One variant's record: ``timed() -> (relative error, ms)``, or the error it raised."""
+    try:
+        err, ms = timed()
+        record = {"ms": ms, "logical_TBps": logical / ms / 1e9, "rel_err": err}
+    except Exception as exc:  # noqa: BLE001 -- a variant that does not compile is a result
+        record = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    write_record(out_file, {"n_atoms": n, "variant": kind, **fields, **record})
+
+
+def value_pass(args, nbr, v, w, out_file) -> None:
+    """Time the value pass's core in both forms (``value-edge,HB,warps``, ``value-async,HB,S,warps,ROWS``)."""
     rowptr, edge_ids, dout, vz, rows, ref_dv = value_workload(nbr, v, w)
+    n, kslots = nbr.shape
     m, heads, dvp = vz.shape
     dv_dim = dout.shape[2]
-    kslots = nbr.shape[1]
     logical = float(edge_ids.numel()) * heads * dv_dim * 4
+    some = edge_ids[:4096]
+    ref_dw = (dout[some // kslots] * vz[nbr.reshape(-1)[some]][..., :dv_dim]).sum(-1)
     for text in args.value_variants:
         kind, *numbers = text.split(",")
-        dv = torch.zeros(m, heads, dv_dim, device=dev)
-        dw = torch.zeros(n * kslots, heads, device=dev)
+        dv = torch.zeros(m, heads, dv_dim, device=nbr.device)
+        dw = torch.zeros(n * kslots, heads, device=nbr.device)
         if kind == "value-edge":
             hb, warps = (int(x) for x in numbers)
             fields = {"HB": hb, "num_warps": warps}
@@ -264,17 +271,12 @@ def value_pass(args, n: int, dev: str, out_file) -> None:
                 value_async_kernel[(m, heads // hb)](rowptr, edge_ids, w, vz, dout, dv, dw, kslots, heads, HB=hb,
                                                      S=stages, DV=dv_dim, DVP=dvp, slab=slab, ring=ring,
                                                      num_warps=warps)
-        try:
-            run()
-            err = float((dv[rows] - ref_dv).norm() / ref_dv.norm())
-            some = edge_ids[:4096]
-            ref_dw = (dout[some // kslots] * vz[nbr.reshape(-1)[some]][..., :dv_dim]).sum(-1)
-            err = max(err, float((dw[some] - ref_dw).norm() / ref_dw.norm()))
-            ms = triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
-            record = {"ms": ms, "logical_TBps": logical / ms / 1e9, "rel_err": err}
-        except Exception as exc:  # noqa: BLE001 -- a variant that does not compile is a result
-            record = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-        write_record(out_file, {"n_atoms": n, "variant": kind, **fields, **record})
+
+        def timed():
+            err, ms = time_and_check(run, dv, rows, ref_dv, "cuda", args.rep)
+            return max(err, float((dw[some] - ref_dw).norm() / ref_dw.norm())), ms
+
+        measure_variant(out_file, n, kind, fields, logical, timed)
 
 
 def _value_options(ap) -> None:
@@ -294,21 +296,20 @@ def main() -> None:
         "async,8,32,4,2,4", "async,16,16,8,2,4", "async,16,16,8,2,2", "async,64,8,16,1,2", "async,32,8,24,1,2",
         "async,32,4,32,1,2"],
         "edge,HB,warps or async,TR,HB,S,warps,VEC", extra=_value_options)
-    dev = "cuda"
     with open(args.out, "a") as out_file:
         for n in args.sizes:
+            nbr, v, w, rows, ref, logical = workload(n, "cuda", "float32")
+            nbr = nbr.contiguous()
             if args.value_variants:
-                value_pass(args, n, dev, out_file)
+                value_pass(args, nbr, v, w, out_file)
             if args.only_value:
                 continue
-            nbr, v, w, rows, ref, logical = workload(n, dev, "float32")
             kslots, heads, dv = nbr.shape[1], v.shape[1], v.shape[2]
             dvp = v.stride(1)
             assert dvp == 64 and v.stride(0) == heads * 64, "padded value rows expected"
-            nbr = nbr.contiguous()
             for text in args.variants:
                 kind, *numbers = text.split(",")
-                out = torch.zeros(n, heads, dv, device=dev)
+                out = torch.zeros(n, heads, dv, device="cuda")
                 if kind == "edge":
                     hb, warps = (int(x) for x in numbers)
                     fields = {"HB": hb, "num_warps": warps}
@@ -324,12 +325,8 @@ def main() -> None:
                         async_kernel[(triton.cdiv(n, tr), heads // hb)](
                             nbr, w, v, out, n, kslots, heads, TR=tr, HB=hb, S=stages, DV=dv, DVP=dvp, VEC=vec,
                             num_warps=warps)
-                try:
-                    err, ms = time_and_check(run, out, rows, ref, dev, args.rep)
-                    record = {"ms": ms, "logical_TBps": logical / ms / 1e9, "rel_err": err}
-                except Exception as exc:  # noqa: BLE001 -- a variant that does not compile is a result
-                    record = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-                write_record(out_file, {"n_atoms": n, "variant": kind, **fields, **record})
+                measure_variant(out_file, n, kind, fields, logical,
+                                lambda: time_and_check(run, out, rows, ref, "cuda", args.rep))
 
 
 if __name__ == "__main__":
