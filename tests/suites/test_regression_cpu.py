@@ -92,11 +92,11 @@ def test_backend_matches_committed_invariants(name, committed, figures):
     if name.startswith("triton"):
         # the radial table's build (forward and backward), the forward's kernels (the fused one,
         # or the split form's two for the probe's one chunk), the edges' grid positions (once a
-        # backward), the backward's six passes, then the table's gradient to the weights and
+        # backward), the backward's seven passes, then the table's gradient to the weights and
         # centres (one launch)
         forward = {"fwd_kernel"} if name == "triton" else {"fwd_logit_kernel", "fwd_aggregate_kernel"}
         assert set(figs["launches"]["triton"]) == forward | {"radial_table_kernel", "bwd_edge_kernel",
-                                                             "bwd_value_kernel", "bwd_target_kernel",
+                                                             "bwd_weight_kernel", "bwd_value_kernel", "bwd_target_kernel",
                                                              "bwd_gate_kernel", "bwd_radial_table_kernel",
                                                              "bwd_source_kernel", "radial_table_backward_kernel",
                                                              "bwd_grid_kernel"}

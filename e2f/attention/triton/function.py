@@ -284,7 +284,8 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     ``gate``, ``source``) for ``bk``-row slot tiles and float32 (or 16-bit) q/k/v, the
     defaults first."""
     if _interpreting():
-        return {"edge": _logit_candidates(bk), "value": [_heads_cfg(8, 1)], "target": [_target_cfg(16, 4)],
+        return {"edge": _logit_candidates(bk), "weight": [_target_cfg(16, 4)], "value": [_heads_cfg(8, 1)],
+                "target": [_target_cfg(16, 4)],
                 "gate": [_config(4, TB=1)], "source": [_src_cfg(8, 16, 1)]}
     # Tuned on an H100 (N = 65,536, 6 chunks; ms a chunk, fp32 / bf16 q/k/v, TF32 products;
     # perf-notes section 26): value pass HB = 32 at 1 warp 3.31 / 3.54 (253 registers),
@@ -311,6 +312,7 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     edge = [_config(4, HC=16, TB=one), _config(4, HC=32, TB=one), _config(8, HC=16, TB=2 * one),
             _config(8, HC=32, TB=2 * one)]
     return {"edge": edge,
+            "weight": [_target_cfg(16, 4), _target_cfg(32, 4), _target_cfg(32, 8)],
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
             "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
             "gate": [_config(16, TB=1), _config(8, TB=1), _config(8, maxnreg=128, TB=1), _config(16, TB=2)],
@@ -399,12 +401,14 @@ def _configs(bucket: int = 0, bk: int = 16, fp32: bool = True) -> dict:
 #: Backward kernels by role, with the buffers the autotuner must reset (``reset_to_zero``:
 #: sums a launch adds into, chunk after chunk; they are zero at the first chunk, where tuning
 #: happens) or restore (``restore_value``: read and then overwritten: the target pass writes
-#: ``dqk``, ``dg``, ``du`` over the ``q.k``, ``g``, ``u`` it reads, the gate backward ``dpre``
-#: over the ``dhid`` it reads, and it adds into ``dd``) around every trial, so the
+#: ``dqk``, ``dg``, ``du`` over the ``q.k``, ``g``, ``u`` it reads, the value pass ``dw`` over
+#: the weights it reads, the gate backward ``dpre`` over the ``dhid`` it reads, and it adds
+#: into ``dd``) around every trial, so the
 #: launch after tuning finds its inputs as an untuned one would. Without the restore, the
 #: first backward of every size bucket read ``dpre`` as ``dg``, ``du`` (found in session 7).
 _BACKWARD = {"edge": ("bwd_edge_kernel", {}),
-             "value": ("bwd_value_kernel", {"reset_to_zero": ["dv"]}),
+             "weight": ("bwd_weight_kernel", {}),
+             "value": ("bwd_value_kernel", {"reset_to_zero": ["dv"], "restore_value": ["dw_edge"]}),
              "target": ("bwd_target_kernel", {"restore_value": ["qk_edge", "gate_edge"]}),
              "gate": ("bwd_gate_kernel", {"restore_value": ["hid_edge", "dd_edge"]}),
              "source": ("bwd_source_kernel", {"reset_to_zero": ["dk", "dgate_src", "dpos_src"]})}
@@ -858,10 +862,11 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         # (strided operands and output: cuBLAS reads and writes the stash in place)
         hid_one = rows[:, 2 * h:2 * h + g + 1]
         torch.mm(hid_one, w_aug, out=rows[:, :2 * h])
+        kern["weight"][(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], m, s, qk_edge, gate_edge, dw_edge,
+                              t0, kslots, h, sw, cutoff, BK=d["BK"])
         if a1 > a0:
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
-                t["pos_dst"], t["pos_src"], t["v"], dout, m, s, qk_edge, gate_edge, rowptr, edge_ids, active,
-                dw_edge, grads["v"], a0, kslots, h, sw, c, chunks, t0, cutoff,
+                t["v"], dout, rowptr, edge_ids, active, dw_edge, grads["v"], a0, kslots, h, c, chunks, t0,
                 DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
         kern["target"][(nt,)](
             t["pos_dst"], t["pos_src"], t["nbr"], t["k"], m, s, grads["q"], dd_edge, dw_edge, qk_edge, gate_edge,

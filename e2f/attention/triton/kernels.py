@@ -1,6 +1,6 @@
 """Raw Triton kernels of the fused attention core (see ``e2f.attention.core``).
 
-The forward as one kernel or two, and six backward kernels. Every output row is written by
+The forward as one kernel or two, and seven backward kernels. Every output row is written by
 exactly one program, and every sum over edges runs in a fixed order (bitwise reproducible, no
 atomics).
 The row counts and offsets (``N``, ``NT``, ``T0``, ``A0``, ...) are not specialised
@@ -35,7 +35,7 @@ and ``BG`` hidden units a program, the Gaussians and the products over the basis
 and float64 ``[P, R]`` temporaries); ``radial_table_backward_kernel`` takes the table's
 gradient to ``w_radial`` and the centres alike (its twin: autograd through that build).
 
-The backward runs the targets in chunks (``function._stash_chunk``); per chunk, six kernels
+The backward runs the targets in chunks (``function._stash_chunk``); per chunk, seven kernels
 pass each other a per-edge stash of the chunk's edges (row ``(i - T0) K + slot``), so that one
 of them computes the gate's hidden layer and q.k and one walks the value rows:
 
@@ -44,11 +44,13 @@ of them computes the gate's hidden layer and q.k and one walks the value rows:
   ``hid`` into a ``gate_edge`` row of ``SW = 2 H + G + 16`` numbers (``g``, ``u``, ``hid``, a
   one, padding to a multiple of 16); ``function`` then writes ``[g u] = [hid 1] [w_out; b_out]``
   into the row's first ``2 H`` numbers with one cuBLAS product a chunk.
+* ``bwd_weight_kernel``: one target a program, elementwise over its edges and heads: the
+  softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``, ``s``
+  into ``dw_edge``.
 * ``bwd_value_kernel``: one source with in-edges from the chunk (the transposed neighbour
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
-  the softmax weight ``w`` from the stashed ``g``, ``q.k``, ``u`` and the forward's ``m``,
-  ``s``; ``dv += w dout_i`` and ``dw = dout_i . v_j`` (``v_j`` held in registers) into
-  ``dw_edge``. The only pass that moves value-sized rows: ``dout_i``, 58 numbers a head.
+  ``w`` from ``dw_edge``, ``dv += w dout_i`` and ``dw = dout_i . v_j`` (``v_j`` held in
+  registers) over it. The only pass that moves value-sized rows: ``dout_i``, 58 numbers a head.
 * ``bwd_target_kernel``: one target a program, elementwise over its edges and heads: the
   softmax's backward from ``dw`` (``dout_i . out_i`` as the sum of ``dw w``), written over the
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
@@ -654,16 +656,47 @@ def _source_in_edges(active, rowptr, A0, NC, C):
     return j, start, tl.load(rowptr + j * NC + C + 1) - start
 
 
+@triton.jit(do_not_specialize=["T0"])
+def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_edge,
+                      T0, K, H, SW, cutoff,
+                      BK: tl.constexpr, HC: tl.constexpr):
+    # target T0 + program id, its slots (stash rows (program id) K + slot) and heads HC at a
+    # time: the softmax weight w from the stashed g, q.k, u and the forward's m, s (0 on a slot
+    # without a live edge) into w_edge, in the target-major order the stash is written in, so
+    # that the value pass, which walks the same rows source by source, reads one number an
+    # edge and head instead of recomputing w from five
+    local = tl.program_id(0).to(tl.int64)
+    i = T0 + local
+    slot = tl.arange(0, BK)
+    row = local * K + slot
+    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    ok = j >= 0
+    src = _row_index(j, ok)
+    tgt = tl.zeros([BK], dtype=tl.int64) + i
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    for h0 in range(0, H, HC):
+        offs_h = h0 + tl.arange(0, HC)
+        hmask = offs_h < H
+        em = (slot < K)[:, None] & hmask[None, :]
+        stash = row[:, None] * H + offs_h[None, :]
+        gu = row[:, None] * SW + offs_h[None, :]
+        w = _softmax_weight(tl.load(gate_edge + gu, mask=em, other=0.0), tl.load(qk_edge + stash, mask=em, other=0.0),
+                            tl.load(gate_edge + gu + H, mask=em, other=0.0), env[:, None], inv_d[:, None],
+                            live[:, None] & hmask[None, :],
+                            tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)[None, :],
+                            tl.load(s_in + i * H + offs_h, mask=hmask, other=1.0)[None, :])[0]
+        tl.store(w_edge + stash, w, mask=em)
+
+
 @triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
-def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, rowptr, edge_ids, active,
-                     dw_edge, dv,
-                     A0, K, H, SW, C, NC, T0, cutoff,
+def bwd_value_kernel(v, dout, rowptr, edge_ids, active, dw_edge, dv,
+                     A0, K, H, C, NC, T0,
                      DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
     # source j = active[A0 + program id 0], one of those with in-edges from target chunk C
     # (targets T0 ..), heads program id 1 * HB ..: in-edges (i, slot) one at a time (stash row
-    # i K + slot - T0 K), the softmax weight w from the stashed g, q.k, u and the forward's m, s;
-    # dv += w dout_i, and dw = dout_i . v_j into dw_edge. v_j stays in registers, every head's
-    # sums in the threads that own its columns (as in fwd_aggregate_kernel)
+    # i K + slot - T0 K), the softmax weight w that bwd_weight_kernel left in dw_edge;
+    # dv += w dout_i, and dw = dout_i . v_j over it. v_j stays in registers, every head's sums
+    # in the threads that own its columns (as in fwd_aggregate_kernel)
     E0 = T0 * K
     j, start, count = _source_in_edges(active, rowptr, A0, NC, C)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -676,17 +709,14 @@ def bwd_value_kernel(pos_dst, pos_src, v, dout, m_in, s_in, qk_edge, gate_edge, 
     acc = tl.zeros([HB, DVP], dtype=tl.float32)
     for c in range(count):
         eid = tl.load(edge_ids + start + c)
-        i = eid // K
         at = eid - E0
-        dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, i, j, eid >= 0, cutoff)
-        w = _softmax_weight(tl.load(gate_edge + at * SW + hh, mask=hm, other=0.0),
-                            tl.load(qk_edge + at * H + hh, mask=hm, other=0.0),
-                            tl.load(gate_edge + at * SW + H + hh, mask=hm, other=0.0), env, inv_d, live,
-                            tl.load(m_in + i * H + hh, mask=hm, other=0.0),
-                            tl.load(s_in + i * H + hh, mask=hm, other=1.0))[0]
-        go = _head_rows(dout, i, hh, hm, H, DV, DVP, 0)
+        w = tl.load(dw_edge + at * H + hh, mask=hm, other=0.0)
+        go = _head_rows(dout, eid // K, hh, hm, H, DV, DVP, 0)
         acc += w[:, None] * go
-        tl.store(dw_edge + at * H + hh, tl.sum(go * vj, axis=1), mask=hm)
+        dot = tl.sum(go * vj, axis=1)
+        # dw goes over the w just read, which other threads may hold: every thread's loads first
+        tl.debug_barrier()
+        tl.store(dw_edge + at * H + hh, dot, mask=hm)
     pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
     tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc, mask=vm)
 
