@@ -52,7 +52,7 @@ KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "weight": "bwd_weight
            "aggregate": "fwd_aggregate_kernel", "radial": "bwd_radial_table_kernel", "table": "radial_table_kernel",
            "table-grad": "radial_table_backward_kernel"}
 # meta-parameters of a kernel= argument that does not name them (the library's first fp32 configurations)
-DEFAULT_META = {"weight": {"HC": 16, "num_warps": 4}, "value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
+DEFAULT_META = {"weight": {"HC": 32, "num_warps": 8}, "value": {"HB": 32, "num_warps": 1}, "source": {"HB": 128, "BKS": 16, "num_warps": 4},
                 "edge": {"HC": 16, "TB": 1, "num_warps": 4}, "target": {"HC": 8, "num_warps": 4},
                 "logits": {"HC": 32, "TB": 4, "num_warps": 8}, "aggregate": {"HB": 32, "num_warps": 1},
                 "gate": {"TB": 1, "num_warps": 16}, "grid": {"TB": 4, "num_warps": 4}, "radial": {"BE": 32, "num_warps": 4},

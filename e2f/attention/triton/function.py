@@ -292,7 +292,10 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     # HB = 16 3.88 / 3.28, HB = 64 at 2 warps 4.20 / 3.76, HB = 32 at 2 warps 6.69 / 5.55; target
     # pass HC = 8 at 4 warps 1.87 / 1.92 (96 registers), HC = 32 at 8 warps 1.92 / 1.83, HC = 16
     # at 4 warps 1.92 / 2.07, HC = 8 at 1 or 2 warps and HC = 4 slower; source pass (keys only)
-    # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. The value and target passes start
+    # HB = 128 at 4 warps 0.49 / 0.47, HB = 32 / 64 0.62. The value pass reading its weights from
+    # the weight pass (perf-notes 34, H100, fp32 / bf16): HB = 32 3.00 / 2.80, HB = 16 3.02 / 2.77,
+    # HB = 64 at 2 warps 3.52 / 2.89; the weight pass HC = 32 at 8 warps 0.268, at 4 warps 0.272,
+    # HC = 16 at 4 warps 0.341. The value and target passes start
     # from the faster of their two best for the dtype (the regression gate runs the first
     # configurations: bf16 forward + backward was 5 % slower with fp32's). Gate backward, with
     # the exact radial layer (perf-notes section 13): 1.98 at 4 warps, 1.99 with two targets a
@@ -312,7 +315,7 @@ def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
     edge = [_config(4, HC=16, TB=one), _config(4, HC=32, TB=one), _config(8, HC=16, TB=2 * one),
             _config(8, HC=32, TB=2 * one)]
     return {"edge": edge,
-            "weight": [_target_cfg(16, 4), _target_cfg(32, 4), _target_cfg(32, 8)],
+            "weight": [_target_cfg(32, 8), _target_cfg(32, 4), _target_cfg(16, 4)],
             "value": ([wide, narrow] if fp32 else [narrow, wide]) + [_heads_cfg(64, 2)],
             "target": ([small, large] if fp32 else [large, small]) + [_target_cfg(16, 4)],
             "gate": [_config(16, TB=1), _config(8, TB=1), _config(8, maxnreg=128, TB=1), _config(16, TB=2)],

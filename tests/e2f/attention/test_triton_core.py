@@ -746,7 +746,7 @@ def test_every_gpu_candidate_names_only_its_kernels_arguments(monkeypatch):
     for fp32 in (True, False):
         for role, cfgs in F._bwd_candidates(32, fp32).items():
             lists.setdefault(F._BACKWARD[role][0], []).extend(cfgs)
-    assert len(lists) == 8
+    assert len(lists) == 9
     for name, cfgs in lists.items():
         F._autotuned(getattr(K, name), cfgs)  # raises on an unknown meta-parameter
     with pytest.raises(ValueError, match="GROUPS"):
