@@ -656,6 +656,22 @@ def _source_in_edges(active, rowptr, A0, NC, C):
     return j, start, tl.load(rowptr + j * NC + C + 1) - start
 
 
+@triton.jit
+def _target_edges(pos_dst, pos_src, nbr, T0, K, cutoff, BK: tl.constexpr):
+    """Target ``i = T0 + program id`` of a target-major backward pass and its ``BK`` slots:
+    ``i``, the slots, their stash rows ``(program id) K + slot``, which hold an edge, their
+    source rows, and the edges' ``_geometry``."""
+    local = tl.program_id(0).to(tl.int64)
+    i = T0 + local
+    slot = tl.arange(0, BK)
+    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
+    ok = j >= 0
+    src = _row_index(j, ok)
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tl.zeros([BK], dtype=tl.int64) + i,
+                                                               src, ok, cutoff)
+    return i, slot, local * K + slot, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live
+
+
 @triton.jit(do_not_specialize=["T0"])
 def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_edge,
                       T0, K, H, SW, cutoff,
@@ -665,15 +681,8 @@ def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_e
     # without a live edge) into w_edge, in the target-major order the stash is written in, so
     # that the value pass, which walks the same rows source by source, reads one number an
     # edge and head instead of recomputing w from five
-    local = tl.program_id(0).to(tl.int64)
-    i = T0 + local
-    slot = tl.arange(0, BK)
-    row = local * K + slot
-    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
-    ok = j >= 0
-    src = _row_index(j, ok)
-    tgt = tl.zeros([BK], dtype=tl.int64) + i
-    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
+    i, slot, row, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live = _target_edges(
+        pos_dst, pos_src, nbr, T0, K, cutoff, BK)
     for h0 in range(0, H, HC):
         offs_h = h0 + tl.arange(0, HC)
         hmask = offs_h < H
@@ -730,17 +739,10 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
     # (bwd_edge_kernel) and dw (bwd_value_kernel; none for an empty slot) the softmax's
     # backward, written over them: dg, du over g, u, and dqk over q.k; dq, and the envelope and
     # 1/d parts of dd = dL/dd_ij. No gate products: elementwise but for the key gathers of dq
-    local = tl.program_id(0).to(tl.int64)
-    i = T0 + local
+    i, slot, row, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live = _target_edges(
+        pos_dst, pos_src, nbr, T0, K, cutoff, BK)
     offs_k = tl.arange(0, DKP)
     kmask = offs_k < DK
-    slot = tl.arange(0, BK)
-    row = local * K + slot
-    j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
-    ok = j >= 0
-    src = _row_index(j, ok)
-    tgt = tl.zeros([BK], dtype=tl.int64) + i
-    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, HC):
