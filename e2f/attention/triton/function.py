@@ -280,8 +280,8 @@ def _split_kernels(bucket: int, bk: int) -> tuple:
 
 
 def _bwd_candidates(bk: int, fp32: bool = True) -> dict:
-    """Configurations of the backward kernels by role (``edge``, ``value``, ``target``,
-    ``gate``, ``source``) for ``bk``-row slot tiles and float32 (or 16-bit) q/k/v, the
+    """Configurations of the backward kernels by role (``edge``, ``weight``, ``value``,
+    ``target``, ``gate``, ``source``) for ``bk``-row slot tiles and float32 (or 16-bit) q/k/v, the
     defaults first."""
     if _interpreting():
         return {"edge": _logit_candidates(bk), "weight": [_target_cfg(16, 4)], "value": [_heads_cfg(8, 1)],

@@ -667,8 +667,8 @@ def _target_edges(pos_dst, pos_src, nbr, T0, K, cutoff, BK: tl.constexpr):
     j = tl.load(nbr + i * K + slot, mask=slot < K, other=-1)
     ok = j >= 0
     src = _row_index(j, ok)
-    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tl.zeros([BK], dtype=tl.int64) + i,
-                                                               src, ok, cutoff)
+    tgt = tl.zeros([BK], dtype=tl.int64) + i
+    dx, dy, dz, d_safe, x, env, inv_d, inside, live = _geometry(pos_dst, pos_src, tgt, src, ok, cutoff)
     return i, slot, local * K + slot, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live
 
 
@@ -689,7 +689,8 @@ def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_e
         em = (slot < K)[:, None] & hmask[None, :]
         stash = row[:, None] * H + offs_h[None, :]
         gu = row[:, None] * SW + offs_h[None, :]
-        w = _softmax_weight(tl.load(gate_edge + gu, mask=em, other=0.0), tl.load(qk_edge + stash, mask=em, other=0.0),
+        w = _softmax_weight(tl.load(gate_edge + gu, mask=em, other=0.0),
+                            tl.load(qk_edge + stash, mask=em, other=0.0),
                             tl.load(gate_edge + gu + H, mask=em, other=0.0), env[:, None], inv_d[:, None],
                             live[:, None] & hmask[None, :],
                             tl.load(m_in + i * H + offs_h, mask=hmask, other=0.0)[None, :],
