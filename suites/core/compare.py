@@ -471,15 +471,13 @@ def compare_cli(baseline_path: str | os.PathLike, candidate_records: Iterable[An
     if refused:
         print("warning: GPU mismatch allowed by --allow-mismatch: the verdicts below compare different hardware", file=out)
     results = compare(baseline, records, threshold=threshold, alpha=alpha)
+    print(format_table(results, threshold, alpha), file=out)
     flagged = sum(r.status == REGRESSION for r in results)
     if rerun is not None and flagged and rounds > 0:
-        print(format_table(results, threshold, alpha), file=out)
         print(f"confirming {flagged} flagged point(s): {rounds} rerun(s) in a fresh process each", file=out)
         results = confirm(baseline, results, records, rerun, rounds=rounds, threshold=threshold, alpha=alpha)
         print(format_table(results, threshold, alpha), file=out)
         print("confirmation: a flagged point fails only if every rerun regresses too (or fails)", file=out)
-    else:
-        print(format_table(results, threshold, alpha), file=out)
     code = gate_exit_code(results)
     counts = {s: sum(r.status == s for r in results) for s in dict.fromkeys(r.status for r in results)}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -672,6 +672,17 @@ def _target_edges(pos_dst, pos_src, nbr, T0, K, cutoff, BK: tl.constexpr):
     return i, slot, local * K + slot, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live
 
 
+@triton.jit
+def _head_chunk(h0, slot, row, K, H, SW, HC: tl.constexpr):
+    """Heads ``h0 .. h0 + HC`` of a target-major pass's slots: the heads and their mask, the
+    ``[BK, HC]`` mask of real slots and heads, and the offsets of those numbers in the per-edge
+    stash (rows of ``H``) and in the gate rows (rows of ``SW``)."""
+    offs_h = h0 + tl.arange(0, HC)
+    hmask = offs_h < H
+    em = (slot < K)[:, None] & hmask[None, :]
+    return offs_h, hmask, em, row[:, None] * H + offs_h[None, :], row[:, None] * SW + offs_h[None, :]
+
+
 @triton.jit(do_not_specialize=["T0"])
 def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_edge,
                       T0, K, H, SW, cutoff,
@@ -684,11 +695,7 @@ def bwd_weight_kernel(pos_dst, pos_src, nbr, m_in, s_in, qk_edge, gate_edge, w_e
     i, slot, row, ok, src, dx, dy, dz, d_safe, x, env, inv_d, inside, live = _target_edges(
         pos_dst, pos_src, nbr, T0, K, cutoff, BK)
     for h0 in range(0, H, HC):
-        offs_h = h0 + tl.arange(0, HC)
-        hmask = offs_h < H
-        em = (slot < K)[:, None] & hmask[None, :]
-        stash = row[:, None] * H + offs_h[None, :]
-        gu = row[:, None] * SW + offs_h[None, :]
+        offs_h, hmask, em, stash, gu = _head_chunk(h0, slot, row, K, H, SW, HC)
         w = _softmax_weight(tl.load(gate_edge + gu, mask=em, other=0.0),
                             tl.load(qk_edge + stash, mask=em, other=0.0),
                             tl.load(gate_edge + gu + H, mask=em, other=0.0), env[:, None], inv_d[:, None],
@@ -747,11 +754,7 @@ def bwd_target_kernel(pos_dst, pos_src, nbr, k, m_in, s_in,
     denv = tl.zeros([BK], dtype=tl.float32)
     dinvd = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, HC):
-        offs_h = h0 + tl.arange(0, HC)
-        hmask = offs_h < H
-        em = (slot < K)[:, None] & hmask[None, :]
-        stash = row[:, None] * H + offs_h[None, :]
-        gu = row[:, None] * SW + offs_h[None, :]
+        offs_h, hmask, em, stash, gu = _head_chunk(h0, slot, row, K, H, SW, HC)
         g = tl.load(gate_edge + gu, mask=em, other=0.0)
         u = tl.load(gate_edge + gu + H, mask=em, other=0.0)
         qk = tl.load(qk_edge + stash, mask=em, other=0.0)
