@@ -34,6 +34,9 @@ python3 -m pip download --no-deps --only-binary=:all: \
     httpx2==2.16.2 \
     setuptools==80.10.2 \
     vesin==0.6.2
-# antlr4-python3-runtime 4.9.3 (hydra/omegaconf pin 4.9.*) exists only as an sdist.
-python3 -m pip wheel --no-deps --no-build-isolation -w "$dest" antlr4-python3-runtime==4.9.3
+# antlr4-python3-runtime 4.9.3 (hydra/omegaconf pin 4.9.*) exists only as an sdist; built in
+# an isolated environment (without one, a Python lacking the `wheel` package fails with
+# "invalid command 'bdist_wheel'", and without antlr4 hydra's pytest plugin breaks every
+# pytest run on the GPU box that installed the other wheels).
+python3 -m pip wheel --no-deps -w "$dest" antlr4-python3-runtime==4.9.3
 ls -1 "$dest"
