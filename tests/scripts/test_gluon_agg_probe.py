@@ -2,30 +2,41 @@
 copies the probe is about (Gluon has no interpreter, so the GPU run is its only numeric check)."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+#: exit status of this file run as a script when this Triton build cannot compile for sm_90
+NO_SM90 = 3
+
+
+def _async_walk_ptx(vec: int) -> str:
+    """The probe's asynchronous walk compiled for sm_90a (``VEC``-number copies), as PTX.
+
+    Compiled in a fresh process (this file run as a script): Triton 3.9's interpreter can leave
+    ``triton.language.core`` patched after an interpreted kernel (a device function it calls
+    patches the language again and restores nothing), and a compilation in such a process runs
+    through the interpreter's builder and fails (seen in CI after the radial-table tests).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, str(vec)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode == NO_SM90:
+        pytest.skip(f"cannot compile for sm_90 here: {done.stdout.strip()}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
 
 @pytest.mark.parametrize("vec,modifier", [(4, "cg"), (2, "ca")])
-def test_async_walk_compiles_to_asynchronous_copies(load_script, vec, modifier):
+def test_async_walk_compiles_to_asynchronous_copies(vec, modifier):
     pytest.importorskip("triton.experimental.gluon")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    fn = load_script("gluon_agg_probe").async_kernel
-    consts = {"TR": 4, "HB": 8, "S": 4, "DV": 58, "DVP": 64, "VEC": vec, "num_warps": 1}
-    signature = {"nbr": "*i64", "w": "*fp32", "v": "*fp32", "out": "*fp32", "N": "i32", "K": "i32", "H": "i32",
-                 **{name: "constexpr" for name in consts}}
-    # pointers and the head count divisible by 16, as Triton specialises them on the GPU
-    aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("nbr", "w", "v", "out", "H")}
-    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                            attrs=aligned)
-    try:
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
-    except RuntimeError as exc:  # no ptxas in this Triton build
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    ptx = _async_walk_ptx(vec)
     sizes = {int(b, 16) for b in re.findall(rf"cp\.async\.{modifier}\.shared\.global[^;]*, 0x([0-9a-f]+)", ptx)}
     assert 4 * vec in sizes  # the value slabs, in VEC-number pieces
     assert "cp.async.wait_group" in ptx and "bar.sync" in ptx
@@ -51,3 +62,28 @@ def test_value_pass_twin_matches_its_reference(load_script):
     torch.testing.assert_close(dv[rows], ref_dv, rtol=1e-5, atol=1e-5)
     ref_dw = (dout[edge_ids // kslots] * vz[nbr.reshape(-1)[edge_ids]][..., :dv_dim]).sum(-1)
     torch.testing.assert_close(dw[edge_ids], ref_dw, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+    spec = importlib.util.spec_from_file_location("gluon_agg_probe", ROOT / "scripts" / "gluon_agg_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    fn = probe.async_kernel
+    consts = {"TR": 4, "HB": 8, "S": 4, "DV": 58, "DVP": 64, "VEC": int(sys.argv[1]), "num_warps": 1}
+    signature = {"nbr": "*i64", "w": "*fp32", "v": "*fp32", "out": "*fp32", "N": "i32", "K": "i32", "H": "i32",
+                 **{name: "constexpr" for name in consts}}
+    # pointers and the head count divisible by 16, as Triton specialises them on the GPU
+    aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("nbr", "w", "v", "out", "H")}
+    source = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                            attrs=aligned)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    except RuntimeError as exc:  # no ptxas in this Triton build
+        print(exc)
+        sys.exit(NO_SM90)
+    print(compiled.asm["ptx"])
