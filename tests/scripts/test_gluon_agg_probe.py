@@ -20,9 +20,10 @@ def _async_walk_ptx(vec: int) -> str:
     """The probe's asynchronous walk compiled for sm_90a (``VEC``-number copies), as PTX.
 
     Compiled in a fresh process (this file run as a script): Triton 3.9's interpreter can leave
-    ``triton.language.core`` patched after an interpreted kernel (a device function it calls
-    patches the language again and restores nothing), and a compilation in such a process runs
-    through the interpreter's builder and fails (seen in CI after the radial-table tests).
+    ``triton.language.core`` patched after an interpreted kernel (a launch restores its patches
+    since triton-lang/triton#8735, but a device function it calls patches the language again and
+    restores nothing), and a compilation in such a process runs through the interpreter's builder
+    and fails (seen in CI, after the radial-table tests had run).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, str(vec)], env=env, capture_output=True, text=True,
