@@ -10,8 +10,8 @@
     python run_bench.py --suite kernel-regression --compare BASE.json --confirm 2   # two reruns a flagged point
 
 Exit status: 0 when every point is ok/oom/skipped, 3 when a point recorded an error,
-2 for a usage error (unknown suite, implementation or dtype), otherwise what the report
-renderer or the regression gate returns.
+2 for a usage error (unknown suite, implementation or dtype, or a Python without the
+package's dependencies), otherwise what the report renderer or the regression gate returns.
 """
 from __future__ import annotations
 
@@ -144,6 +144,18 @@ def fresh_process_rerun(args: argparse.Namespace, device: str, out_dir: Path):
 def _usage_error(message: str) -> int:
     print(f"run_bench.py: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """What to tell a user whose Python cannot import a package this command needs (None when
+    the missing module is one of this repository's own: a bug, not a setup problem)."""
+    top = (exc.name or "").partition(".")[0]
+    here = Path(__file__).resolve().parent
+    if not top or (here / top).is_dir() or (here / f"{top}.py").is_file():
+        return None
+    return (f"this Python ({sys.executable}) cannot import {exc.name!r}: install the package and its "
+            f"dependencies first, `pip install torch==2.13.0 -e .` (with the optional backends: "
+            f"`-e \".[test]\"`; README, Quickstart)")
 
 
 def _import_attr(module: str, attr: str, purpose: str):
@@ -355,6 +367,11 @@ def _report_after_run(paths: list[str], out_dir: Path, paper: bool) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except ModuleNotFoundError as exc:
+        hint = _missing_dependency(exc)
+        if hint is None:
+            raise
+        sys.exit(_usage_error(hint))
     except BrokenPipeError:
         # the reader left early (``--list | head``): not an error of ours; silence the
         # interpreter's own flush of the closed stdout at exit

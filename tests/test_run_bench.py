@@ -25,6 +25,17 @@ def test_list_shows_suites_implementations_and_metrics():
     assert "Metrics" in text and "latency_ms" in text and "saved_bytes" in text
 
 
+def test_a_python_without_the_dependencies_is_told_how_to_install_them():
+    # torch made unimportable in a fresh interpreter: a usage error naming it and the install
+    # command, not a traceback
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run_bench.py', '--list']; "
+            "runpy.run_path('run_bench.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == run_bench.EXIT_USAGE
+    assert "Traceback" not in out.stderr
+    assert "cannot import 'torch'" in out.stderr and "pip install torch==2.13.0 -e ." in out.stderr
+
+
 def test_unknown_suite_exits_nonzero_naming_the_valid_ones():
     out = _cli("--suite", "no-such-suite", "--out", "/nonexistent/never-written")
     assert out.returncode != 0
