@@ -48,8 +48,8 @@ SIZES = dict(N=16384, K=32, H=128, G=128, R=256, SW=_gate_stash_width(128, 128),
 # 1,531 grid points, not divisible by 16): no divisibility hint
 UNSPECIALISED = ("N", "T0", "NT", "A0", "C", "NC", "P")
 KERNELS = {"fwd": "fwd_kernel", "edge": "bwd_edge_kernel", "weight": "bwd_weight_kernel", "value": "bwd_value_kernel",
-           "target": "bwd_target_kernel", "gate": "bwd_gate_kernel", "grid": "bwd_grid_kernel", "source": "bwd_source_kernel", "logits": "fwd_logit_kernel",
-           "aggregate": "fwd_aggregate_kernel", "radial": "bwd_radial_table_kernel", "table": "radial_table_kernel",
+           "target": "bwd_target_kernel", "gate": "bwd_gate_kernel", "grid": "bwd_grid_kernel",
+           "source": "bwd_source_kernel", "logits": "fwd_logit_kernel", "aggregate": "fwd_aggregate_kernel", "radial": "bwd_radial_table_kernel", "table": "radial_table_kernel",
            "table-grad": "radial_table_backward_kernel"}
 # meta-parameters of a kernel= argument that does not name them (the library's first fp32 configurations)
 DEFAULT_META = {"weight": {"HC": 32, "num_warps": 8}, "value": {"HB": 32, "num_warps": 1},

@@ -2,7 +2,6 @@
 copies the probe is about (Gluon has no interpreter, so the GPU run is its only numeric check)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -70,11 +69,10 @@ if __name__ == "__main__":
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
-    spec = importlib.util.spec_from_file_location("gluon_agg_probe", ROOT / "scripts" / "gluon_agg_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    fn = probe.async_kernel
+    sys.path[:0] = [str(Path(__file__).parent), str(ROOT)]
+    from conftest import load_module
+
+    fn = load_module("gluon_agg_probe").async_kernel
     consts = {"TR": 4, "HB": 8, "S": 4, "DV": 58, "DVP": 64, "VEC": int(sys.argv[1]), "num_warps": 1}
     signature = {"nbr": "*i64", "w": "*fp32", "v": "*fp32", "out": "*fp32", "N": "i32", "K": "i32", "H": "i32",
                  **{name: "constexpr" for name in consts}}

@@ -97,8 +97,9 @@ def test_backend_matches_committed_invariants(name, committed, figures):
         forward = {"fwd_kernel"} if name == "triton" else {"fwd_logit_kernel", "fwd_aggregate_kernel"}
         assert set(figs["launches"]["triton"]) == forward | {"radial_table_kernel", "bwd_edge_kernel",
                                                              "bwd_weight_kernel", "bwd_value_kernel",
-                                                             "bwd_target_kernel", "bwd_gate_kernel", "bwd_radial_table_kernel",
-                                                             "bwd_source_kernel", "radial_table_backward_kernel",
+                                                             "bwd_target_kernel", "bwd_gate_kernel",
+                                                             "bwd_radial_table_kernel", "bwd_source_kernel",
+                                                             "radial_table_backward_kernel",
                                                              "bwd_grid_kernel"}
         assert figs["launches"]["triton"]["radial_table_kernel"] == 2
         assert figs["launches"]["triton"]["bwd_grid_kernel"] == 1
