@@ -76,6 +76,11 @@ run_step() {
         probe)  # forward time split (no value gathers / no gate products) and a profiler breakdown of fwd+bwd
             step probe "${PROBE_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check --sizes \
                 --probe ${PROBE_SIZES:-16384} ;;
+        moment-probe)  # the forward's aggregation alone: 29-row values (the library's kernel) against 9-row moments
+            for dt in float32 bfloat16; do
+                step "moment-probe-$dt" "${MOMENT_SECS:-120}" python3 scripts/moment_agg_probe.py --out "$res/moment-agg.jsonl" \
+                    --sizes ${MOMENT_SIZES:-16384 65536} --dtype "$dt"
+            done ;;
         big-check)  # triton against chunked at N = 65,536, forward and every gradient (fp32, TF32 off)
             step big-check "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev" \
                 --skip-check --sizes --value-layouts padded --big-check ;;
