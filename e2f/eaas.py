@@ -111,6 +111,17 @@ def dense_cg_product(v: Tensor, r: Tensor, lmax: int) -> Tensor:
     return torch.einsum("oia,nic,na->noc", dense, v, r.to(v.dtype))
 
 
+def dense_cg_moments(moments: Tensor, lmax: int) -> Tensor:
+    """The dense CG product applied to first moments: ``[n, 3, rows_in, C] -> [n, rows_out, C]``.
+
+    :func:`dense_cg_product` is linear in ``r``, so ``sum_j w_j dense_cg_product(v_j, r_j)`` equals
+    ``dense_cg_moments(sum_j w_j r_j (x) v_j)`` with ``moments[n, a] = sum_j w_j r_j[a] v_j``: one
+    contraction a node however many vectors were summed (the attention's moments form).
+    """
+    dense = _dense_table(lmax, moments.device, moments.dtype)
+    return torch.einsum("oia,naic->noc", dense, moments)
+
+
 @functools.lru_cache(maxsize=None)
 def _dense_table(lmax: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     # Cast and moved once per (device, dtype), not on every call (one launch each, and a

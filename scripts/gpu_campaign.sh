@@ -84,6 +84,9 @@ run_step() {
         big-check)  # triton against chunked at N = 65,536, forward and every gradient (fp32, TF32 off)
             step big-check "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py --out "$res/kernel-dev" \
                 --skip-check --sizes --value-layouts padded --big-check ;;
+        big-check-moments)  # the same for the moments form (CoreInputs.moments)
+            step big-check-moments "${BIGCHECK_SECS:-150}" env E2F_TRITON_AUTOTUNE=0 python3 scripts/kernel_dev.py \
+                --out "$res/kernel-dev" --skip-check --sizes --value-layouts padded --big-check --moments ;;
         profile-v2) step profile-v2 120 python3 scripts/profile_model.py --model e2former-v2 --n 1000 --out "$res/profile-v2.json" ;;
         latency-v2) step latency-v2 200 $B --suite latency --full --impl e2former-v2 --sizes 1000,10000 --out "$res/latency-v2" ;;
         memory-triton) step memory-triton "${MEMTRITON_SECS:-240}" env E2F_TRITON_AUTOTUNE=0 $B --suite memory-scaling --full --impl core:triton \

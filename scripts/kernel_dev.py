@@ -151,18 +151,25 @@ def correctness(out_dir, n=2048):
         torch.cuda.empty_cache()
 
 
-def big_check(out_dir, n=65536, layout="contiguous"):
+def big_check(out_dir, n=65536, layout="contiguous", moments=False):
+    """The fused core against the chunked one at ``n`` atoms, forward and every gradient (fp32,
+    IEEE products); ``moments``: the moments form (``CoreInputs.moments``, 18 value numbers a head)."""
     from e2f.attention.chunked import chunked_attention_core
     torch.set_float32_matmul_precision("highest")
-    inp = with_layout(inputs(n, seed=2), layout)
-    dout = torch.randn(n, inp.q.shape[1], inp.v.shape[-1], device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    if moments:
+        inp = random_core_inputs(n, max_neighbors=32, device=DEV, seed=2, requires_grad=True,
+                                 **{**DIMS, "dv": 18}).replace(moments=True)
+    else:
+        inp = inputs(n, seed=2)
+    inp = with_layout(inp, layout)
+    width = inp.v.shape[-1] * (3 if moments else 1)
+    dout = torch.randn(n, inp.q.shape[1], width, device=DEV, generator=torch.Generator(DEV).manual_seed(0))
     out, g = grads_of(fused_attention_core, inp, dout)
     t0 = time.time()
     ref, rg = grads_of(chunked_attention_core, detached(inp), dout)
     errs = {"out": rel(out, ref), **{k: rel(g[k], rg[k]) for k in FLOATS}}
-    emit(out_dir, "check-fp32-ieee-vs-chunked", {"n_atoms": n, "value_layout": layout}, {"max_rel": max(errs.values()), **errs,
-                                                                   "pass": max(errs.values()) < 1e-5,
-                                                                   "chunked_s": time.time() - t0})
+    emit(out_dir, "check-fp32-ieee-vs-chunked", {"n_atoms": n, "value_layout": layout, "moments": moments},
+         {"max_rel": max(errs.values()), **errs, "pass": max(errs.values()) < 1e-5, "chunked_s": time.time() - t0})
     del inp, out, g, ref, rg
     torch.cuda.empty_cache()
 
@@ -413,6 +420,7 @@ def main():
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--big-check", action="store_true")
+    ap.add_argument("--moments", action="store_true", help="--big-check of the moments form (CoreInputs.moments)")
     ap.add_argument("--no-materialized", action="store_true")
     ap.add_argument("--materialized-bwd", action="store_true")
     ap.add_argument("--fwd-only-sizes", type=int, nargs="*", default=[])
@@ -487,7 +495,7 @@ def main():
         for dt in args.dtypes:
             guarded(time_point, args.out, "triton", n, getattr(torch, dt), do_bwd=False)
     if args.big_check:
-        guarded(big_check, args.out, layout=args.value_layouts[-1])
+        guarded(big_check, args.out, layout=args.value_layouts[-1], moments=args.moments)
         print(f"[big check done {time.time() - t0:.0f}s]", flush=True)
     print("\n==== summary ====")
     for r in ROWS:

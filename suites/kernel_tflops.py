@@ -8,6 +8,11 @@ shrinks the widths (``suites.workloads.QUICK_CORE``).
 Metrics per point: latency (median), core and total TFLOPS, GB/s, fraction of the card's
 roof, and the roofline bound.
 
+``<backend>-moments`` (``triton-moments``, ...): the same backend computing the moments form
+that E2Former-V2's layer uses with ``node_product="moments"`` (``CoreInputs.moments``): 9-row
+values (``dv`` = 18 a head, ``CoreSizes.dv_moments``) weighted by the displacement as well,
+``3 dv`` sums a head. The same geometry, gates and softmax; the point records its ``dv``.
+
 FLOPs of one forward (a multiply-add = 2), the shared count registered in
 ``suites.core.flops`` as ``attention-core`` (K = neighbour *slots*, 32 per atom):
 
@@ -54,6 +59,8 @@ from suites.core.measure import measure
 from suites.core.runner import Point, SkipPoint, Suite, SweepConfig, register_suite
 
 BACKENDS = ("materialized", "chunked", "triton")
+MOMENTS_SUFFIX = "-moments"
+MOMENT_IMPLS = tuple(b + MOMENTS_SUFFIX for b in BACKENDS)
 DENSE = "sdpa-dense"
 QUICK_SIZES = (128, 512)
 FULL_SIZES = (1024, 4096, 16384, 65536, 262144, 1048576)
@@ -62,14 +69,20 @@ DENSE_MAX_N_CPU = 4096
 MODES = ("fwd", "fwd+bwd")
 
 
-def core_flops(n_atoms: int, sizes: workloads.CoreSizes, mode: str) -> dict:
+def backend_of(impl: str) -> tuple[str, bool]:
+    """``(attention-core backend, moments form?)`` of an implementation name."""
+    return impl.removesuffix(MOMENTS_SUFFIX), impl.endswith(MOMENTS_SUFFIX)
+
+
+def core_flops(n_atoms: int, sizes: workloads.CoreSizes, mode: str, moments: bool = False) -> dict:
     """Useful FLOPs of one attention-core call: the shared count
     ``suites.core.flops.analytic_flops("attention-core", ...)`` (K neighbour slots per atom),
     times 3 for forward+backward."""
     from suites.core.flops import analytic_flops
 
     counts = analytic_flops("attention-core", n_atoms=n_atoms, neighbors=sizes.neighbors, heads=sizes.heads,
-                            dk=sizes.head_dim, dv=sizes.dv, num_rbf=sizes.num_rbf, gate_hidden=sizes.gate_hidden)
+                            dk=sizes.head_dim, dv=sizes.dv_moments if moments else sizes.dv, num_rbf=sizes.num_rbf,
+                            gate_hidden=sizes.gate_hidden, moments=moments)
     scale = 1.0 if mode == "fwd" else 3.0
     return {k: scale * v for k, v in counts.items()}
 
@@ -84,7 +97,7 @@ def core_bytes(inp, mode: str) -> float:
     """Compulsory bytes of one call (module docstring): I + O forward, 3 I + 2 O forward+backward."""
     i = sum(t.numel() * t.element_size() for t in inp.tensors().values())
     n, h = inp.q.shape[:2]
-    o = n * h * inp.v.shape[-1] * inp.v.element_size()
+    o = n * h * inp.v.shape[-1] * (3 if inp.moments else 1) * inp.v.element_size()
     return float(i + o) if mode == "fwd" else float(3 * i + 2 * o)
 
 
@@ -117,7 +130,7 @@ class KernelTflops(Suite):
     name = "kernel-tflops"
     description = ("attention-core workload (0.1/Å^3, r_c 5, K 32, H 128, d 8, dv 58): latency, core/total TFLOPS, "
                    "GB/s and fraction of roof per backend, dtype and N; dense SDPA (FlashAttention) reference line")
-    impls = (*BACKENDS, DENSE)
+    impls = (*BACKENDS, *MOMENT_IMPLS, DENSE)
     metrics = ("latency_ms", "tflops_core", "tflops_total", "gbps", "roof_fraction", "roofline_fraction", "peak_bytes")
 
     def sizes(self, cfg: SweepConfig) -> workloads.CoreSizes:
@@ -134,43 +147,46 @@ class KernelTflops(Suite):
                     for impl in self.impls:
                         out.append(Point(impl, dict(
                             n_atoms=int(n), dtype=dtype, mode=mode, neighbors=s.neighbors, heads=s.heads,
-                            head_dim=s.head_dim, dv=s.dv, gate_hidden=s.gate_hidden, num_rbf=s.num_rbf,
-                            density=s.density, cutoff=s.cutoff)))
+                            head_dim=s.head_dim, dv=s.dv_moments if backend_of(impl)[1] else s.dv,
+                            gate_hidden=s.gate_hidden, num_rbf=s.num_rbf, density=s.density, cutoff=s.cutoff)))
         return out
 
     def unavailable(self, impl: str, cfg: SweepConfig) -> str | None:
-        if impl in BACKENDS:
+        backend, _ = backend_of(impl)
+        if backend in BACKENDS:
             try:
                 from e2f.attention.backends import unavailable_reason
             except ImportError as exc:
                 return f"e2f.attention.backends cannot be imported ({exc})"
-            return unavailable_reason(impl, cfg.device)
+            return unavailable_reason(backend, cfg.device)
         return None
 
     def measure(self, point: Point, cfg: SweepConfig) -> dict:
         p = point.params
+        backend, moments = backend_of(point.impl)
         sizes = workloads.CoreSizes(density=p["density"], cutoff=p["cutoff"], neighbors=p["neighbors"], heads=p["heads"],
-                                    head_dim=p["head_dim"], dv=p["dv"], gate_hidden=p["gate_hidden"], num_rbf=p["num_rbf"])
+                                    head_dim=p["head_dim"], gate_hidden=p["gate_hidden"], num_rbf=p["num_rbf"],
+                                    **({"dv_moments": p["dv"]} if moments else {"dv": p["dv"]}))
         if point.impl == DENSE:
             return self._measure_dense(p, sizes, cfg)
         dtype = workloads.torch_dtype(p["dtype"])
         tf32 = workloads.speed_precision(cfg)
         inp = workloads.cached_core_inputs(p["n_atoms"], sizes=sizes, dtype=dtype, device=cfg.device, seed=cfg.seed,
-                                           requires_grad=p["mode"] != "fwd", backend=point.impl)
-        forward = workloads.core_call(point.impl, inp)
+                                           requires_grad=p["mode"] != "fwd", backend=backend, moments=moments)
+        forward = workloads.core_call(backend, inp)
         n_edges = workloads.num_edges(inp.nbr)
         nbytes = core_bytes(inp, p["mode"])
         fp32 = p["dtype"] == "float32"
-        roof_dtype = ("tf32" if point.impl == "triton" else "fp32") if fp32 else p["dtype"]
+        roof_dtype = ("tf32" if backend == "triton" else "fp32") if fp32 else p["dtype"]
         warmup, repeats = workloads.timing_plan(forward, p["mode"], cfg)
         metrics = measure(forward, mode=p["mode"], device=cfg.device, n_atoms=p["n_atoms"],
-                          flops=core_flops(p["n_atoms"], sizes, p["mode"]), bytes_moved=nbytes, dtype=p["dtype"],
+                          flops=core_flops(p["n_atoms"], sizes, p["mode"], moments), bytes_moved=nbytes, dtype=p["dtype"],
                           roof_dtype=roof_dtype, quick=cfg.quick, warmup=warmup, repeats=repeats)
         ew = elementwise_flops(n_edges, sizes, p["mode"])
         metrics.update(n_edges=n_edges, bytes_moved=nbytes, roof_dtype=roof_dtype, flops_elementwise=ew,
                        tflops_with_elementwise=(metrics["flops_total"] + ew) / (metrics["latency_ms"] * 1e-3) / 1e12,
                        tf32_matmul=tf32)
-        config = workloads.core_config(point.impl)
+        config = workloads.core_config(backend)
         if config is not None:
             metrics["config"] = config
         _roofline(metrics, environment(cfg.device)["gpu_name"] if cfg.is_cuda else None, roof_dtype)

@@ -27,7 +27,9 @@ MIN_DISTANCE = 0.5
 
 @dataclass(frozen=True)
 class CoreSizes:
-    """The ``attention-core`` workload of issue 4 (paper sizes)."""
+    """The ``attention-core`` workload of issue 4 (paper sizes). ``dv_moments``: the value
+    numbers a head of the moments form (``CoreInputs.moments``: 9 rows x C / H = 18), whose
+    sums are ``3 dv_moments`` numbers a head."""
 
     density: float = LIQUID_DENSITY
     cutoff: float = 5.0
@@ -37,6 +39,7 @@ class CoreSizes:
     dv: int = 58
     gate_hidden: int = 128
     num_rbf: int = 256
+    dv_moments: int = 18
 
 
 PAPER_CORE = CoreSizes()
@@ -115,30 +118,33 @@ def molecule_batch(name: str = "C6H6", copies: int = 1, *, seed: int = 0, device
 
 
 def core_inputs(n_atoms: int, *, sizes: CoreSizes = PAPER_CORE, dtype: torch.dtype = torch.float32, device="cpu",
-                seed: int = 0, requires_grad: bool = False, periodic: bool = True, value_head_stride: int | None = None):
+                seed: int = 0, requires_grad: bool = False, periodic: bool = True, value_head_stride: int | None = None,
+                moments: bool = False):
     """The ``attention-core`` inputs (``CoreInputs``) for ``n_atoms`` atoms at ``sizes``.
 
     Periodic by default so that every atom has a bulk neighbourhood (all K slots filled at
     liquid density: about 52 atoms lie within 5 Å). ``value_head_stride``: ``v`` in padded
     head rows (``Backend.prepare``'s layout for the fused kernel), drawn so on the device.
+    ``moments``: the moments form, ``dv_moments`` value numbers a head.
     """
     from e2f.attention.workload import random_core_inputs
 
-    return random_core_inputs(
+    inp = random_core_inputs(
         n_atoms, density=sizes.density, cutoff=sizes.cutoff, max_neighbors=sizes.neighbors,
-        num_heads=sizes.heads, head_dim=sizes.head_dim, dv=sizes.dv, gate_hidden=sizes.gate_hidden,
-        num_rbf=sizes.num_rbf, dtype=dtype, device=device, seed=seed, requires_grad=requires_grad,
-        periodic=periodic, value_head_stride=value_head_stride)
+        num_heads=sizes.heads, head_dim=sizes.head_dim, dv=sizes.dv_moments if moments else sizes.dv,
+        gate_hidden=sizes.gate_hidden, num_rbf=sizes.num_rbf, dtype=dtype, device=device, seed=seed,
+        requires_grad=requires_grad, periodic=periodic, value_head_stride=value_head_stride)
+    return inp.replace(moments=moments)
 
 
-def backend_value_stride(backend: str, dv: int) -> int | None:
+def backend_value_stride(backend: str, dv: int, moments: bool = False) -> int | None:
     """Head stride of ``v`` that attention-core ``backend`` prefers (None: contiguous rows)."""
     from e2f.attention.backends import get_backend, unavailable_reason
 
     if unavailable_reason(backend) is not None:
         return None
     preferred = get_backend(backend).value_head_stride
-    return preferred(dv) if preferred is not None else None
+    return preferred(dv, moments) if preferred is not None else None
 
 
 def core_host_bytes(n_atoms: int, sizes: CoreSizes = PAPER_CORE, periodic: bool = True,
@@ -172,8 +178,8 @@ _CORE_CACHE: dict[tuple, object] = {}
 
 
 def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, device, seed: int,
-                       requires_grad: bool, periodic: bool = True, backend: str | None = None):
-    """:func:`core_inputs`, drawn once per (N, sizes, dtype, device, seed); every call gets
+                       requires_grad: bool, periodic: bool = True, backend: str | None = None, moments: bool = False):
+    """:func:`core_inputs`, drawn once per (N, sizes, dtype, device, seed, moments); every call gets
     fresh leaf tensors (shared storage) with ``requires_grad`` as asked, and ``v`` in the
     layout ``backend`` prefers (:func:`backend_value_stride`): the cached ``v`` is converted
     in place of the other layout, so one copy of it stays on the device.
@@ -183,8 +189,9 @@ def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, de
     """
     from suites.core.runner import SkipPoint
 
-    key = (n_atoms, sizes, dtype, str(device), seed, periodic)
-    stride = backend_value_stride(backend, sizes.dv) if backend is not None else None
+    key = (n_atoms, sizes, dtype, str(device), seed, periodic, moments)
+    dv = sizes.dv_moments if moments else sizes.dv
+    stride = backend_value_stride(backend, dv, moments) if backend is not None else None
     inp = _CORE_CACHE.get(key)
     if inp is None:
         _CORE_CACHE.clear()
@@ -194,9 +201,9 @@ def cached_core_inputs(n_atoms: int, *, sizes: CoreSizes, dtype: torch.dtype, de
             raise SkipPoint(f"drawing the inputs needs ~{need / 2**30:.0f} GiB of host RAM, "
                             f"{have / 2**30:.0f} GiB available (e2f.attention.workload draws the inputs on the CPU)")
         inp = core_inputs(n_atoms, sizes=sizes, dtype=dtype, device=device, seed=seed, requires_grad=False,
-                          periodic=periodic, value_head_stride=stride)
+                          periodic=periodic, value_head_stride=stride, moments=moments)
         _CORE_CACHE[key] = inp
-    if inp.v.stride(1) != (stride or sizes.dv):
+    if inp.v.stride(1) != (stride or dv):
         from e2f.attention.core import pad_value_rows
 
         inp = inp.replace(v=pad_value_rows(inp.v, stride) if stride else inp.v.contiguous())
@@ -236,7 +243,7 @@ FULL_PRESET = "paper"
 
 # attention-core sizes of a --quick CPU sweep: the paper's geometry (density, cutoff, K)
 # with fewer heads and narrower tensors, so the materialised oracle fits in a laptop's RAM.
-QUICK_CORE = CoreSizes(heads=8, head_dim=8, dv=16, gate_hidden=16, num_rbf=32)
+QUICK_CORE = CoreSizes(heads=8, head_dim=8, dv=16, gate_hidden=16, num_rbf=32, dv_moments=6)
 
 
 def model_config(quick: bool, lmax: int = 2, **overrides):

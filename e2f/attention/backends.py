@@ -79,7 +79,7 @@ class Backend:
     uses_spatial_order : bool
         The model sorts atoms along a Morton curve when this backend runs (cache reuse).
     value_head_stride : callable, optional
-        ``dv -> head stride`` of the ``v`` layout this backend reads fastest
+        ``(dv, moments) -> head stride`` of the ``v`` layout this backend reads fastest
         (:meth:`prepare` pads to it); None: any layout.
     """
 
@@ -88,7 +88,7 @@ class Backend:
     extra_check: Callable[[CoreInputs], None] | None = None
     uses_spatial_order: bool = False
     description: str = field(default="")
-    value_head_stride: Callable[[int], int] | None = None
+    value_head_stride: Callable[[int, bool], int] | None = None
 
     def check(self, inp: CoreInputs) -> None:
         check_core_inputs(inp)
@@ -99,7 +99,7 @@ class Backend:
         """``inp`` in this backend's preferred layout (the same function; differentiable)."""
         if self.value_head_stride is None:
             return inp
-        return inp.replace(v=pad_value_rows(inp.v, self.value_head_stride(inp.v.shape[-1])))
+        return inp.replace(v=pad_value_rows(inp.v, self.value_head_stride(inp.v.shape[-1], inp.moments)))
 
     def __call__(self, inp: CoreInputs) -> Tensor:
         return self.fn(inp)

@@ -10,8 +10,9 @@ gradient of ``L(out)`` equals the gradient of the block-local surrogate::
 
     sum_{i,j,h} p_ijh * ( c_ijh * (dout_ih . v_jh) - (dout_ih . out_ih) ) / s_ih
 
-with ``p = env exp(logit - m)`` and ``c = u / d`` (``s`` and ``m`` cancel in the
-function, so holding them constant is exact). It therefore streams over neighbour blocks
+with ``p = env exp(logit - m)``, ``c = u / d`` and ``v_jh`` what the edge moves (with
+``moments`` the displacement-weighted value, so positions get that term's gradient too)
+(``s`` and ``m`` cancel in the function, so holding them constant is exact). It therefore streams over neighbour blocks
 too. The backward is itself an autograd Function whose backward (second order, needed for
 force training) recomputes each target block through the reference formula. No tensor
 with an edge dimension outlives a block in any pass: activation memory is O(N).
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from e2f.attention.core import CoreInputs, attention_core_reference, edge_terms
+from e2f.attention.core import CoreInputs, attention_core_reference, edge_terms, edge_values
 from e2f.attention.radial import build_table
 
 _DST_FIELDS = ("pos_dst", "q", "gate_dst")
@@ -62,6 +63,7 @@ class BlockPlan:
     rbf_gamma: float
     cutoff: float
     eps: float
+    moments: bool = False
 
 
 def block_plan(inp: CoreInputs, target_block: int | None = None, neighbor_block: int | None = None,
@@ -73,9 +75,15 @@ def block_plan(inp: CoreInputs, target_block: int | None = None, neighbor_block:
     kb = neighbor_block or min(kslots, 64)
     # Numbers held per edge inside a block: gathered k, v, the gate hidden layer and its
     # outputs, the radial table's four float64 rows and the [H]-wide softmax terms.
-    per_edge = h * (inp.k.shape[-1] + 2 * inp.v.shape[-1] + 8) + 11 * inp.w_radial.shape[1]
+    per_edge = h * (inp.k.shape[-1] + 2 * _out_width(inp.v, inp.moments) + 8) + 11 * inp.w_radial.shape[1]
     tb = target_block or max(1, max_elements // (per_edge * max(kslots, 1)))
-    return BlockPlan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps)
+    return BlockPlan(max(1, min(tb, max(n, 1))), max(1, min(kb, kslots)), inp.rbf_gamma, inp.cutoff, inp.eps,
+                     inp.moments)
+
+
+def _out_width(v: Tensor, moments: bool) -> int:
+    """Numbers a head of the output: ``dv``, or ``3 dv`` for the moments."""
+    return v.shape[-1] * (3 if moments else 1)
 
 
 def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
@@ -89,21 +97,35 @@ def _gather_block(t: dict[str, Tensor], rows: slice, cols: slice):
     return block, src, valid
 
 
+def _block_edges(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan):
+    """A block as CoreInputs over its own edges, and each edge's (target row, source slot)."""
+    inp = CoreInputs(nbr=None, rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, moments=plan.moments,
+                     **block)
+    num_edges = valid.shape[0]
+    dst = torch.arange(rows, device=valid.device).repeat_interleave(num_edges // max(rows, 1))
+    return inp, dst, torch.arange(num_edges, device=valid.device)
+
+
 def _edge_weights(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan,
                   table: tuple[Tensor, float]):
     """``p``-ready terms of a block: ``logit [E, H]`` (-inf off-edge), ``env``, ``u / d``
     (``table``: ``radial.build_table``'s, built once a pass)."""
-    inp = CoreInputs(nbr=None, rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **block)
-    num_edges = valid.shape[0]
-    dst = torch.arange(rows, device=valid.device).repeat_interleave(num_edges // max(rows, 1))
-    env, inv_d, g, u, qk = edge_terms(inp, dst, torch.arange(num_edges, device=valid.device), valid, table)
+    inp, dst, src = _block_edges(block, valid, rows, plan)
+    env, inv_d, g, u, qk = edge_terms(inp, dst, src, valid, table)
     logit = torch.where((valid & (env > 0))[:, None], g * qk, torch.full_like(qk, -math.inf))
     return logit, env, u * inv_d[:, None]
 
 
+def _block_values(block: dict[str, Tensor], valid: Tensor, rows: int, plan: BlockPlan) -> Tensor:
+    """``[rows, slots, H, dv_out]``: what the block's edges move (``core.edge_values``; the
+    gathered ``v`` itself unless ``plan.moments``)."""
+    values = edge_values(*_block_edges(block, valid, rows, plan)) if plan.moments else block["v"]
+    return values.reshape(rows, -1, *values.shape[1:])
+
+
 def _forward(t: dict[str, Tensor], plan: BlockPlan):
     n, kslots = t["nbr"].shape
-    h, dv = t["v"].shape[1], t["v"].shape[2]
+    h, dv = t["v"].shape[1], _out_width(t["v"], plan.moments)
     like = t["v"]
     out = like.new_empty(n, h, dv)
     m_all = like.new_empty(n, h)
@@ -126,7 +148,7 @@ def _forward(t: dict[str, Tensor], plan: BlockPlan):
             p = env.reshape(nr, kb, 1) * torch.exp(logit - m_new[:, None])
             s = s * scale + p.sum(1)
             w = p * coef.reshape(nr, kb, h)
-            acc = acc * scale[..., None] + torch.einsum("rkh,rkhd->rhd", w, block["v"].reshape(nr, kb, h, dv))
+            acc = acc * scale[..., None] + torch.einsum("rkh,rkhd->rhd", w, _block_values(block, valid, nr, plan))
             m = m_new
         out[rows] = acc / s[..., None]
         m_all[rows] = m
@@ -150,7 +172,7 @@ def _scatter_grads(grads: dict[str, Tensor], parts: dict[str, Tensor | None], ro
 def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str, Tensor]:
     """Gradients of ``<dout, out>`` by the streamed surrogate (see the module docstring)."""
     n, kslots = t["nbr"].shape
-    h, dv = t["v"].shape[1], t["v"].shape[2]
+    h = t["v"].shape[1]
     grads = {f: torch.zeros_like(t[f]) for f in _DIFF_FIELDS}
     delta = (dout * out).sum(-1)
     # the blocks' gradients of the radial table add up in dtable, taken to the centres and
@@ -170,7 +192,7 @@ def _first_order_grads(t, dout, out, m_all, s_all, plan: BlockPlan) -> dict[str,
             with torch.enable_grad():
                 logit, env, coef = _edge_weights(leaves, valid, nr, plan, (table_leaf, inv_h))
                 p = env.reshape(nr, kb, 1) * torch.exp(logit.reshape(nr, kb, h) - m_all[rows, None])
-                dv_dot = torch.einsum("rhd,rkhd->rkh", dout[rows], leaves["v"].reshape(nr, kb, h, dv))
+                dv_dot = torch.einsum("rhd,rkhd->rkh", dout[rows], _block_values(leaves, valid, nr, plan))
                 surrogate = (p * (coef.reshape(nr, kb, h) * dv_dot - delta[rows, None]) * inv_s[:, None]).sum()
                 *parts, part_table = torch.autograd.grad(surrogate, [*leaves.values(), table_leaf],
                                                          allow_unused=True)
@@ -215,7 +237,7 @@ def _second_order_block(plan: BlockPlan, dout: Tensor, t: dict, gg: dict, rows: 
         local_nbr = torch.where(valid, torch.arange(valid.shape[0], device=valid.device), -1)
         inp = CoreInputs(
             nbr=local_nbr.reshape(rows.stop - rows.start, kslots),
-            rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, **leaves,
+            rbf_gamma=plan.rbf_gamma, cutoff=plan.cutoff, eps=plan.eps, moments=plan.moments, **leaves,
         )
         out_blk = attention_core_reference(inp, t[_TABLE])
         g = torch.autograd.grad(out_blk, list(leaves.values()), dout_blk, create_graph=True, allow_unused=True)
@@ -321,7 +343,8 @@ def chunked_attention_core(
     Returns
     -------
     Tensor
-        ``[N, H, dv]``; differentiable (any order) w.r.t. every floating tensor of ``inp``.
+        ``[N, H, dv]`` (``[N, H, 3 dv]`` with ``inp.moments``); differentiable (any order) w.r.t.
+        every floating tensor of ``inp``.
     """
     plan = block_plan(inp, target_block, neighbor_block, max_block_elements)
     tensors = [getattr(inp, f) for f in _FIELDS]

@@ -20,6 +20,15 @@ For every target atom ``i``, head ``h`` and neighbour slot ``j = nbr[i, s]``::
     w_ijh  = u_ijh * env_ij * exp(logit_ijh - m_ih) / s_ih / d_ij
     out[i, h, :] = sum_j w_ijh * v[j, h, :]
 
+With ``moments`` set, each edge moves its value weighted by the displacement as well::
+
+    out[i, h, a dv : (a + 1) dv] = sum_j w_ijh * (pos_dst[i] - pos_src[j])_a * v[j, h, :]   (a = x, y, z)
+
+the first moments of the weighted values, ``[N, H, 3 dv]``. The layer's message is a fixed
+linear map of them (``e2f.eaas.dense_cg_moments``), so a source moves its ``(L+1)^2``-row
+value ``v`` instead of the ``rows_out + (L+1)^2`` rows of ``[S_r(v); v]`` (``node_product=
+"moments"`` in ``e2f.attention.layer``).
+
 So the softmax denominator is ``sum_j env exp(logit) + eps`` with an *absolute* eps: it
 is an extra "sink" logit of value 0 and weight eps, carried through the max-shift
 exactly. (The public reference adds eps *after* the max shift, which makes the energy
@@ -51,8 +60,9 @@ class CoreInputs:
     """Inputs of one attention-core call.
 
     Shapes: N targets, M source slots, K neighbour slots, H heads, ``dk`` query/key
-    width, ``dv`` value numbers per head (29 * C / H for L = 2), R radial basis
-    functions, G gate hidden width.
+    width, ``dv`` value numbers per head (29 * C / H for L = 2; 9 * C / H with
+    ``moments``), R radial basis functions, G gate hidden width. ``moments``: the output is
+    the displacement-weighted ``[N, H, 3 dv]`` (see the module docstring).
     """
 
     pos_dst: Tensor  # [N, 3]
@@ -70,6 +80,7 @@ class CoreInputs:
     rbf_gamma: float
     cutoff: float
     eps: float
+    moments: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -82,9 +93,13 @@ class CoreInputs:
         return replace(self, **changes)
 
 
-def value_head_stride(dv: int) -> int:
-    """The head stride of ``v`` the fused kernel reads fastest: rows padded to a power of two
-    >= 16 numbers (64 for the paper's 58), 16-byte aligned and loaded unmasked."""
+def value_head_stride(dv: int, moments: bool = False) -> int:
+    """The head stride of ``v`` the fused kernels read fastest: rows padded to a power of two
+    >= 16 numbers (64 for the paper's 58), 16-byte aligned and loaded unmasked; for the
+    moments (``CoreInputs.moments``) a multiple of 4 (20 for 18: 16-byte aligned rows, read as
+    a power-of-two tile and the rest)."""
+    if moments:
+        return -(-dv // 4) * 4
     return max(16, 1 << max(0, dv - 1).bit_length())
 
 
@@ -144,12 +159,22 @@ def edge_terms(inp: CoreInputs, dst: Tensor, src: Tensor, valid: Tensor, table: 
     return env, inv_d, g, u, qk
 
 
+def edge_values(inp: CoreInputs, dst: Tensor, src: Tensor) -> Tensor:
+    """What each edge (dst[e], src[e]) moves: ``v[src]`` ``[E, H, dv]``, or with ``inp.moments``
+    ``(pos_dst[dst] - pos_src[src])_a v[src]`` as ``[E, H, 3 dv]`` (x, y, z blocks)."""
+    v = inp.v[src]
+    if not inp.moments:
+        return v
+    vec = inp.pos_dst[dst] - inp.pos_src[src]
+    return (vec[:, None, :, None] * v[:, :, None, :]).flatten(2)
+
+
 def attention_core_reference(inp: CoreInputs, table: tuple[Tensor, float] | None = None) -> Tensor:
     """The obviously-right twin: materialises every per-edge tensor ([E, H, dv] too).
 
     ``table``: ``radial_table(inp)`` when the caller already built it (blocks of one call
-    share it); built here otherwise. Returns ``out`` of shape [N, H, dv]. Differentiable by
-    plain autograd (any order).
+    share it); built here otherwise. Returns ``out`` of shape [N, H, dv] ([N, H, 3 dv] with
+    ``inp.moments``). Differentiable by plain autograd (any order).
     """
     n, kslots = inp.nbr.shape
     dst = torch.arange(n, device=inp.nbr.device).repeat_interleave(kslots)
@@ -164,5 +189,5 @@ def attention_core_reference(inp: CoreInputs, table: tuple[Tensor, float] | None
     p = env[:, None] * torch.exp(logit - m[dst])  # exp(-inf) = 0 on invalid slots
     s = inp.eps * torch.exp(-m) + p.reshape(n, kslots, -1).sum(1)
     w = u * p * inv_d[:, None] / s[dst]
-    msg = w[:, :, None] * inp.v[src]
+    msg = w[:, :, None] * edge_values(inp, dst, src)
     return msg.reshape(n, kslots, *msg.shape[1:]).sum(1)

@@ -6,9 +6,14 @@ Per node: invariant queries and keys, the per-node parts of the first gate layer
 side forms ``m_i = S_{r_i}(A_v) - A_b = sum_j w_ij v_j (x) R^1(r_i - r_j)``, mixes the paths
 of each l3 back to C channels and projects.
 
-``node_product`` selects how the node products are computed: ``"eaas"`` (V2) or
-``"dense-cg"`` (the dense e3nn CG twin, E2Former v1); with the same weights both compute
-the same function.
+``node_product`` selects how the products with R^1 are computed: ``"eaas"`` (V2),
+``"dense-cg"`` (the dense e3nn CG twin, E2Former v1) or ``"moments"``: no source-side
+product; the core moves ``v`` weighted by the displacement ``r_i - r_j``
+(``CoreInputs.moments``) and each target contracts its ``[3, (L+1)^2, C]`` moments with the
+CG coefficients once (``e2f.eaas.dense_cg_moments``). A source then moves ``(L+1)^2`` rows
+an edge instead of ``rows_out + (L+1)^2`` (9 against 29 for L = 2), and the message never
+subtracts two terms that grow with ``|r|``. With the same weights all three compute the same
+function.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ from torch import Tensor
 
 from e2f.attention.backends import get_backend
 from e2f.attention.core import CoreInputs
-from e2f.eaas import dense_cg_product, eaas_product, eaas_table
+from e2f.eaas import dense_cg_moments, dense_cg_product, eaas_product, eaas_table
 from e2f.nn import ScalarMLP, SO3Linear, rbf_centers_and_gamma, so3_linear
 from e2f.so3 import PolarFrames
 
-NODE_PRODUCTS = ("eaas", "dense-cg")
+NODE_PRODUCTS = ("eaas", "dense-cg", "moments")
 
 
 @dataclass
@@ -128,7 +133,7 @@ class E2Attention(torch.nn.Module):
     backend : str
         Attention-core backend (``e2f.attention.backends``).
     node_product : str
-        ``"eaas"`` or ``"dense-cg"``.
+        ``"eaas"``, ``"dense-cg"`` or ``"moments"`` (see the module docstring).
     """
 
     def __init__(
@@ -185,15 +190,16 @@ class E2Attention(torch.nn.Module):
 
     def core_inputs(self, x: Tensor, graph: Graph) -> CoreInputs:
         """The attention-core inputs of this layer for features ``x`` (also used by benchmarks)."""
-        _, frames_src = graph.frames(self.lmax)
         inner = self.query.left.weight.shape[2]
         # Value and the four q/k SO3-linears read the same x: one stacked matmul.
         stacked = [self.value, self.query.left, self.key.left, self.query.right, self.key.right]
         v, left, right = so3_linear(x, stacked).split([self.channels, 2 * inner, 2 * inner], dim=2)
         q_inv, k_inv = degree_invariants(left, right, self.value.degree, self.lmax).split(inner, dim=2)
         v_src = v[graph.src_atom]
-        b_src = self._product(v_src, graph.pos_src, frames_src)
-        values = rows_to_heads(torch.cat([b_src, v_src], dim=1), self.num_heads)
+        moments = self.node_product == "moments"
+        if not moments:
+            v_src = torch.cat([self._product(v_src, graph.pos_src, graph.frames(self.lmax)[1]), v_src], dim=1)
+        values = rows_to_heads(v_src, self.num_heads)
         # Contiguous rows: the fused kernel's precondition (a no-op for the other backends).
         return CoreInputs(
             pos_dst=graph.pos.contiguous(),
@@ -211,6 +217,7 @@ class E2Attention(torch.nn.Module):
             rbf_gamma=self.rbf_gamma,
             cutoff=self.cutoff,
             eps=self.eps,
+            moments=moments,
         )
 
     def _mix(self, message: Tensor) -> Tensor:
@@ -231,8 +238,15 @@ class E2Attention(torch.nn.Module):
         backend = get_backend(self.backend)
         inp = backend.prepare(self.core_inputs(x, graph))
         backend.check(inp)
-        agg = heads_to_rows(backend(inp), self.table.rows_out + self.table.rows_in)
-        agg_b, agg_v = agg.split([self.table.rows_out, self.table.rows_in], dim=1)
-        frames_dst, _ = graph.frames(self.lmax)
-        message = self._product(agg_v, graph.pos, frames_dst) - agg_b
+        out = backend(inp)
+        if self.node_product == "moments":
+            # [N, H, (x, y, z) x rows_in C/H] -> [N, 3, rows_in, C]
+            n, h, _ = out.shape
+            per_axis = out.reshape(n, h, 3, -1).transpose(1, 2).reshape(3 * n, h, -1)
+            moments = heads_to_rows(per_axis, self.table.rows_in).reshape(n, 3, self.table.rows_in, self.channels)
+            message = dense_cg_moments(moments, self.lmax)
+        else:
+            agg = heads_to_rows(out, self.table.rows_out + self.table.rows_in)
+            agg_b, agg_v = agg.split([self.table.rows_out, self.table.rows_in], dim=1)
+            message = self._product(agg_v, graph.pos, graph.frames(self.lmax)[0]) - agg_b
         return self.output(self._mix(message))

@@ -111,7 +111,8 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 @register_flops("attention-core")
-def attention_core_flops(*, n_atoms, neighbors, heads, dk, dv, num_rbf, gate_hidden, **_) -> FlopCount:
+def attention_core_flops(*, n_atoms, neighbors, heads, dk, dv, num_rbf, gate_hidden, moments=False,
+                         **_) -> FlopCount:
     """Useful FLOPs of one attention-core forward (``e2f.attention.core``), per the
     ``attention-core`` workload of issue 4, counted over all K neighbour *slots*::
 
@@ -119,12 +120,17 @@ def attention_core_flops(*, n_atoms, neighbors, heads, dk, dv, num_rbf, gate_hid
         total = core + N 2 K (R G + G 2H)           + the in-kernel gate MLP (rbf @ w_radial,
                                                       hid @ w_out)
 
+    With ``moments`` (``CoreInputs.moments``: 3 dv sums a head, each weight times the three
+    displacement components first) the weighted sum counts ``2 K H 3 dv + 3 K H``: 552,960
+    core FLOPs per atom at dv = 18 (L = 2, C / H = 2), against 573,440 for the 29-row values.
+
     with N = ``n_atoms``, K = ``neighbors``, H = ``heads``, R = ``num_rbf``, G =
     ``gate_hidden``. The 8 K H term is the per-edge softmax/envelope work as the public
     kernels count it. At the paper sizes (K 32, H 128, dk 8, dv 58, R 256, G 128):
     573,440 core and 4,767,744 total FLOPs per atom.
     """
     edges_heads = n_atoms * neighbors * heads
-    core = 2.0 * edges_heads * dk + 2.0 * edges_heads * dv + 8.0 * edges_heads
+    summed = 2.0 * edges_heads * 3 * dv + 3.0 * edges_heads if moments else 2.0 * edges_heads * dv
+    core = 2.0 * edges_heads * dk + summed + 8.0 * edges_heads
     gate = 2.0 * n_atoms * neighbors * (num_rbf * gate_hidden + gate_hidden * 2 * heads)
     return {"core": core, "total": core + gate}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from e2f.eaas import dense_cg_product, eaas_adjoint, eaas_product, eaas_table
+from e2f.eaas import dense_cg_moments, dense_cg_product, eaas_adjoint, eaas_product, eaas_table
 from e2f.so3 import PolarFrames, spherical_harmonics, wigner_d_from_matrix
 from e2f.testing import assert_close_rel
 
@@ -31,6 +31,17 @@ def test_eaas_equals_dense_cg_every_path(lmax):
     adjoint_dense = torch.einsum("noc,oia,na->nic", g, table.dense, r)
     assert_close_rel(eaas_adjoint(g, r, lmax), adjoint_dense, 1e-12, "adjoint")
     assert torch.all(fast[0] == 0)
+
+
+@pytest.mark.parametrize("lmax", [1, 2, 4])
+def test_dense_cg_of_moments_is_the_sum_of_products(lmax):
+    gen = torch.Generator().manual_seed(10 + lmax)
+    v = torch.randn(2, 5, (lmax + 1) ** 2, 3, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    w = torch.rand(2, 5, 1, 1, generator=gen, dtype=torch.float64)
+    summed = (w * dense_cg_product(v.flatten(0, 1), r.flatten(0, 1), lmax).unflatten(0, (2, 5))).sum(1)
+    moments = torch.einsum("nj,nja,njic->naic", w[..., 0, 0], r, v)
+    assert_close_rel(dense_cg_moments(moments, lmax), summed, 1e-12)
 
 
 def test_table_structure_lmax2():

@@ -83,6 +83,12 @@ def test_forces_finite_differences_periodic_materialized():
     assert_forces_match_finite_differences(model, _cell(), 1e-6, atoms=[3])
 
 
+def test_forces_finite_differences_moments():
+    model = _model(node_product="moments")
+    assert_forces_match_finite_differences(model, AtomsBatch.from_ase([molecule("CH4")], dtype=F64), 1e-6, atoms=[0, 2])
+    assert_forces_match_finite_differences(model, _cell(), 1e-6, atoms=[3])
+
+
 def test_smooth_across_cutoff():
     model = _model()
     cutoff = model.config.cutoff
@@ -143,6 +149,8 @@ def test_backends_node_products_and_spatial_order_agree():
     for batch, ref_overrides, overrides in (
         (_molecules(), {"backend": "materialized", "node_product": "dense-cg"}, {"spatial_order": True}),
         (_cell(), {"backend": "materialized"}, {"node_product": "dense-cg", "spatial_order": True}),
+        (_molecules(), {}, {"node_product": "moments"}),
+        (_cell(), {"backend": "materialized"}, {"node_product": "moments"}),
     ):
         ref, out = _model(**ref_overrides)(batch), _model(**overrides)(batch)
         assert_close_rel(out["energy"], ref["energy"], 1e-10, f"energy {overrides}")

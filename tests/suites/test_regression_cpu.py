@@ -144,7 +144,7 @@ def _function_class(name):
     if name.startswith("triton"):
         from e2f.attention.triton import function
 
-        return function._FusedCore, function.TENSOR_NAMES, 3
+        return function._FusedCore, function.TENSOR_NAMES, 4
     from e2f.attention import chunked
 
     return chunked._Core, chunked._FIELDS, 1

@@ -29,10 +29,12 @@ def test_full_sweeps_have_the_issue_sizes():
     kt = _points("kernel-tflops", quick=False, device="cuda")
     assert {p.params["n_atoms"] for p in kt} == {1024, 4096, 16384, 65536, 262144, 1048576}
     assert {p.params["dtype"] for p in kt} == {"float32", "bfloat16"}
-    assert {p.impl for p in kt} == {"materialized", "chunked", "triton", "sdpa-dense"}
+    assert {p.impl for p in kt} == {"materialized", "chunked", "triton", "sdpa-dense", "materialized-moments",
+                                    "chunked-moments", "triton-moments"}
     p = kt[0].params
     assert (p["neighbors"], p["heads"], p["head_dim"], p["dv"], p["gate_hidden"], p["num_rbf"], p["density"], p["cutoff"]) \
         == (32, 128, 8, 58, 128, 256, 0.1, 5.0)
+    assert {p.params["dv"] for p in kt if p.impl.endswith("-moments")} == {18}  # 9 rows x C / H
     lm = _points("lmax-sweep", quick=False, device="cuda")
     assert {p.params["lmax"] for p in lm} == {1, 2, 3, 4, 5, 6}
     lat = _points("latency", quick=False, device="cuda")

@@ -475,10 +475,11 @@ def _dims(t: dict) -> dict:
                 VS=padded_head_stride(t["v"]) or 0)
 
 
-def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True) -> tuple[str, int]:
+def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True, moments: bool = False) -> tuple[str, int]:
     """``(mode, targets per chunk)`` of a forward over ``n_rows`` targets with float32 (or
-    16-bit) q/k/v (module docstring: ``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``)."""
-    mode = os.environ.get(FWD_MODE_ENV, "").strip() or "auto"
+    16-bit) q/k/v (module docstring: ``E2F_TRITON_FORWARD``, ``E2F_TRITON_FWD_STASH_BYTES``);
+    the moments (``CoreInputs.moments``) have the split form only."""
+    mode = "split" if moments else os.environ.get(FWD_MODE_ENV, "").strip() or "auto"
     if mode not in FWD_MODES:
         raise ValueError(f"{FWD_MODE_ENV} must be one of {FWD_MODES}, got {mode!r}")
     budget = _bytes_from_env(FWD_STASH_ENV)
@@ -492,24 +493,25 @@ def forward_plan(n_rows: int, kslots: int, h: int, fp32: bool = True) -> tuple[s
     return mode, chunk
 
 
-def _forward(t: dict, gamma: float, cutoff: float, eps: float):
+def _forward(t: dict, gamma: float, cutoff: float, eps: float, moments: bool = False):
     d = _dims(t)
     f32 = dict(device=t["q"].device, dtype=torch.float32)
+    width = d["DV"] * (3 if moments else 1)
     if d["N"] == 0 or d["M"] == 0:
-        return (torch.zeros(d["N"], d["H"], d["DV"], **f32), torch.zeros(d["N"], d["H"], **f32),
+        return (torch.zeros(d["N"], d["H"], width, **f32), torch.zeros(d["N"], d["H"], **f32),
                 torch.full((d["N"], d["H"]), eps, **f32))
     # both forms read the radial table
     radial, inv_h = radial_table(t["rbf_centers"], t["w_radial"], gamma, cutoff)
     # both forms write every row (a target without neighbours gets 0, 0 and eps)
-    out = torch.empty(d["N"], d["H"], d["DV"], **f32)
+    out = torch.empty(d["N"], d["H"], width, **f32)
     m = torch.empty(d["N"], d["H"], **f32)
     s = torch.empty(d["N"], d["H"], **f32)
     prec = _gate_precision()
-    mode, chunk = forward_plan(d["N"], d["K"], d["H"], t["q"].dtype == torch.float32)
+    mode, chunk = forward_plan(d["N"], d["K"], d["H"], t["q"].dtype == torch.float32, moments)
     _last["precision"] = prec
     _last["fwd_mode"] = mode
     if mode == "split":
-        _forward_split(t, d, chunk, (radial, inv_h), out, m, s, cutoff, eps, prec)
+        _forward_split(t, d, chunk, (radial, inv_h), out, m, s, cutoff, eps, prec, moments)
         return out, m, s
     fwd = _fwd_kernel(t["q"].dtype, d["N"], d["BK"])
     n = d["N"]
@@ -523,9 +525,9 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float):
 
 
 def _forward_split(t: dict, d: dict, chunk: int, table: tuple, out: Tensor, m: Tensor, s: Tensor, cutoff: float,
-                   eps: float, prec: str) -> None:
-    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation
-    (``table``: ``radial_table``'s ``(radial, 1 / h)``)."""
+                   eps: float, prec: str, moments: bool = False) -> None:
+    """The forward in two kernels a chunk of ``chunk`` targets: logits, then aggregation, or
+    with ``moments`` ``kernels.fwd_moment_kernel`` (``table``: ``radial_table``'s ``(radial, 1 / h)``)."""
     n, kslots, h = d["N"], d["K"], d["H"]
     f32 = dict(device=t["q"].device, dtype=torch.float32)
     radial, inv_h = table
@@ -539,12 +541,48 @@ def _forward_split(t: dict, d: dict, chunk: int, table: tuple, out: Tensor, m: T
             radial, t["w_out"], t["b_out"], *stash,
             t0, t0 + rows, kslots, h, d["G"], radial.shape[0] - 1, inv_h, float(cutoff), 1.0 / math.sqrt(d["DK"]),
             DK=d["DK"], BK=d["BK"], DKP=d["DKP"], GP=d["GP"], PREC=prec)
+        if moments:
+            _moment_forward(t, d, stash, out, m, s, t0, rows, eps)
+            continue
         aggregated = aggregate[lambda meta: (rows, triton_cdiv(h, meta["HB"]))](
             t["nbr"], t["v"], *stash, out, m, s, t0, kslots, h, float(eps),
             DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
     _record("fwd_logits", logits, done)
-    _record("fwd_aggregate", aggregate, aggregated)
+    if not moments:
+        _record("fwd_aggregate", aggregate, aggregated)
     _last["fwd_chunks"] = triton_cdiv(n, chunk)
+
+
+#: Heads a program of the moments' kernels (one warp; fixed, because the value pass's
+#: per-head-block partial sums of the displacement's gradient are sized by it). H100, N = 65,536,
+#: the aggregation alone (``scripts/moment_agg_probe.py``, perf-notes 36): 32 heads at 1 warp
+#: 3.57 ms, 64 at 2 warps 3.55, 128 at 4 warps 3.78, 16 at 1 warp 5.47.
+MOMENT_HEADS = 32
+
+
+def _moment_split(d: dict) -> dict:
+    """The moments' kernels' tiling of a value row: ``DA`` (the largest power of two <= ``DV``)
+    and the rest padded to ``DBP`` (at least 2), and ``HB`` heads a program."""
+    da = 1 << (d["DV"].bit_length() - 1)
+    return dict(DA=da, DBP=_pow2(d["DV"] - da, 2), HB=min(MOMENT_HEADS, _pow2(d["H"])))
+
+
+def _moment_forward(t: dict, d: dict, stash: tuple, out: Tensor, m: Tensor, s: Tensor, t0: int, rows: int,
+                    eps: float) -> None:
+    """``kernels.fwd_moment_kernel`` over the chunk of ``rows`` targets from ``t0`` (``stash``:
+    the logits kernel's)."""
+    from e2f.attention.triton import kernels as K
+
+    tiles = _moment_split(d)
+    compiled = K.fwd_moment_kernel[(rows, triton_cdiv(d["H"], tiles["HB"]))](
+        t["nbr"], t["pos_dst"], t["pos_src"], t["v"], *stash, out, m, s, t0, d["K"], d["H"], float(eps),
+        DV=d["DV"], VS=d["VS"], num_warps=1, **tiles)
+    _last["fwd_moment"] = {**tiles, "num_warps": 1, **_compiled_stats(compiled)}
+
+
+def _compiled_stats(compiled) -> dict:
+    """Registers and spills of a compiled launch (none in the interpreter)."""
+    return {stat: getattr(compiled, stat) for stat in ("n_regs", "n_spills") if getattr(compiled, stat, None) is not None}
 
 
 def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
@@ -810,7 +848,7 @@ def _radial_gradient(x_sorted: Tensor, order: Tensor, bounds: Tensor, dpre_edge:
                                          dpre_edge.stride(0), BE=RADIAL_EDGE_BLOCK, GP=gp, num_warps=RADIAL_WARPS)
 
 
-def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> dict:
+def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, moments: bool = False) -> dict:
     d = _dims(t)
     dev = t["q"].device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -851,6 +889,15 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     inv_sqrt_dk = 1.0 / math.sqrt(d["DK"])
+    if moments:
+        from e2f.attention.triton import kernels as K
+
+        tiles = _moment_split(d)
+        blocks = triton_cdiv(h, tiles["HB"])
+        # the displacement's gradient: per head block, for the chunk's edges and every source
+        dr_part = torch.empty(blocks, chunk * kslots, 3, **f32)
+        dps_part = torch.zeros(mm, blocks, 3, **f32)
+        dpos_dst = torch.zeros(n, 3, **f32)
     for c in range(chunks):
         t0 = c * chunk
         nt = min(chunk, n - t0)
@@ -867,7 +914,17 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
         torch.mm(hid_one, w_aug, out=rows[:, :2 * h])
         kern["weight"][(nt,)](t["pos_dst"], t["pos_src"], t["nbr"], m, s, qk_edge, gate_edge, dw_edge,
                               t0, kslots, h, sw, cutoff, BK=d["BK"])
-        if a1 > a0:
+        if moments:
+            # slots without an edge are no source's in-edge: their rows stay zero
+            dr_part.zero_()
+            if a1 > a0:
+                compiled = K.bwd_moment_value_kernel[(a1 - a0, blocks)](
+                    t["pos_dst"], t["pos_src"], t["v"], dout, rowptr, edge_ids, active, dw_edge, grads["v"],
+                    dr_part, dps_part, a0, kslots, h, c, chunks, t0, chunk * kslots,
+                    DV=d["DV"], VS=d["VS"], num_warps=1, **tiles)
+                _last["bwd_moment_value"] = {**tiles, "num_warps": 1, **_compiled_stats(compiled)}
+            dpos_dst[t0:t0 + nt] += dr_part[:, :nt * kslots].sum(0).view(nt, kslots, 3).sum(1)
+        elif a1 > a0:
             kern["value"][lambda meta: (a1 - a0, triton_cdiv(h, meta["HB"]))](
                 t["v"], dout, rowptr, edge_ids, active, dw_edge, grads["v"], a0, kslots, h, c, chunks, t0,
                 DV=d["DV"], DVP=d["DVP"], VS=d["VS"])
@@ -894,7 +951,13 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
                 grads["k"], grads["gate_src"], grads["pos_src"], a0, kslots, h, g, sw, c, chunks, t0, cutoff,
                 DK=d["DK"], DKP=d["DKP"], GP=d["GP"])
     for role in _BACKWARD:
-        _record("bwd_" + role, kern[role])
+        if not (moments and role == "value"):
+            _record("bwd_" + role, kern[role])
+    if moments:
+        # the displacement r_ij = pos_dst[i] - pos_src[j]: its gradient to both ends
+        grads["pos_dst"] += dpos_dst
+        grads["pos_src"] -= dps_part.sum(1)
+        del dr_part, dps_part
     _last["bwd_radial_table"] = {"BE": RADIAL_EDGE_BLOCK, "num_warps": RADIAL_WARPS}  # a fixed configuration
     _last["backward_chunks"] = chunks
     # the table's gradient to the weights after the stash is freed (its partial sums stay below it)
@@ -932,10 +995,10 @@ def twin_plan(inp: CoreInputs) -> BlockPlan:
     return block_plan(inp, max_elements=int(total * TWIN_MEMORY_FRACTION / TWIN_BYTES_PER_ELEMENT))
 
 
-def _first_order(tensors, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float) -> tuple:
+def _first_order(tensors, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff: float, moments: bool) -> tuple:
     """The fused backward's gradients of every ``DIFF_NAMES`` input, each in its input's dtype."""
     t = dict(zip(TENSOR_NAMES, tensors))
-    grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff)
+    grads = _backward(t, m, s, dout.contiguous().float(), gamma, cutoff, moments)
     return tuple(grads[name].to(t[name].dtype) for name in DIFF_NAMES)
 
 
@@ -947,7 +1010,7 @@ class _FusedCoreGrad(torch.autograd.Function):
     def forward(ctx, plan, gamma, cutoff, eps, m, s, dout, *tensors):
         ctx.plan = plan
         ctx.save_for_backward(dout, *tensors)
-        return _first_order(tensors, m, s, dout, gamma, cutoff)
+        return _first_order(tensors, m, s, dout, gamma, cutoff, plan.moments)
 
     @staticmethod
     def backward(ctx, *gg):
@@ -960,10 +1023,10 @@ class _FusedCoreGrad(torch.autograd.Function):
 
 class _FusedCore(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gamma, cutoff, eps, *tensors):
+    def forward(ctx, gamma, cutoff, eps, moments, *tensors):
         t = dict(zip(TENSOR_NAMES, tensors))
-        out, m, s = _forward(t, gamma, cutoff, eps)
-        ctx.scalars = (gamma, cutoff, eps)
+        out, m, s = _forward(t, gamma, cutoff, eps, moments)
+        ctx.scalars = (gamma, cutoff, eps, moments)
         ctx.save_for_backward(*tensors, m, s)
         return out
 
@@ -971,28 +1034,30 @@ class _FusedCore(torch.autograd.Function):
     def backward(ctx, dout):
         saved = ctx.saved_tensors
         tensors, (m, s) = saved[:-2], saved[-2:]
-        gamma, cutoff, eps = ctx.scalars
-        needs = ctx.needs_input_grad[3:]
+        gamma, cutoff, eps, moments = ctx.scalars
+        needs = ctx.needs_input_grad[4:]
         if torch.is_grad_enabled():
             # create_graph (force training): gradients that are themselves differentiable
-            inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps)
+            inp = CoreInputs(**dict(zip(TENSOR_NAMES, tensors)), rbf_gamma=gamma, cutoff=cutoff, eps=eps,
+                             moments=moments)
             plan = twin_plan(inp)
             _last["twin_target_block"] = plan.target_block
             grads = _FusedCoreGrad.apply(plan, gamma, cutoff, eps, m, s, dout, *tensors)
         else:
-            grads = _first_order(tensors, m, s, dout, gamma, cutoff)
+            grads = _first_order(tensors, m, s, dout, gamma, cutoff, moments)
         got = dict(zip(DIFF_NAMES, grads))
-        return (None, None, None, *(got.get(name) if need else None for name, need in zip(TENSOR_NAMES, needs)))
+        return (None, None, None, None, *(got.get(name) if need else None for name, need in zip(TENSOR_NAMES, needs)))
 
 
 def fused_attention_core(inp: CoreInputs) -> Tensor:
     """The attention core (``e2f.attention.core``) through the fused Triton kernels.
 
-    Call ``check(inp)`` first (the backend registry does); returns ``out [N, H, dv]`` in
-    float32, differentiable with respect to every tensor of ``inp``.
+    Call ``check(inp)`` first (the backend registry does); returns ``out [N, H, dv]``
+    (``[N, H, 3 dv]`` with ``inp.moments``) in float32, differentiable with respect to every
+    tensor of ``inp``.
     """
     t = inp.tensors()
     # a padded v (pad_value_rows) is read through its strides; everything else contiguous
     tensors = [t[name] if name == "v" and padded_head_stride(t[name]) else t[name].contiguous()
                for name in TENSOR_NAMES]
-    return _FusedCore.apply(float(inp.rbf_gamma), float(inp.cutoff), float(inp.eps), *tensors)
+    return _FusedCore.apply(float(inp.rbf_gamma), float(inp.cutoff), float(inp.eps), bool(inp.moments), *tensors)

@@ -618,6 +618,87 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
              mask=hm[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _moment_tiles(base, hh, hm, DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr):
+    """The head rows ``base + hh[:, None] * stride`` (rows of ``DV`` numbers from ``base``) as two
+    float32 column tiles, ``[HB, DA]`` (``DA`` the largest power of two <= ``DV``) and the rest,
+    ``[HB, DBP]`` zero beyond ``DV``: no register holds padding (18 numbers: 16 + 2, not 32)."""
+    ca = tl.arange(0, DA)
+    cb = DA + tl.arange(0, DBP)
+    a = tl.load(base + ca[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
+    b = tl.load(base + cb[None, :], mask=hm[:, None] & (cb < DV)[None, :], other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _store_moment_tiles(base, a, b, hm, DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr):
+    """Stores ``_moment_tiles``' two tiles back as rows of ``DV`` numbers from ``base``."""
+    ca = tl.arange(0, DA)
+    cb = DA + tl.arange(0, DBP)
+    tl.store(base + ca[None, :], a, mask=hm[:, None])
+    tl.store(base + cb[None, :], b, mask=hm[:, None] & (cb < DV)[None, :])
+
+
+@triton.jit(do_not_specialize=["T0"])
+def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
+                      T0, K, H, eps,
+                      DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
+    # fwd_aggregate_kernel for the moments (CoreInputs.moments): each edge's value row also
+    # weighted by the displacement r = pos_dst[i] - pos_src[j], three sums (x, y, z) a head
+    # into out[i, h, a DV + d]; the rows in _moment_tiles' two tiles
+    i = T0 + tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * HB + tl.arange(0, HB)
+    hm = hh < H
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
+    px = tl.load(pos_dst + i * 3)
+    py = tl.load(pos_dst + i * 3 + 1)
+    pz = tl.load(pos_dst + i * 3 + 2)
+    mx = tl.zeros([HB], dtype=tl.float32)
+    s = tl.zeros([HB], dtype=tl.float32) + eps
+    xa = tl.zeros([HB, DA], dtype=tl.float32)
+    ya = tl.zeros([HB, DA], dtype=tl.float32)
+    za = tl.zeros([HB, DA], dtype=tl.float32)
+    xb = tl.zeros([HB, DBP], dtype=tl.float32)
+    yb = tl.zeros([HB, DBP], dtype=tl.float32)
+    zb = tl.zeros([HB, DBP], dtype=tl.float32)
+    for slot in range(K):
+        row = (i - T0) * K + slot
+        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
+        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
+        env = tl.load(env_edge + row)
+        # an empty slot reads source 0 with weight exactly 0 (logit -inf)
+        j = tl.load(nbr + i * K + slot)
+        j = tl.where(j >= 0, j, 0).to(tl.int64)
+        rx = px - tl.load(pos_src + j * 3)
+        ry = py - tl.load(pos_src + j * 3 + 1)
+        rz = pz - tl.load(pos_src + j * 3 + 2)
+        va, vb = _moment_tiles(v + j * (H * STRIDE) + hh[:, None] * STRIDE, hh, hm, DV, DA, DBP)
+        m_new = tl.maximum(mx, lg)
+        scale = tl.exp(mx - m_new)
+        p = env * tl.exp(lg - m_new)
+        s = s * scale + p
+        w = p * c
+        sc = scale[:, None]
+        wx = (w * rx)[:, None]
+        wy = (w * ry)[:, None]
+        wz = (w * rz)[:, None]
+        xa = xa * sc + wx * va
+        ya = ya * sc + wy * va
+        za = za * sc + wz * va
+        xb = xb * sc + wx * vb
+        yb = yb * sc + wy * vb
+        zb = zb * sc + wz * vb
+        mx = m_new
+    stat = i * H + hh
+    tl.store(m_out + stat, mx, mask=hm)
+    tl.store(s_out + stat, s, mask=hm)
+    inv = (1.0 / s)[:, None]
+    o = out + i * (H * 3 * DV) + hh[:, None] * (3 * DV)
+    _store_moment_tiles(o, xa * inv, xb * inv, hm, DV, DA, DBP)
+    _store_moment_tiles(o + DV, ya * inv, yb * inv, hm, DV, DA, DBP)
+    _store_moment_tiles(o + 2 * DV, za * inv, zb * inv, hm, DV, DA, DBP)
+
+
 @triton.jit(do_not_specialize=["N", "T0"])
 def bwd_edge_kernel(pos_dst, pos_src, nbr, q, k, gate_dst, gate_src, radial, qk_edge, gate_edge,
                     T0, N, K, H, G, NT, SW, inv_h, cutoff, inv_sqrt_dk,
@@ -736,6 +817,71 @@ def bwd_value_kernel(v, dout, rowptr, edge_ids, active, dw_edge, dv,
         tl.store(dw_edge + at * H + hh, dot, mask=hm)
     pv = dv + j * (H * DV) + hh[:, None] * DV + offs_d[None, :]
     tl.store(pv, tl.load(pv, mask=vm, other=0.0) + acc, mask=vm)
+
+
+@triton.jit(do_not_specialize=["A0", "C", "NC", "T0"])
+def bwd_moment_value_kernel(pos_dst, pos_src, v, dout, rowptr, edge_ids, active, dw_edge, dv, dr_part, dps_part,
+                            A0, K, H, C, NC, T0, RS,
+                            DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr, VS: tl.constexpr,
+                            HB: tl.constexpr):
+    # bwd_value_kernel for the moments: over the in-edges (i, slot) of source j, with
+    # r = pos_dst[i] - pos_src[j] and t_a = dout_i[a] . v_j a head (a = x, y, z): dv_j += w
+    # sum_a r_a dout_i[a], dw = sum_a r_a t_a over w, and the displacement's gradient
+    # sum_heads w t_a of this program's heads: per edge into dr_part[head block, stash row]
+    # (rows RS apart; the targets' share, summed over the head blocks afterwards) and summed
+    # over the in-edges into dps_part[j, head block] (the source's share, with a minus sign)
+    E0 = T0 * K
+    j, start, count = _source_in_edges(active, rowptr, A0, NC, C)
+    blk = tl.program_id(1)
+    hh = blk * HB + tl.arange(0, HB)
+    hm = hh < H
+    STRIDE: tl.constexpr = DV if VS == 0 else VS
+    va, vb = _moment_tiles(v + j * (H * STRIDE) + hh[:, None] * STRIDE, hh, hm, DV, DA, DBP)
+    qx = tl.load(pos_src + j * 3)
+    qy = tl.load(pos_src + j * 3 + 1)
+    qz = tl.load(pos_src + j * 3 + 2)
+    acc_a = tl.zeros([HB, DA], dtype=tl.float32)
+    acc_b = tl.zeros([HB, DBP], dtype=tl.float32)
+    sx = 0.0
+    sy = 0.0
+    sz = 0.0
+    for c in range(count):
+        eid = tl.load(edge_ids + start + c)
+        at = eid - E0
+        i = eid // K
+        rx = tl.load(pos_dst + i * 3) - qx
+        ry = tl.load(pos_dst + i * 3 + 1) - qy
+        rz = tl.load(pos_dst + i * 3 + 2) - qz
+        w = tl.load(dw_edge + at * H + hh, mask=hm, other=0.0)
+        go = dout + i * (H * 3 * DV) + hh[:, None] * (3 * DV)
+        gxa, gxb = _moment_tiles(go, hh, hm, DV, DA, DBP)
+        gya, gyb = _moment_tiles(go + DV, hh, hm, DV, DA, DBP)
+        gza, gzb = _moment_tiles(go + 2 * DV, hh, hm, DV, DA, DBP)
+        acc_a += w[:, None] * (rx * gxa + ry * gya + rz * gza)
+        acc_b += w[:, None] * (rx * gxb + ry * gyb + rz * gzb)
+        tx = tl.sum(gxa * va, axis=1) + tl.sum(gxb * vb, axis=1)
+        ty = tl.sum(gya * va, axis=1) + tl.sum(gyb * vb, axis=1)
+        tz = tl.sum(gza * va, axis=1) + tl.sum(gzb * vb, axis=1)
+        ex = tl.sum(w * tx, axis=0)
+        ey = tl.sum(w * ty, axis=0)
+        ez = tl.sum(w * tz, axis=0)
+        part = dr_part + (blk * RS + at) * 3
+        tl.store(part, ex)
+        tl.store(part + 1, ey)
+        tl.store(part + 2, ez)
+        sx += ex
+        sy += ey
+        sz += ez
+        # dw goes over the w just read, which other threads may hold: every thread's loads first
+        tl.debug_barrier()
+        tl.store(dw_edge + at * H + hh, rx * tx + ry * ty + rz * tz, mask=hm)
+    pv = dv + j * (H * DV) + hh[:, None] * DV
+    old_a, old_b = _moment_tiles(pv, hh, hm, DV, DA, DBP)
+    _store_moment_tiles(pv, old_a + acc_a, old_b + acc_b, hm, DV, DA, DBP)
+    ps = dps_part + (j * tl.num_programs(1) + blk) * 3
+    tl.store(ps, tl.load(ps) + sx)
+    tl.store(ps + 1, tl.load(ps + 1) + sy)
+    tl.store(ps + 2, tl.load(ps + 2) + sz)
 
 
 @triton.jit(do_not_specialize=["T0"])

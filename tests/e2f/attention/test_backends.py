@@ -40,6 +40,15 @@ def test_chunked_equals_materialized_fp64(periodic):
     _compare_all_orders(inp, target_block=7, neighbor_block=5)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_chunked_equals_materialized_moments_fp64(periodic):
+    inp = random_core_inputs(
+        30, density=0.05, max_neighbors=10, dtype=torch.float64, requires_grad=True, periodic=periodic, seed=4, **SMALL
+    ).replace(moments=True)
+    assert attention_core_reference(inp).shape == (30, SMALL["num_heads"], 3 * SMALL["dv"])
+    _compare_all_orders(inp, target_block=6, neighbor_block=4)
+
+
 def test_chunked_default_blocks_fp64():
     inp = random_core_inputs(30, density=0.05, max_neighbors=None, dtype=torch.float64, requires_grad=True, seed=2, **SMALL)
     _compare_all_orders(inp)

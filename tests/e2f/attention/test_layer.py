@@ -37,13 +37,37 @@ def test_layer_equivariant_and_backends_agree():
     graph = _graph(30, density=0.05)
     x = torch.randn(30, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
     out = _layer()(x, graph)
-    for backend, product in (("materialized", "eaas"), ("chunked", "dense-cg")):
+    for backend, product in (("materialized", "eaas"), ("chunked", "dense-cg"), ("chunked", "moments"),
+                             ("materialized", "moments")):
         assert_close_rel(_layer(backend, product)(x, graph), out, 1e-11, f"{backend}/{product}")
     rot = random_rotation(3)
     d = wigner_d_from_matrix(2, rot)
     rotated = Graph(pos=graph.pos @ rot.T, z=graph.z, nbr=graph.nbr, src_atom=graph.src_atom, pos_src=graph.pos_src @ rot.T)
     assert_close_rel(_layer()(torch.einsum("ij,njc->nic", d, x), rotated), torch.einsum("ij,njc->nic", d, out), 1e-11,
                      "layer equivariance")
+
+
+def test_moments_form_same_gradients_and_no_cancellation():
+    """The moments form differentiates like EAAS (positions included), and far from the origin
+    it keeps fp32's relative accuracy where [S_r(v); v] subtracts two terms of size |r|."""
+    graph = _graph(24, density=0.05)
+    x = torch.randn(24, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def grads(product, pos=graph.pos, dtype=F64):
+        pos = pos.to(dtype).requires_grad_(True)
+        g = Graph(pos=pos, z=graph.z, nbr=graph.nbr, src_atom=graph.src_atom, pos_src=pos[graph.src_atom])
+        xx = x.to(dtype).requires_grad_(True)
+        out = _layer("chunked", product, dtype)(xx, g)
+        return (out, *torch.autograd.grad((out * torch.sin(out)).sum(), [pos, xx]))
+
+    for a, b, what in zip(grads("moments"), grads("eaas"), ("out", "d/dpos", "d/dx")):
+        assert_close_rel(a, b, 1e-11, what)
+    # positions ~300 Å from the origin, exactly representable in fp32: the errors are the compute's
+    far = (graph.pos + torch.tensor([300.0, -200.0, 100.0], dtype=F64)).float().double()
+    exact = grads("moments", far)[0].detach()
+    err = {p: float((grads(p, far, torch.float32)[0].detach().double() - exact).norm() / exact.norm())
+           for p in ("moments", "eaas")}
+    assert err["moments"] < 1e-6 and err["eaas"] > 10 * err["moments"], err
 
 
 def _saved_per_atom(n, backend, k=16):

@@ -98,7 +98,8 @@ def value_and_grads(fn, inp: CoreInputs, dout: torch.Tensor):
 def compare(inp: CoreInputs, tol: float, seed: int = 1, ref_dtype=None):
     check(inp)
     gen = torch.Generator().manual_seed(seed)
-    dout = torch.randn(inp.q.shape[0], inp.q.shape[1], inp.v.shape[-1], generator=gen).to(DEVICE)
+    width = inp.v.shape[-1] * (3 if inp.moments else 1)
+    dout = torch.randn(inp.q.shape[0], inp.q.shape[1], width, generator=gen).to(DEVICE)
     out, grads = value_and_grads(fused_attention_core, inp, dout)
     ref_inp = detached_copy(inp, ref_dtype)
     ref, ref_grads = value_and_grads(attention_core_reference, ref_inp, dout)
@@ -180,7 +181,8 @@ def test_bf16_and_fp16_qkv(forward_mode):
 
 def assert_backward_bitwise_reproducible(inp: CoreInputs, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    dout = torch.randn(inp.q.shape[0], inp.q.shape[1], inp.v.shape[-1], generator=gen).to(DEVICE)
+    width = inp.v.shape[-1] * (3 if inp.moments else 1)
+    dout = torch.randn(inp.q.shape[0], inp.q.shape[1], width, generator=gen).to(DEVICE)
     _, first = value_and_grads(fused_attention_core, inp, dout)
     _, second = value_and_grads(fused_attention_core, inp, dout)
     for name in FLOATS:
@@ -804,3 +806,72 @@ def test_second_order_with_bf16_qkv():
     assert rel(fused[0], ref[0]) < 2e-2
     for got, want in zip(fused[1], ref[1]):
         assert rel(got.float(), want.float()) < 2e-2
+
+
+@pytest.mark.parametrize("dv", [4, 18])
+def test_moments_forward_and_all_gradients(dv, monkeypatch):
+    # the moments (CoreInputs.moments) through fwd_moment_kernel and bwd_moment_value_kernel: out
+    # [N, H, 3 dv] and every gradient (positions get the displacement's share), the split form
+    # whatever E2F_TRITON_FORWARD asks; dv = 4: no second column tile, dv = 18: 16 + 2
+    from e2f.attention.triton.function import FWD_MODE_ENV
+
+    monkeypatch.setenv(FWD_MODE_ENV, "fused")
+    inp = make_inputs(13, 17, 6, dv=dv, empty_rows=(2, 11), seed=51).replace(moments=True)
+    out, _ = compare(inp, 1e-5)
+    assert out.shape == (13, 3, 3 * dv) and torch.count_nonzero(out[2]) == 0
+    cfg = last_config()
+    assert cfg["fwd_mode"] == "split" and cfg["fwd_moment"]["HB"] == 4
+    assert cfg["bwd_moment_value"]["DA"] == (4 if dv == 4 else 16)
+
+
+def test_moments_in_chunks_from_padded_rows_bitwise_reproducible(monkeypatch):
+    # forward in 3 chunks and backward in 2, v in the rows the backend pads to (18 -> 20 numbers)
+    from e2f.attention.backends import get_backend
+    from e2f.attention.core import padded_head_stride, value_head_stride
+    from e2f.attention.triton import function as F
+
+    n, kslots, h, g = 13, 6, 3, 10
+    assert value_head_stride(18, moments=True) == 20 and value_head_stride(16, moments=True) == 16
+    monkeypatch.setenv(F.FWD_STASH_ENV, str(kslots * (8 * h + 4) // 3 + 1))
+    monkeypatch.setattr(F, "SCRATCH_BYTES_PER_ATOM", 0)
+    monkeypatch.setattr(F, "STASH_BYTES_PER_ATOM", kslots * (2 * h + F._gate_stash_width(h, g)) * 4 // 2 + 1)
+    inp = make_inputs(n, 17, kslots, h=h, g=g, dv=18, empty_rows=(2,), seed=53).replace(moments=True)
+    padded = get_backend("triton").prepare(inp)
+    assert padded_head_stride(padded.v) == 20
+    compare(padded, 1e-5)
+    assert last_config()["fwd_chunks"] == 3 and last_config()["backward_chunks"] == 2
+    assert_backward_bitwise_reproducible(padded, seed=4)
+
+
+def test_moments_bf16_qkv_and_second_order():
+    inp = make_inputs(11, 14, 5, dv=18, qkv_dtype=torch.bfloat16, seed=55).replace(moments=True)
+    compare(inp, 2e-2, ref_dtype=torch.float32)
+    fused, ref = _force_training_pair(make_inputs(6, 7, 4, dv=18, seed=57, drop=0.0).replace(moments=True))
+    assert rel(fused[0], ref[0]) < 1e-5
+    for got, want in zip(fused[1], ref[1]):
+        assert rel(got, want) < 1e-4
+
+
+def test_layer_moments_through_the_fused_core():
+    # E2Former-V2's attention layer with node_product="moments": the fused core gives the
+    # chunked core's output and gradients (features and positions)
+    from e2f.attention.layer import E2Attention, Graph
+    from e2f.neighbors import neighbor_list
+
+    gen = torch.Generator().manual_seed(59)
+    pos = torch.rand(20, 3, generator=gen) * 8.0
+    nl = neighbor_list(pos.double(), 5.0, 8)
+    x = torch.randn(20, 9, 8, generator=gen)
+    results = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        layer = E2Attention(lmax=2, channels=8, num_heads=4, head_dim=4, num_rbf=16, gate_hidden=8, cutoff=5.0,
+                            eps=1e-3, qk_channels=4, num_elements=10, backend=backend, node_product="moments").to(DEVICE)
+        p = pos.to(DEVICE).requires_grad_(True)
+        xx = x.to(DEVICE).requires_grad_(True)
+        graph = Graph(pos=p, z=torch.randint(1, 10, (20,), generator=torch.Generator().manual_seed(1)).to(DEVICE),
+                      nbr=nl.nbr.to(DEVICE), src_atom=nl.src_atom.to(DEVICE), pos_src=p[nl.src_atom.to(DEVICE)])
+        out = layer(xx, graph)
+        results.append((out, *torch.autograd.grad((out * torch.sin(out)).sum(), [p, xx])))
+    for got, want, what in zip(*results, ("out", "d/dpos", "d/dx")):
+        assert rel(got, want) < 1e-5, what
