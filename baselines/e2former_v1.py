@@ -7,10 +7,14 @@ the attention layer's node products and aggregation:
 - ``e2former-v2``: EAAS node products (``node_product='eaas'``) and the streaming
   ``chunked`` core on CPU, the fused ``triton`` core on CUDA (``attention_backend``
   overrides): node-level FLOPs, O(N) activation memory.
+- ``e2former-v2-moments``: E2Former-V2 with ``node_product='moments'``: the core moves each
+  source's 9-row value weighted by the displacement and every target contracts its moments
+  with the CG table once (``e2f.attention.layer``), on the same backends: 3.2x fewer value
+  bytes an edge than V2's 29 rows, no source-side products.
 - ``e2former-v1``: the Wigner-6j rewrite (METHOD.md eq. 2) with dense e3nn CG products at
   the nodes (``node_product='dense-cg'``) and the ``materialized`` core, which gathers the
   value rows on every edge ([E, H, dv] tensors): node-level FLOPs, edge-level memory.
-With shared weights both compute the same function (tested to 1e-10 in fp64).
+With shared weights all three compute the same function (tested to 1e-10 in fp64).
 
 Matched settings: ``ModelConfig`` -> ``E2FormerConfig`` field by field
 (``radial_hidden`` -> ``gate_hidden`` and ``edge_hidden``; ``max_num_elements`` ->
@@ -27,16 +31,19 @@ from ._common import count_parameters
 from ._graph import edge_list_from_neighbors
 
 
+#: E2Former versions: the registry's model ``e2former-<version>``, and V2's node products.
+VERSIONS = {"v1": "dense-cg", "v2": "eaas", "v2-moments": "moments"}
+
+
 def e2f_config(config, version: str, device=None):
-    """The ``E2FormerConfig`` of ``config`` for ``version`` 'v1' or 'v2' (V2's default backend depends on ``device``)."""
+    """The ``E2FormerConfig`` of ``config`` for ``version`` (``VERSIONS``; V2's default backend
+    depends on ``device``)."""
     from e2f.config import E2FormerConfig
 
-    if version not in ("v1", "v2"):
-        raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
-    if version == "v1":
-        backend, node_product = "materialized", "dense-cg"
-    else:
-        backend, node_product = config.attention_backend or default_v2_backend(device), "eaas"
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
+    node_product = VERSIONS[version]
+    backend = "materialized" if version == "v1" else config.attention_backend or default_v2_backend(device)
     return E2FormerConfig(
         lmax=config.lmax,
         channels=config.channels,
@@ -73,7 +80,7 @@ class E2FormerModel(nn.Module):
         from e2f.model import E2FormerV2
 
         self.config, self.version = config, version
-        self.name = "e2former-v1" if version == "v1" else "e2former-v2"
+        self.name = f"e2former-{version}"
         self.e2f_config = e2f_config(config, version, device)
         self.model = E2FormerV2(self.e2f_config)
 
@@ -143,6 +150,10 @@ def e2former_flop_terms(config, version: str, n_atoms: int, n_sources: int, k_sl
       ``2n C (sum_l (2l+1)^2 + sum_paths (2 l3+1)^2)``; dense CG contracts the full
       [rows_out, S, 3] table with r, then with v, ``2n rows_out S (3 + C)``), per-l3 mixing ``2N sum_l3 (2 l3+1) n_l3 C^2``, the
       gated FFN ``2N (2 S C F + C L F)`` and two RMS norms ``2 x 2N S C``;
+    - ``v2-moments``: the core sums ``3 S C / H`` numbers a head (the moments of
+      ``S C / H`` values, ``N K H (2 d + 6 S C / H + 3 + 8)``) and the only node product is
+      each target's contraction of its moments with the [rows_out, S, 3] table,
+      ``2N rows_out 3 S C``;
     - once: edge-degree embedding ``N K (2 R G + 2 G (L+1) C + 2 S C)``, a final norm
       ``2N S C`` and the head ``2N (C^2 + C)``.
     ``total`` is the sum. What ``FlopCounterMode`` sees of the core depends on the backend
@@ -157,17 +168,23 @@ def e2former_flop_terms(config, version: str, n_atoms: int, n_sources: int, k_sl
     S = (L + 1) ** 2
     paths = _paths(L)
     rows_out = sum(2 * l3 + 1 for _, l3 in paths)
-    dv = (rows_out + S) * C // H
+    moments = version == "v2-moments"
+    # numbers a head the core sums
+    dv = 3 * S * C // H if moments else (rows_out + S) * C // H
     N, M, NK = float(n_atoms), float(n_sources), float(n_atoms * k_slots)
     core_matmul = NK * (2 * R * G + 2 * G * 2 * H)
-    core_elementwise = NK * H * (2 * d + 2 * dv + 8)
+    core_elementwise = NK * H * (2 * d + 2 * dv + 8 + (3 if moments else 0))
     qk = 2 * (2 * 2 * N * S * C * q + 2 * N * ((L + 1) * q * H * d + (H * d) ** 2))
     linears = 2 * 2 * N * S * C * C
-    if version == "v1":
-        per_node_product = 2 * rows_out * S * (3 + C)
+    if moments:
+        node_products = N * 2 * rows_out * 3 * S * C
     else:
-        per_node_product = 2 * C * (sum((2 * l + 1) ** 2 for l in range(L + 1)) + sum((2 * l3 + 1) ** 2 for _, l3 in paths))
-    node_products = (M + N) * per_node_product
+        if version == "v1":
+            per_node_product = 2 * rows_out * S * (3 + C)
+        else:
+            per_node_product = 2 * C * (sum((2 * l + 1) ** 2 for l in range(L + 1))
+                                        + sum((2 * l3 + 1) ** 2 for _, l3 in paths))
+        node_products = (M + N) * per_node_product
     n_l3 = [sum(1 for _, l in paths if l == l3) for l3 in range(L + 1)]
     mixing = 2 * N * sum((2 * l3 + 1) * n_l3[l3] * C * C for l3 in range(L + 1))
     ffn = 2 * N * (2 * S * C * F + C * L * F)
@@ -208,7 +225,8 @@ def e2former_memory(config, n_atoms: int, n_edges: int, itemsize: int = 4, versi
     the per-l3 mixing inputs rows_out C, FFN 2 S F, q/k invariants 4 S q + 2 (L+1) q, the
     q/k MLPs 2 H d, gate parts 2 G. V2 (``chunked``) adds the node values and aggregated
     output 2 (rows_out + S) C and the EAAS products 2 S C, and keeps *no* per-edge tensor
-    (the core recomputes in backward). V1 adds its dense-CG tables 2 S rows_out and 2 S C,
+    (the core recomputes in backward); ``v2-moments`` instead the node values S C and their
+    moments 3 S C. V1 adds its dense-CG tables 2 S rows_out and 2 S C,
     and per edge and block the gathered values [E, H, dv] = (rows_out + S) C, the gate
     activations 2G, RBF 2R, q/k products 2 H d and ~7 [E, H] softmax terms (+19 scalars).
     Once per atom: 2 S C + 3C + 40. The edge-degree embedding is checkpointed per target
@@ -223,6 +241,9 @@ def e2former_memory(config, n_atoms: int, n_edges: int, itemsize: int = 4, versi
     if version == "v1":
         per_node_block = common + 2 * S * rows_out + 2 * S * C
         per_edge = config.num_blocks * ((rows_out + S) * C + 2 * G + 2 * R + 2 * H * d + 7 * H + 19)
+    elif version == "v2-moments":
+        per_node_block = common + 4 * S * C
+        per_edge = 0.0
     else:
         per_node_block = common + 2 * (rows_out + S) * C + 2 * S * C
         per_edge = 0.0
@@ -243,7 +264,7 @@ class E2FormerLayer:
 
         self._build_graph = E2FormerV2.build_graph
         self.config, self.version = config, version
-        self.name = "e2former-v1" if version == "v1" else "e2former-v2"
+        self.name = f"e2former-{version}"
         self.e2f_config = e2f_config(config, version, device)
         self.module = E2FormerBlock(self.e2f_config).attn.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype

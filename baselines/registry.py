@@ -1,4 +1,4 @@
-"""One interface for the four models the suites compare.
+"""One interface for the models the suites compare: four architectures, E2Former-V2 in two forms.
 
 ``build_model(name, config)`` returns an ``nn.Module`` whose call on an
 ``e2f.batch.AtomsBatch`` gives ``(energy [B], forces [N, 3])`` with conservative forces
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-MODEL_NAMES = ("e2former-v2", "e2former-v1", "escn-md", "dense-tp")
+MODEL_NAMES = ("e2former-v2", "e2former-v2-moments", "e2former-v1", "escn-md", "dense-tp")
 
 
 @dataclass
@@ -145,7 +145,7 @@ def build_model(name: str, config: ModelConfig | None = None, *, device=None, dt
     else:
         from .e2former_v1 import E2FormerModel
 
-        model = E2FormerModel(config, version="v1" if name == "e2former-v1" else "v2", device=device)
+        model = E2FormerModel(config, version=name.removeprefix("e2former-"), device=device)
     return model.to(device=device, dtype=dtype)
 
 
@@ -169,7 +169,7 @@ def build_layer(name: str, config: ModelConfig | None = None, *, device=None, dt
         return DenseTPLayer(config, device=device, dtype=dtype)
     from .e2former_v1 import E2FormerLayer
 
-    return E2FormerLayer(config, version="v1" if name == "e2former-v1" else "v2", device=device, dtype=dtype)
+    return E2FormerLayer(config, version=name.removeprefix("e2former-"), device=device, dtype=dtype)
 
 
 def memory_model(name: str, config: ModelConfig, n_atoms: int, n_edges: int, itemsize: int = 4) -> dict[str, float]:
@@ -185,4 +185,4 @@ def memory_model(name: str, config: ModelConfig, n_atoms: int, n_edges: int, ite
         return dense_tp_memory(config, n_atoms, n_edges, itemsize)
     from .e2former_v1 import e2former_memory
 
-    return e2former_memory(config, n_atoms, n_edges, itemsize, version="v1" if name == "e2former-v1" else "v2")
+    return e2former_memory(config, n_atoms, n_edges, itemsize, version=name.removeprefix("e2former-"))

@@ -1,4 +1,5 @@
-"""``latency``: whole-model energy + forces vs N for all four models (the paper's Figure 1).
+"""``latency``: whole-model energy + forces vs N for all four models (the paper's Figure 1), and
+E2Former-V2's moments form (``e2former-v2-moments``).
 
 Per model, mode and N (periodic liquid-density boxes, ``suites.workloads.liquid_box``):
 median latency and IQR, ``atoms_per_s`` = N / latency, and for ``fwd`` (an MD step:
@@ -15,7 +16,7 @@ from suites import workloads
 from suites.core.measure import measure
 from suites.core.runner import Point, Suite, SweepConfig, register_suite
 
-MODELS = ("e2former-v2", "e2former-v1", "escn-md", "dense-tp")
+MODELS = ("e2former-v2", "e2former-v2-moments", "e2former-v1", "escn-md", "dense-tp")
 MODES = ("fwd", "fwd+bwd")
 QUICK_SIZES = (32, 64, 128)
 FULL_SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000)

@@ -33,7 +33,7 @@ _MOLECULE, _MOLECULE_ATOMS = "C6H6", 12
 try:
     from baselines.registry import MODEL_NAMES as _MODELS
 except ImportError:  # listed anyway; unavailable() tells why they cannot run
-    _MODELS = ("e2former-v2", "e2former-v1", "escn-md", "dense-tp")
+    _MODELS = ("e2former-v2", "e2former-v2-moments", "e2former-v1", "escn-md", "dense-tp")
 
 
 def matmul_flops(n: int, mode: str) -> float:

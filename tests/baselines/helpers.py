@@ -10,6 +10,7 @@ import torch
 # only to ~1e-6 (energy) at lmax 2 even in fp64; the others are exact up to round-off.
 TOLERANCES = {
     "e2former-v2": {"energy": 1e-9, "forces": 1e-8},
+    "e2former-v2-moments": {"energy": 1e-9, "forces": 1e-8},
     "e2former-v1": {"energy": 1e-9, "forces": 1e-8},
     "dense-tp": {"energy": 1e-10, "forces": 1e-9},
     "escn-md": {"energy": 1e-5, "forces": 1e-4},

@@ -24,6 +24,17 @@ def test_v1_equals_v2_with_shared_weights(lmax):
     assert rel(f1, f2) < 1e-10
 
 
+def test_v2_moments_equals_v2_with_shared_weights():
+    cfg = default_config("tiny", lmax=2)
+    v2 = build_model("e2former-v2", cfg, dtype=torch.float64, seed=0).eval()
+    moments = build_model("e2former-v2-moments", cfg, dtype=torch.float64, seed=1).eval()
+    assert moments.e2f_config.node_product == "moments" and moments.name == "e2former-v2-moments"
+    moments.load_state_dict(v2.state_dict())
+    b = molecules(sizes=(6, 9), seed=7)
+    (e2, f2), (em, fm) = v2(b), moments(b)
+    assert rel(em, e2) < 1e-10 and rel(fm, f2) < 1e-10
+
+
 def _saved(model, n, k=None):
     gen = torch.Generator().manual_seed(n)
     b = make_batch(random_positions(n, n, torch.float32), torch.randint(1, 10, (n,), generator=gen))
@@ -32,7 +43,7 @@ def _saved(model, n, k=None):
     return measured, model.memory_model(n, model.edges(b).num_edges, 4)["bytes"]
 
 
-@pytest.mark.parametrize("name", ["e2former-v1", "e2former-v2"])
+@pytest.mark.parametrize("name", ["e2former-v1", "e2former-v2", "e2former-v2-moments"])
 def test_memory_model_tracks_saved_bytes(name):
     cfg = default_config("small", channels=16, num_heads=4, num_rbf=16, radial_hidden=16)
     model = build_model(name, cfg)

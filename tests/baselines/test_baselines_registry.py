@@ -36,7 +36,7 @@ def test_unknown_names_raise():
         default_config("huge")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         default_config("tiny", channel=3)
-    assert set(MODEL_NAMES) == {"e2former-v2", "e2former-v1", "escn-md", "dense-tp"}
+    assert set(MODEL_NAMES) == {"e2former-v2", "e2former-v2-moments", "e2former-v1", "escn-md", "dense-tp"}
 
 
 def test_memory_model_is_linear_in_atoms_and_edges():

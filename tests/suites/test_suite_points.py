@@ -38,7 +38,7 @@ def test_full_sweeps_have_the_issue_sizes():
     lm = _points("lmax-sweep", quick=False, device="cuda")
     assert {p.params["lmax"] for p in lm} == {1, 2, 3, 4, 5, 6}
     lat = _points("latency", quick=False, device="cuda")
-    assert {p.impl for p in lat} == {"e2former-v2", "e2former-v1", "escn-md", "dense-tp"}
+    assert {p.impl for p in lat} == {"e2former-v2", "e2former-v2-moments", "e2former-v1", "escn-md", "dense-tp"}
 
 
 def test_command_line_subsets_split_a_sweep():
