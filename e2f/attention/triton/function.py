@@ -112,6 +112,10 @@ _FWD_KEYS = ("TB", "HC", "GROUPS", "num_warps", "num_stages", "maxnreg")
 _kernels: dict = {}
 _forced_fwd: dict = {}
 _last: dict = {}
+#: What ``last_config`` records of a forward and of the backward's value pass, cleared at each
+#: call: the other form's kernels from an earlier call would read as this call's.
+_FORWARD_RECORDS = ("fwd", "fwd_logits", "fwd_aggregate", "fwd_moment", "fwd_chunks")
+_VALUE_RECORDS = ("bwd_value", "bwd_moment_value")
 
 
 def _interpreting() -> bool:
@@ -508,6 +512,8 @@ def _forward(t: dict, gamma: float, cutoff: float, eps: float, moments: bool = F
     s = torch.empty(d["N"], d["H"], **f32)
     prec = _gate_precision()
     mode, chunk = forward_plan(d["N"], d["K"], d["H"], t["q"].dtype == torch.float32, moments)
+    for name in _FORWARD_RECORDS:
+        _last.pop(name, None)
     _last["precision"] = prec
     _last["fwd_mode"] = mode
     if mode == "split":
@@ -864,6 +870,8 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     if n == 0 or mm == 0:
         return grads
     kern = _configs(size_bucket(n), d["BK"], t["q"].dtype == torch.float32)
+    for name in _VALUE_RECORDS:
+        _last.pop(name, None)
     # the radial table and its gradient come out of the stash's budget, and the float64
     # partial sums of the table's gradient (after the stash is freed) stay within the stash
     chunk = _stash_chunk(n, kslots, h, g, fixed_bytes=2 * radial_table_bytes(gamma, cutoff, g))

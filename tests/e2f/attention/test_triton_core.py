@@ -822,6 +822,10 @@ def test_moments_forward_and_all_gradients(dv, monkeypatch):
     cfg = last_config()
     assert cfg["fwd_mode"] == "split" and cfg["fwd_moment"]["HB"] == 4
     assert cfg["bwd_moment_value"]["DA"] == (4 if dv == 4 else 16)
+    assert "fwd_aggregate" not in cfg and "bwd_value" not in cfg
+    # the records name this call's kernels only
+    compare(inp.replace(moments=False), 1e-5)
+    assert {"fwd", "bwd_value"} <= set(last_config()) and not {"fwd_moment", "bwd_moment_value"} & set(last_config())
 
 
 def test_moments_in_chunks_from_padded_rows_bitwise_reproducible(monkeypatch):
