@@ -104,6 +104,8 @@ _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "
 
 
 def _label(impl: str, key: dict) -> str:
+    # a column with a missing value reads as floats in pandas: 58, not 58.0
+    key = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in key.items()}
     extra = ", ".join(str(_SHORT.get(str(v), v)) if k in ("params.dtype", "params.mode") else f"{k.split('.', 1)[1]}={v}"
                       for k, v in key.items())
     return f"{impl} ({extra})" if extra else impl

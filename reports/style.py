@@ -27,9 +27,16 @@ _FIXED = {
     "escn-md": ("#56B4E9", "v"),
     "dense-tp": ("#000000", "P"),
     "sdpa-dense": ("#999999", "h"),
+    # the moments form (``CoreInputs.moments``): a darker shade of its backend's or model's
+    # colour, pentagons
+    "e2former-v2-moments": ("#003F63", "p"),
+    "triton-moments": ("#7F3800", "p"),
+    "chunked-moments": ("#005C43", "p"),
+    "materialized-moments": ("#8C3F6E", "p"),
 }
 _FALLBACK_COLOURS = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors]
-_FALLBACK_MARKERS = ["<", ">", "p", "X", "d", "8", "H", "1"]
+# no "X": it reads as the out-of-memory cross
+_FALLBACK_MARKERS = ["<", ">", "p", "d", "8", "H", "1"]
 
 DTYPE_LINESTYLES = {"float32": "-", "fp32": "-", "bfloat16": "--", "bf16": "--",
                     "float16": ":", "fp16": ":", "float64": "-."}
