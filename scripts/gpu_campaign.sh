@@ -76,7 +76,7 @@ run_step() {
         probe)  # forward time split (no value gathers / no gate products) and a profiler breakdown of fwd+bwd
             step probe "${PROBE_SECS:-150}" python3 scripts/kernel_dev.py --out "$res/kernel-dev" --skip-check --sizes \
                 --probe ${PROBE_SIZES:-16384} ;;
-        moment-probe)  # the forward's aggregation alone: 29-row values (the library's kernel) against 9-row moments
+        moment-probe)  # the forward's aggregation kernels alone: 29-row values against the moments of 18-number rows
             for dt in float32 bfloat16; do
                 step "moment-probe-$dt" "${MOMENT_SECS:-120}" python3 scripts/moment_agg_probe.py --out "$res/moment-agg.jsonl" \
                     --sizes ${MOMENT_SIZES:-16384 65536} --dtype "$dt"

@@ -3,21 +3,23 @@
 The attention core gathers, per edge and head, the 58 numbers of ``V_j = [S_{r_j}(v_j); v_j]``
 (29 rows x 2 channels; padded to 64) and runs at the L2's gather rate (perf-notes 21, 29, 35).
 But the layer only needs ``m_i = sum_j w_ij v_j (x) R^1(r_i - r_j)`` (``e2f/attention/layer.py``),
-and the product with R^1 is bilinear: with the displacement ``r_ij = r_i - r_j`` already in the
-kernel's registers, the sum is the Clebsch-Gordan contraction, once per target, of the moments
+and the product with R^1 is bilinear: with the displacement ``r_ij = r_i - r_j`` in the kernel's
+registers, the sum is the Clebsch-Gordan contraction, once per target, of the moments
 
-    M_i[m, row, c] = sum_j w_ij[h(c)] r_ij[m] v_j[row, c]        (m = x, y, z; 9 rows; C channels)
+    M_i[a, h, :] = sum_j w_ij[h] r_ij[a] v_j[h, :]        (a = x, y, z; 18 numbers a head)
 
-so an edge needs the 18 numbers a head of ``v_j`` (and its position) instead of 58: 3.2x fewer
-gathered bytes, for 54 accumulators a head instead of 58. This probe times the aggregation
-alone, both forms from the same stashed softmax inputs (``logit``, ``coef``, ``env`` an edge, as
-the split forward's logits kernel leaves them) with the same online softmax:
+(``CoreInputs.moments``): an edge needs the 18 numbers a head of ``v_j`` and its position instead
+of 58, 3.2x fewer gathered bytes, for 54 sums a head instead of 58. This probe times the
+aggregation alone, both forms from the same stashed softmax inputs (``logit``, ``coef``, ``env``
+an edge, as the split forward's logits kernel leaves them):
 
 * ``lib,HB,warps``: the library's ``fwd_aggregate_kernel`` on padded 29-row values;
-* ``moment,HB,warps``: the moments of 9-row values ``x [M, 9, C]`` (head h owns channels h and
-  h + H, as ``rows_to_heads``), with the displacement from the positions.
+* ``moment,HB,warps``: the library's ``fwd_moment_kernel`` on 18-number head rows padded to 20
+  (``value_head_stride(18, moments=True)``), the displacement from the positions.
 
-Each is checked against a float64 PyTorch sum on sampled targets. Paper sizes, the suites'
+Each is checked against a float64 PyTorch sum on sampled targets. Session 23's call 1 (2af0edc,
+perf-notes 36) ran this probe's first form, a kernel of its own over ``[M, 9, C]`` rows (3.55 ms
+against 8.61 at 65,536, fp32); the library's kernel came from it. Paper sizes, the suites'
 random workload (non-periodic)::
 
     PYTHONPATH=. python scripts/moment_agg_probe.py --out moment-agg.jsonl --sizes 65536 --dtype float32
@@ -26,75 +28,14 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from agg_order_probe import probe_args, write_record
-from e2f.attention.core import padded_head_stride
+from e2f.attention.core import padded_head_stride, value_head_stride
 from e2f.attention.triton import kernels as K
+from e2f.attention.triton.function import MOMENT_HEADS, _moment_split
 from e2f.attention.workload import random_core_inputs
 
-ROWS = 9  # (L + 1)^2 for L = 2
-
-
-@triton.jit(do_not_specialize=["T0"])
-def moment_aggregate_kernel(nbr, pos_dst, pos_src, x, logit_edge, coef_edge, env_edge, out, m_out, s_out,
-                            T0, K, H, C, eps, HB: tl.constexpr):
-    # target T0 + program id 0, heads program id 1 * HB .. and their two channels h, h + H;
-    # rows 0..7 of both channels as one [16, HB] tile (lane = 2 row + channel half), row 8 apart
-    i = T0 + tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1) * HB + tl.arange(0, HB)
-    hm = hh < H
-    lane = tl.arange(0, 16)
-    main = ((lane // 2) * C + (lane % 2) * H)[:, None] + hh[None, :]
-    last = (8 * C + tl.arange(0, 2) * H)[:, None] + hh[None, :]
-    px = tl.load(pos_dst + i * 3)
-    py = tl.load(pos_dst + i * 3 + 1)
-    pz = tl.load(pos_dst + i * 3 + 2)
-    mx = tl.zeros([HB], dtype=tl.float32)
-    s = tl.zeros([HB], dtype=tl.float32) + eps
-    ax = tl.zeros([16, HB], dtype=tl.float32)
-    ay = tl.zeros([16, HB], dtype=tl.float32)
-    az = tl.zeros([16, HB], dtype=tl.float32)
-    bx = tl.zeros([2, HB], dtype=tl.float32)
-    by = tl.zeros([2, HB], dtype=tl.float32)
-    bz = tl.zeros([2, HB], dtype=tl.float32)
-    for slot in range(K):
-        row = (i - T0) * K + slot
-        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
-        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
-        env = tl.load(env_edge + row)
-        # an empty slot reads source 0: its weight is exactly 0 (logit -inf)
-        j = tl.load(nbr + i * K + slot)
-        j = tl.where(j >= 0, j, 0).to(tl.int64)
-        rx = px - tl.load(pos_src + j * 3)
-        ry = py - tl.load(pos_src + j * 3 + 1)
-        rz = pz - tl.load(pos_src + j * 3 + 2)
-        xm = tl.load(x + j * (9 * C) + main, mask=hm[None, :], other=0.0).to(tl.float32)
-        xl = tl.load(x + j * (9 * C) + last, mask=hm[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(mx, lg)
-        scale = tl.exp(mx - m_new)
-        p = env * tl.exp(lg - m_new)
-        s = s * scale + p
-        w = (p * c)[None, :]
-        sc = scale[None, :]
-        ax = ax * sc + (w * rx) * xm
-        ay = ay * sc + (w * ry) * xm
-        az = az * sc + (w * rz) * xm
-        bx = bx * sc + (w * rx) * xl
-        by = by * sc + (w * ry) * xl
-        bz = bz * sc + (w * rz) * xl
-        mx = m_new
-    stat = i * H + hh
-    tl.store(m_out + stat, mx, mask=hm)
-    tl.store(s_out + stat, s, mask=hm)
-    inv = (1.0 / s)[None, :]
-    o = out + i * (3 * 9 * C)
-    tl.store(o + main, ax * inv, mask=hm[None, :])
-    tl.store(o + 9 * C + main, ay * inv, mask=hm[None, :])
-    tl.store(o + 18 * C + main, az * inv, mask=hm[None, :])
-    tl.store(o + last, bx * inv, mask=hm[None, :])
-    tl.store(o + 9 * C + last, by * inv, mask=hm[None, :])
-    tl.store(o + 18 * C + last, bz * inv, mask=hm[None, :])
+MOMENT_DV = 18  # 9 rows x C / H = 2
 
 
 def stash(nbr: torch.Tensor, heads: int, gen: torch.Generator):
@@ -119,51 +60,52 @@ def weights(nbr, logit, coef, env, eps, rows):
 
 
 def main() -> None:
-    args = probe_args(__doc__.splitlines()[0], ["lib,32,1", "lib,64,2", "moment,32,1", "moment,64,1",
-                                                 "moment,64,2", "moment,128,2", "moment,128,4", "moment,16,1"], "FORM,HB,num_warps")
+    args = probe_args(__doc__.splitlines()[0], ["lib,32,1", "lib,64,2", f"moment,{MOMENT_HEADS},1", "moment,64,2",
+                                                 "moment,16,1"], "FORM,HB,num_warps")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     with open(args.out, "a") as out_file:
         for n in args.sizes:
-            inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64, dtype=dtype)
-            nbr, v, heads = inp.nbr, inp.v, inp.num_heads
-            kslots, dv = nbr.shape[1], v.shape[2]
-            channels = 2 * heads
+            rows_inp = random_core_inputs(n, max_neighbors=32, device=dev, value_head_stride=64, dtype=dtype)
+            moment_inp = random_core_inputs(n, max_neighbors=32, device=dev, dtype=dtype, dv=MOMENT_DV,
+                                            value_head_stride=value_head_stride(MOMENT_DV, moments=True))
+            nbr, heads = rows_inp.nbr, rows_inp.num_heads
+            kslots = nbr.shape[1]
             gen = torch.Generator(device=dev).manual_seed(1)
             logit, coef, env = stash(nbr, heads, gen)
-            x = torch.randn(inp.pos_src.shape[0], ROWS, channels, device=dev, generator=gen).to(dtype)
             rows = torch.randperm(n, device=dev, generator=gen)[:256]
             src = nbr[rows].clamp_min(0)
-            w = weights(nbr, logit, coef, env, inp.eps, rows)
-            ref_lib = torch.einsum("rkh,rkhd->rhd", w, v[src].double())
-            disp = (inp.pos_dst[rows, None] - inp.pos_src[src]).double()
-            ref_moment = torch.einsum("rkc,rkm,rkqc->rmqc", torch.cat([w, w], -1), disp, x[src].double())
+            w = weights(nbr, logit, coef, env, rows_inp.eps, rows)
+            disp = (moment_inp.pos_dst[rows, None] - moment_inp.pos_src[src]).double()
+            refs = {"lib": torch.einsum("rkh,rkhd->rhd", w, rows_inp.v[src].double()),
+                    "moment": torch.einsum("rkh,rka,rkhd->rhad", w, disp, moment_inp.v[src].double()).flatten(2)}
             edges = float((nbr >= 0).sum())
             for text in args.variants:
                 form, hb, warps = text.split(",")
                 hb, warps = int(hb), int(warps)
                 m_out = torch.empty(n, heads, device=dev)
                 s_out = torch.empty(n, heads, device=dev)
+                v = rows_inp.v if form == "lib" else moment_inp.v
+                dv, vs = v.shape[-1], padded_head_stride(v) or 0
+                gathered = edges * heads * (vs or dv) * v.element_size()
                 if form == "lib":
                     out = torch.empty(n, heads, dv, device=dev)
-                    gathered = edges * heads * padded_head_stride(v) * v.element_size()
 
                     def run():
                         K.fwd_aggregate_kernel[(n, triton.cdiv(heads, hb))](
-                            nbr, v, logit, coef, env, out, m_out, s_out, 0, kslots, heads, inp.eps,
-                            DV=dv, DVP=triton.next_power_of_2(dv), VS=padded_head_stride(v) or 0, HB=hb,
-                            num_warps=warps)
-                    ref = ref_lib
+                            nbr, v, logit, coef, env, out, m_out, s_out, 0, kslots, heads, rows_inp.eps,
+                            DV=dv, DVP=triton.next_power_of_2(dv), VS=vs, HB=hb, num_warps=warps)
                 else:
-                    out = torch.empty(n, 3, ROWS, channels, device=dev)
-                    gathered = edges * (ROWS * channels * x.element_size() + 12)
+                    out = torch.empty(n, heads, 3 * dv, device=dev)
+                    gathered += edges * 12  # the source's position
+                    tiles = {**_moment_split({"DV": dv, "H": heads}), "HB": hb}
 
                     def run():
-                        moment_aggregate_kernel[(n, triton.cdiv(heads, hb))](
-                            nbr, inp.pos_dst, inp.pos_src, x, logit, coef, env, out, m_out, s_out, 0, kslots,
-                            heads, channels, inp.eps, HB=hb, num_warps=warps)
-                    ref = ref_moment
+                        K.fwd_moment_kernel[(n, triton.cdiv(heads, hb))](
+                            nbr, moment_inp.pos_dst, moment_inp.pos_src, v, logit, coef, env, out, m_out, s_out, 0,
+                            kslots, heads, moment_inp.eps, DV=dv, VS=vs, num_warps=warps, **tiles)
                 run()
+                ref = refs[form]
                 err = float((out[rows].double() - ref).norm() / ref.norm())
                 ms = (triton.testing.do_bench(run, warmup=50, rep=args.rep, return_mode="median")
                       if dev == "cuda" else None)

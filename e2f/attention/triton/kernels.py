@@ -583,6 +583,25 @@ def _head_rows(base, row, hh, hm, H, DV: tl.constexpr, DVP: tl.constexpr, VS: tl
                    other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _stash_loads(logit_edge, coef_edge, env_edge, row, hh, hm, H):
+    """Stash row ``row`` of the split forward for the heads ``hh``: logit, ``u / d``, envelope
+    (issued before the slot's value rows, so that their latencies overlap)."""
+    lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
+    c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
+    return lg, c, tl.load(env_edge + row)
+
+
+@triton.jit
+def _online_softmax(mx, s, lg, c, env):
+    """One slot of the online softmax: the new running max and denominator, the factor the
+    earlier sums are rescaled by, and the slot's weight ``p u / d`` (a head each)."""
+    m_new = tl.maximum(mx, lg)
+    scale = tl.exp(mx - m_new)
+    p = env * tl.exp(lg - m_new)
+    return m_new, s * scale + p, scale, p * c
+
+
 @triton.jit(do_not_specialize=["T0"])
 def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
                          T0, K, H, eps,
@@ -598,19 +617,12 @@ def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_
     s = tl.zeros([HB], dtype=tl.float32) + eps
     acc = tl.zeros([HB, DVP], dtype=tl.float32)
     for slot in range(K):
-        row = (i - T0) * K + slot
-        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
-        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
-        env = tl.load(env_edge + row)
+        lg, c, env = _stash_loads(logit_edge, coef_edge, env_edge, (i - T0) * K + slot, hh, hm, H)
         # the padding of the value rows only reaches columns that are never stored
         j = tl.load(nbr + i * K + slot)
         vt = _head_rows(v, tl.where(j >= 0, j, 0).to(tl.int64), hh, hh < tl.where(j >= 0, H, 0), H, DV, DVP, VS)
-        m_new = tl.maximum(mx, lg)
-        scale = tl.exp(mx - m_new)
-        p = env * tl.exp(lg - m_new)
-        s = s * scale + p
-        acc = acc * scale[:, None] + (p * c)[:, None] * vt
-        mx = m_new
+        mx, s, scale, w = _online_softmax(mx, s, lg, c, env)
+        acc = acc * scale[:, None] + w[:, None] * vt
     stat = i * H + hh
     tl.store(m_out + stat, mx, mask=hm)
     tl.store(s_out + stat, s, mask=hm)
@@ -662,10 +674,7 @@ def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge,
     yb = tl.zeros([HB, DBP], dtype=tl.float32)
     zb = tl.zeros([HB, DBP], dtype=tl.float32)
     for slot in range(K):
-        row = (i - T0) * K + slot
-        lg = tl.load(logit_edge + row * H + hh, mask=hm, other=float("-inf"))
-        c = tl.load(coef_edge + row * H + hh, mask=hm, other=0.0)
-        env = tl.load(env_edge + row)
+        lg, c, env = _stash_loads(logit_edge, coef_edge, env_edge, (i - T0) * K + slot, hh, hm, H)
         # an empty slot reads source 0 with weight exactly 0 (logit -inf)
         j = tl.load(nbr + i * K + slot)
         j = tl.where(j >= 0, j, 0).to(tl.int64)
@@ -673,11 +682,7 @@ def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge,
         ry = py - tl.load(pos_src + j * 3 + 1)
         rz = pz - tl.load(pos_src + j * 3 + 2)
         va, vb = _moment_tiles(v + j * (H * STRIDE) + hh[:, None] * STRIDE, hh, hm, DV, DA, DBP)
-        m_new = tl.maximum(mx, lg)
-        scale = tl.exp(mx - m_new)
-        p = env * tl.exp(lg - m_new)
-        s = s * scale + p
-        w = p * c
+        mx, s, scale, w = _online_softmax(mx, s, lg, c, env)
         sc = scale[:, None]
         wx = (w * rx)[:, None]
         wy = (w * ry)[:, None]
@@ -688,7 +693,6 @@ def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge,
         xb = xb * sc + wx * vb
         yb = yb * sc + wy * vb
         zb = zb * sc + wz * vb
-        mx = m_new
     stat = i * H + hh
     tl.store(m_out + stat, mx, mask=hm)
     tl.store(s_out + stat, s, mask=hm)
