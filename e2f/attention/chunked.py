@@ -11,9 +11,9 @@ gradient of ``L(out)`` equals the gradient of the block-local surrogate::
     sum_{i,j,h} p_ijh * ( c_ijh * (dout_ih . v_jh) - (dout_ih . out_ih) ) / s_ih
 
 with ``p = env exp(logit - m)``, ``c = u / d`` and ``v_jh`` what the edge moves (with
-``moments`` the displacement-weighted value, so positions get that term's gradient too)
-(``s`` and ``m`` cancel in the function, so holding them constant is exact). It therefore streams over neighbour blocks
-too. The backward is itself an autograd Function whose backward (second order, needed for
+``moments`` the displacement-weighted value, so positions get that term's gradient too);
+``s`` and ``m`` cancel in the function, so holding them constant is exact. It therefore
+streams over neighbour blocks too. The backward is itself an autograd Function whose backward (second order, needed for
 force training) recomputes each target block through the reference formula. No tensor
 with an edge dimension outlives a block in any pass: activation memory is O(N).
 

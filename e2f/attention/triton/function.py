@@ -8,8 +8,9 @@ Public names (imported lazily by ``e2f.attention.backends`` as backend ``triton`
     Raises ``ValueError`` naming the first unmet precondition.
 ``last_config() -> dict``
     The configurations the autotuner chose for the kernels (``fwd``, or ``fwd_logits`` and
-    ``fwd_aggregate`` after a split forward, then ``bwd_edge``, ``bwd_value``,
-    ``bwd_target``, ``bwd_gate``, ``bwd_source``; the last shapes run: meta-parameters and
+    ``fwd_aggregate`` after a split forward (``fwd_moment`` for the moments), then ``bwd_edge``,
+    ``bwd_value`` (``bwd_moment_value``), ``bwd_target``, ``bwd_gate``, ``bwd_source``; the
+    last shapes run: meta-parameters and
     warps, the autotuner's timings when it benchmarked, the registers and spills the GPU
     driver reports), the last forward's form (``fwd_mode``; ``fwd_chunks`` when split), the
     number of target chunks of the last backward, the gate-MLP matmul precision used, and
@@ -49,7 +50,8 @@ Environment:
     where the chunks fill the GPU (H100, N = 65,536, 11 chunks: 16.1 against 17.6 ms in fp32,
     11.6 against 17.4 ms with bf16 q/k/v; perf-notes section 24). ``auto`` (unset): ``split`` when a
     chunk holds at least ``SPLIT_MIN_TARGETS`` targets, else ``fused`` (and ``fused`` whenever
-    ``E2F_TRITON_FWD_CONFIG`` forces a fused configuration).
+    ``E2F_TRITON_FWD_CONFIG`` forces a fused configuration). The moments
+    (``CoreInputs.moments``) run in the split form whatever this asks.
 ``E2F_TRITON_FWD_STASH_BYTES=3072``
     The split forward's stash, in bytes per atom (default ``FWD_STASH_BYTES_PER_ATOM``, at most
     ``FWD_STASH_MAX_BYTES`` in all).

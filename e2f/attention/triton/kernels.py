@@ -29,6 +29,10 @@ recompile every autotune candidate.
   denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
   threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
   across warps).
+* ``fwd_moment_kernel``: the aggregation for the moments (``CoreInputs.moments``), after the
+  same logits kernel: each slot's value row also weighted by the displacement
+  ``pos_dst[i] - pos_src[j]`` (three sums a head), the row read as two column tiles
+  (``_moment_tiles``: a power of two and the rest, so no register holds padding).
 The radial table every kernel reads is built by ``radial_table_kernel``: ``BP`` grid points
 and ``BG`` hidden units a program, the Gaussians and the products over the basis in float64
 (one launch, no temporaries: its PyTorch twin, ``radial.build_table``, takes ~35 launches
@@ -51,6 +55,10 @@ of them computes the gate's hidden layer and q.k and one walks the value rows:
   list, CSR by (source, chunk)) and ``HB`` heads a one-warp program, in-edges one at a time:
   ``w`` from ``dw_edge``, ``dv += w dout_i`` and ``dw = dout_i . v_j`` (``v_j`` held in
   registers) over it. The only pass that moves value-sized rows: ``dout_i``, 58 numbers a head.
+* ``bwd_moment_value_kernel``: the value pass for the moments, same walk: ``dv`` from the
+  displacement-weighted ``dout`` rows, ``dw`` over ``w``, and the displacement's own gradient
+  per edge and head block (the targets' share, summed afterwards in a fixed order) and per
+  source (its share).
 * ``bwd_target_kernel``: one target a program, elementwise over its edges and heads: the
   softmax's backward from ``dw`` (``dout_i . out_i`` as the sum of ``dw w``), written over the
   stash (``dqk`` over ``q.k``, ``dg``, ``du`` over ``g``, ``u``), ``dq`` from the gathered key
