@@ -128,8 +128,9 @@ def _roofline(metrics: dict, gpu_name: str | None, roof_dtype: str) -> None:
 @register_suite
 class KernelTflops(Suite):
     name = "kernel-tflops"
-    description = ("attention-core workload (0.1/Å^3, r_c 5, K 32, H 128, d 8, dv 58): latency, core/total TFLOPS, "
-                   "GB/s and fraction of roof per backend, dtype and N; dense SDPA (FlashAttention) reference line")
+    description = ("attention-core workload (0.1/Å^3, r_c 5, K 32, H 128, d 8, dv 58; <backend>-moments: the moments "
+                   "form, dv 18): latency, core/total TFLOPS, GB/s and fraction of roof per backend, dtype and N; "
+                   "dense SDPA (FlashAttention) reference line")
     impls = (*BACKENDS, *MOMENT_IMPLS, DENSE)
     metrics = ("latency_ms", "tflops_core", "tflops_total", "gbps", "roof_fraction", "roofline_fraction", "peak_bytes")
 
