@@ -176,15 +176,13 @@ def e2former_flop_terms(config, version: str, n_atoms: int, n_sources: int, k_sl
     core_elementwise = NK * H * (2 * d + 2 * dv + 8 + (3 if moments else 0))
     qk = 2 * (2 * 2 * N * S * C * q + 2 * N * ((L + 1) * q * H * d + (H * d) ** 2))
     linears = 2 * 2 * N * S * C * C
-    if moments:
+    if moments:  # the targets' contractions only
         node_products = N * 2 * rows_out * 3 * S * C
+    elif version == "v1":
+        node_products = (M + N) * 2 * rows_out * S * (3 + C)
     else:
-        if version == "v1":
-            per_node_product = 2 * rows_out * S * (3 + C)
-        else:
-            per_node_product = 2 * C * (sum((2 * l + 1) ** 2 for l in range(L + 1))
-                                        + sum((2 * l3 + 1) ** 2 for _, l3 in paths))
-        node_products = (M + N) * per_node_product
+        node_products = (M + N) * 2 * C * (sum((2 * l + 1) ** 2 for l in range(L + 1))
+                                           + sum((2 * l3 + 1) ** 2 for _, l3 in paths))
     n_l3 = [sum(1 for _, l in paths if l == l3) for l3 in range(L + 1)]
     mixing = 2 * N * sum((2 * l3 + 1) * n_l3[l3] * C * C for l3 in range(L + 1))
     ffn = 2 * N * (2 * S * C * F + C * L * F)

@@ -141,15 +141,18 @@ class KernelTflops(Suite):
         s = self.sizes(cfg)
         dtypes = cfg.pick_dtypes(("float32",) if cfg.quick else ("float32", "bfloat16"))
         out = []
-        # N outermost: the points of one N share one drawn workload (suites.workloads cache).
+        # N, dtype and the form outermost: the points of one (N, dtype, form) share one drawn
+        # workload (suites.workloads keeps one); the moments draw their narrower values apart.
+        forms = ([i for i in self.impls if not backend_of(i)[1]], [i for i in self.impls if backend_of(i)[1]])
         for n in cfg.pick_sizes(QUICK_SIZES, FULL_SIZES):
             for dtype in dtypes:
-                for mode in MODES:
-                    for impl in self.impls:
-                        out.append(Point(impl, dict(
-                            n_atoms=int(n), dtype=dtype, mode=mode, neighbors=s.neighbors, heads=s.heads,
-                            head_dim=s.head_dim, dv=s.dv_moments if backend_of(impl)[1] else s.dv,
-                            gate_hidden=s.gate_hidden, num_rbf=s.num_rbf, density=s.density, cutoff=s.cutoff)))
+                for impls in forms:
+                    for mode in MODES:
+                        for impl in impls:
+                            out.append(Point(impl, dict(
+                                n_atoms=int(n), dtype=dtype, mode=mode, neighbors=s.neighbors, heads=s.heads,
+                                head_dim=s.head_dim, dv=s.dv_moments if backend_of(impl)[1] else s.dv,
+                                gate_hidden=s.gate_hidden, num_rbf=s.num_rbf, density=s.density, cutoff=s.cutoff)))
         return out
 
     def unavailable(self, impl: str, cfg: SweepConfig) -> str | None:

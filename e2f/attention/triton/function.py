@@ -451,15 +451,18 @@ def last_config() -> dict:
     return dict(_last)
 
 
+def _compiled_stats(compiled) -> dict:
+    """Registers and spills of a compiled launch (none in the interpreter)."""
+    return {stat: getattr(compiled, stat) for stat in ("n_regs", "n_spills") if getattr(compiled, stat, None) is not None}
+
+
 def _record(name: str, kernel, compiled=None) -> None:
     best = getattr(kernel, "best_config", None)
     if best is not None:
         _last[name] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         if getattr(best, "maxnreg", None) is not None:
             _last[name]["maxnreg"] = best.maxnreg
-        for stat in ("n_regs", "n_spills"):  # the launch's compiled kernel (None in the interpreter)
-            if getattr(compiled, stat, None) is not None:
-                _last[name][stat] = getattr(compiled, stat)
+        _last[name].update(_compiled_stats(compiled))
         timings = getattr(kernel, "configs_timings", None)  # set by the autotuner when it benchmarked
         if timings:
             _last[name]["tuning_ms"] = {str(c): (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
@@ -586,11 +589,6 @@ def _moment_forward(t: dict, d: dict, stash: tuple, out: Tensor, m: Tensor, s: T
         t["nbr"], t["pos_dst"], t["pos_src"], t["v"], *stash, out, m, s, t0, d["K"], d["H"], float(eps),
         DV=d["DV"], VS=d["VS"], num_warps=1, **tiles)
     _last["fwd_moment"] = {**tiles, "num_warps": 1, **_compiled_stats(compiled)}
-
-
-def _compiled_stats(compiled) -> dict:
-    """Registers and spills of a compiled launch (none in the interpreter)."""
-    return {stat: getattr(compiled, stat) for stat in ("n_regs", "n_spills") if getattr(compiled, stat, None) is not None}
 
 
 def radial_table_bytes(gamma: float, cutoff: float, g: int) -> int:
