@@ -24,10 +24,12 @@ recompile every autotune candidate.
   ``split`` form, ``function.forward_plan``). The first runs the edge-tile part above for ``TB``
   targets (geometry, gate MLP from the table, q.k) and writes per edge and head the logit
   (``-inf`` where the edge is not live) and ``u / d``, and per edge the envelope, into a stash
-  of one chunk of targets. The second owns one target and ``HB`` heads a program and walks the slots with an
-  online softmax that starts from the sink (logit 0, weight eps): every head's running max,
-  denominator and ``[DV]`` sum live in the thread that owns them, so nothing is reduced across
-  threads and no layout is converted (the fused kernel's softmax reduces over the edge axis
+  of one chunk of targets. The second owns one target and ``HB`` heads a program: it reads the
+  target's stashed logits ``SB`` slots at a time for the softmax's max (the sink's logit 0
+  included), then walks the slots once, each weighed exactly (no running max, so the sums are
+  never rescaled: ~half the arithmetic of an online softmax an edge); every head's denominator
+  (from the sink's ``eps exp(-m)``) and ``[DV]`` sum live in the thread that owns them, so the
+  walk reduces nothing across threads (the fused kernel's softmax reduces over the edge axis
   across warps).
 * ``fwd_moment_kernel``: the aggregation for the moments (``CoreInputs.moments``), after the
   same logits kernel: each slot's value row also weighted by the displacement
@@ -601,36 +603,52 @@ def _stash_loads(logit_edge, coef_edge, env_edge, row, hh, hm, H):
 
 
 @triton.jit
-def _online_softmax(mx, s, lg, c, env):
-    """One slot of the online softmax: the new running max and denominator, the factor the
-    earlier sums are rescaled by, and the slot's weight ``p u / d`` (a head each)."""
-    m_new = tl.maximum(mx, lg)
-    scale = tl.exp(mx - m_new)
-    p = env * tl.exp(lg - m_new)
-    return m_new, s * scale + p, scale, p * c
+def _stash_max(logit_edge, row0, K, hh, hm, H, SB: tl.constexpr):
+    """The softmax's max for the heads ``hh`` of the ``K`` stash rows from ``row0``: the largest
+    logit, the sink's 0 included. Read ``SB`` slots at a time (the loads in flight together),
+    so the walk after it weighs every slot exactly and never rescales its sums."""
+    mx = tl.zeros_like(hh).to(tl.float32)
+    slot = tl.arange(0, SB)
+    for s0 in range(0, K, SB):
+        at = row0 + s0 + slot
+        lg = tl.load(logit_edge + at[:, None] * H + hh[None, :], mask=((s0 + slot) < K)[:, None] & hm[None, :],
+                     other=float("-inf"))
+        mx = tl.maximum(mx, tl.max(lg, axis=0))
+    return mx
+
+
+@triton.jit
+def _softmax_term(mx, lg, c, env):
+    """A slot's share of the softmax's denominator, ``env exp(logit - m)``, and its weight
+    ``env exp(logit - m) u / d`` (a head each; 0 for an empty slot, whose logit is -inf)."""
+    p = env * tl.exp(lg - mx)
+    return p, p * c
 
 
 @triton.jit(do_not_specialize=["T0"])
 def fwd_aggregate_kernel(nbr, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
                          T0, K, H, eps,
-                         DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
-    # target T0 + program id 0, heads program id 1 * HB ..: an online softmax over the slots
-    # with the sink (logit 0, weight eps) as its start, every sum inside a thread
+                         DV: tl.constexpr, DVP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr,
+                         SB: tl.constexpr = 8):
+    # target T0 + program id 0, heads program id 1 * HB ..: the softmax's max first (the sink's
+    # logit 0 included), then one walk over the slots summing the denominator (from the sink's
+    # eps exp(-m)) and the weighted value rows, every sum inside a thread
     i = T0 + tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * HB + tl.arange(0, HB)
     hm = hh < H
     offs_d = tl.arange(0, DVP)
     dmask = offs_d < DV
-    mx = tl.zeros([HB], dtype=tl.float32)
-    s = tl.zeros([HB], dtype=tl.float32) + eps
+    mx = _stash_max(logit_edge, (i - T0) * K, K, hh, hm, H, SB)
+    s = eps * tl.exp(-mx)
     acc = tl.zeros([HB, DVP], dtype=tl.float32)
     for slot in range(K):
         lg, c, env = _stash_loads(logit_edge, coef_edge, env_edge, (i - T0) * K + slot, hh, hm, H)
         # the padding of the value rows only reaches columns that are never stored
         j = tl.load(nbr + i * K + slot)
         vt = _head_rows(v, tl.where(j >= 0, j, 0).to(tl.int64), hh, hh < tl.where(j >= 0, H, 0), H, DV, DVP, VS)
-        mx, s, scale, w = _online_softmax(mx, s, lg, c, env)
-        acc = acc * scale[:, None] + w[:, None] * vt
+        p, w = _softmax_term(mx, lg, c, env)
+        s += p
+        acc += w[:, None] * vt
     stat = i * H + hh
     tl.store(m_out + stat, mx, mask=hm)
     tl.store(s_out + stat, s, mask=hm)
@@ -662,7 +680,8 @@ def _store_moment_tiles(base, a, b, hm, DV: tl.constexpr, DA: tl.constexpr, DBP:
 @triton.jit(do_not_specialize=["T0"])
 def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge, out, m_out, s_out,
                       T0, K, H, eps,
-                      DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr):
+                      DV: tl.constexpr, DA: tl.constexpr, DBP: tl.constexpr, VS: tl.constexpr, HB: tl.constexpr,
+                      SB: tl.constexpr = 8):
     # fwd_aggregate_kernel for the moments (CoreInputs.moments): each edge's value row also
     # weighted by the displacement r = pos_dst[i] - pos_src[j], three sums (x, y, z) a head
     # into out[i, h, a DV + d]; the rows in _moment_tiles' two tiles
@@ -673,8 +692,8 @@ def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge,
     px = tl.load(pos_dst + i * 3)
     py = tl.load(pos_dst + i * 3 + 1)
     pz = tl.load(pos_dst + i * 3 + 2)
-    mx = tl.zeros([HB], dtype=tl.float32)
-    s = tl.zeros([HB], dtype=tl.float32) + eps
+    mx = _stash_max(logit_edge, (i - T0) * K, K, hh, hm, H, SB)
+    s = eps * tl.exp(-mx)
     xa = tl.zeros([HB, DA], dtype=tl.float32)
     ya = tl.zeros([HB, DA], dtype=tl.float32)
     za = tl.zeros([HB, DA], dtype=tl.float32)
@@ -690,17 +709,17 @@ def fwd_moment_kernel(nbr, pos_dst, pos_src, v, logit_edge, coef_edge, env_edge,
         ry = py - tl.load(pos_src + j * 3 + 1)
         rz = pz - tl.load(pos_src + j * 3 + 2)
         va, vb = _moment_tiles(v + j * (H * STRIDE) + hh[:, None] * STRIDE, hh, hm, DV, DA, DBP)
-        mx, s, scale, w = _online_softmax(mx, s, lg, c, env)
-        sc = scale[:, None]
+        p, w = _softmax_term(mx, lg, c, env)
+        s += p
         wx = (w * rx)[:, None]
         wy = (w * ry)[:, None]
         wz = (w * rz)[:, None]
-        xa = xa * sc + wx * va
-        ya = ya * sc + wy * va
-        za = za * sc + wz * va
-        xb = xb * sc + wx * vb
-        yb = yb * sc + wy * vb
-        zb = zb * sc + wz * vb
+        xa += wx * va
+        ya += wy * va
+        za += wz * va
+        xb += wx * vb
+        yb += wy * vb
+        zb += wz * vb
     stat = i * H + hh
     tl.store(m_out + stat, mx, mask=hm)
     tl.store(s_out + stat, s, mask=hm)
