@@ -41,8 +41,7 @@ class E2FormerConfig:
     node_product : str
         ``eaas`` (V2), ``dense-cg`` (E2Former v1's node products) or ``moments`` (the core
         aggregates displacement-weighted values, 9 rows an edge instead of 29 for L = 2, and
-        no product cancels two terms of size |r|; ``chunked`` and ``materialized`` backends only,
-        for now: ``e2f.attention.layer``).
+        no product cancels two terms of size |r|: ``e2f.attention.layer``); every backend.
     spatial_order : bool or None
         Sort atoms along a Morton curve inside the model (outputs keep the caller's
         order); None: only when the backend benefits (``triton``).

@@ -31,20 +31,35 @@ class EdgeDegreeEmbedding(torch.nn.Module):
     The channel-free edge geometry (distances, envelope, harmonics: ``[N, K, (L+1)^2]``
     at most) is computed once; the radial MLP and the neighbour sum run in checkpointed
     target blocks, so no ``[E, C]``-sized tensor outlives its block (O(N) memory in
-    forward and backward). ``max_block_elements`` bounds the largest per-block tensor.
+    forward and backward).
+
+    A block's rows: ``1 / blocks`` of the targets, but its largest tensor at least
+    ``min_block_elements`` numbers (all rows if fewer) and at most ``max_block_elements``.
+    So from small systems up to ``blocks x max_block_elements`` numbers, a block's memory
+    is a fixed share of the whole ``[E, (L+1) C]`` (flat per atom: ~12 KB an atom a
+    tensor at the paper's sizes) and the host runs at most ``blocks`` of them: each costs
+    ~1.3 ms of host time (H100 box, perf-notes section 37), and fixed 4M-number blocks
+    made 59 of them at 10,000 atoms, most of a host-bound call.
     """
 
-    def __init__(self, config: E2FormerConfig, max_block_elements: int = 1 << 22):
+    def __init__(self, config: E2FormerConfig, blocks: int = 8, min_block_elements: int = 1 << 22,
+                 max_block_elements: int = 1 << 27):
         super().__init__()
         c, lmax = config.channels, config.lmax
         self.lmax, self.channels, self.cutoff = lmax, c, config.cutoff
         self.scale = 1.0 / config.avg_num_neighbors
-        self.max_block_elements = max_block_elements
+        self.blocks, self.min_block_elements, self.max_block_elements = blocks, min_block_elements, max_block_elements
         self.rbf = GaussianRBF(config.cutoff, config.num_rbf)
         self.radial = torch.nn.Linear(config.num_rbf, config.edge_hidden)
         self.emb_dst = torch.nn.Embedding(config.max_z + 1, config.edge_hidden)
         self.emb_src = torch.nn.Embedding(config.max_z + 1, config.edge_hidden)
         self.out = torch.nn.Linear(config.edge_hidden, (lmax + 1) * c)
+
+    def rows_per_block(self, n: int, k: int) -> int:
+        """Target rows a block for ``n`` targets of ``k`` slots (see the class docstring)."""
+        per_row = max(1, k * max(self.rbf.centers.shape[0], self.radial.out_features, self.out.out_features))
+        share = -(-n // self.blocks)
+        return max(1, min(max(share, self.min_block_elements // per_row), self.max_block_elements // per_row))
 
     def _geometry(self, graph: Graph) -> tuple[Tensor, Tensor, Tensor]:
         """``(src, d, weight)``: source slot, distance and ``env * Y / avg`` ``[N, K, (L+1)^2]`` per slot."""
@@ -68,11 +83,9 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         return torch.cat([torch.bmm(w.transpose(1, 2), r) for w, r in zip(per_degree, radial)], dim=1)
 
     def forward(self, graph: Graph) -> Tensor:
-        k = graph.nbr.shape[1]
         src, d, weight = self._geometry(graph)
         hidden_dst, hidden_src = self.emb_dst(graph.z), self.emb_src(graph.z_src)
-        widest = max(self.rbf.centers.shape[0], self.radial.out_features, self.out.out_features)
-        rows_per_block = max(1, self.max_block_elements // max(1, k * widest))
+        rows_per_block = self.rows_per_block(*graph.nbr.shape)
         blocks = []
         # Splits, not slices: one backward op per tensor rather than one per block.
         for d_b, weight_b, dst_b, src_b in zip(*(t.split(rows_per_block) for t in (d, weight, hidden_dst, src))):

@@ -226,6 +226,21 @@ def test_model_saved_bytes_per_atom_flat_in_n():
     assert abs(per_atom[1] / per_atom[0] - 1) < 0.1, per_atom
 
 
+def test_edge_embedding_block_count_is_bounded_and_its_memory_a_share():
+    """At the paper's sizes: one block while the whole fits the smallest block, then at most
+    ``blocks`` (host launches bounded) until a block reaches the largest, then as many as needed."""
+    from e2f.model import EdgeDegreeEmbedding
+
+    emb = EdgeDegreeEmbedding(get_config("paper"))
+    per_row = 32 * 768  # K x (L + 1) C, the widest per-edge tensor
+    blocks = {n: -(-n // emb.rows_per_block(n, 32)) for n in (100, 170, 1_000, 10_000, 40_000, 1_000_000)}
+    assert blocks[100] == blocks[170] == 1 and 1 < blocks[1_000] < emb.blocks
+    assert blocks[10_000] == blocks[40_000] == emb.blocks
+    assert blocks[1_000_000] > emb.blocks
+    assert emb.rows_per_block(1_000_000, 32) * per_row <= emb.max_block_elements
+    assert emb.rows_per_block(40_000, 32) * emb.blocks < 40_000 + emb.blocks  # a share of the whole
+
+
 def test_edge_embedding_blocks_match_per_edge_formula():
     """Geometry once + checkpointed blocks (several, with grad) against one einsum over all slots."""
     from e2f.attention.core import envelope

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import numpy
 import torch
@@ -695,6 +696,26 @@ def _transposed(nbr: Tensor, m: int, targets_per_chunk: int):
     return rowptr.contiguous(), edge_ids.to(torch.int64), active.to(torch.int32).contiguous(), active_ptr
 
 
+#: ``_transposed`` by ``id(nbr)``: ``((version, m, chunk), result)``, dropped when ``nbr`` dies.
+_transposed_by_nbr: dict[int, tuple] = {}
+
+
+def _transposed_once(nbr: Tensor, m: int, targets_per_chunk: int):
+    """``_transposed``, computed once per neighbour list: every layer of a model shares its
+    graph's ``nbr``, and each computation costs a sort and three waits for the device (a
+    host-bound call's backward ran it once a layer)."""
+    key = id(nbr)
+    hit = _transposed_by_nbr.get(key)
+    stamp = (nbr._version, m, targets_per_chunk)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(nbr, _transposed_by_nbr.pop, key, None)
+    result = _transposed(nbr, m, targets_per_chunk)
+    _transposed_by_nbr[key] = (stamp, result)
+    return result
+
+
 #: The backward passes each other a per-edge stash: per edge and head ``q.k`` (then ``dqk``)
 #: and ``dw``, and per edge a gate row of the two gate outputs (then their gradients), the
 #: gate's hidden layer, which becomes its gradient and then the pre-activation's, and a one
@@ -894,7 +915,7 @@ def _backward(t: dict, m: Tensor, s: Tensor, dout: Tensor, gamma: float, cutoff:
     dw_aug = torch.zeros_like(w_aug)
     sw = gate_edge.shape[1]
     dpre_edge = gate_edge[:, 2 * h:]  # hid, then dhid, then dpre: the G numbers after 2 H
-    rowptr, edge_ids, active, active_ptr = _transposed(t["nbr"], mm, chunk)
+    rowptr, edge_ids, active, active_ptr = _transposed_once(t["nbr"], mm, chunk)
     chunks = triton_cdiv(n, chunk)
     inv_sqrt_dk = 1.0 / math.sqrt(d["DK"])
     if moments:

@@ -582,6 +582,47 @@ def test_transposed_edges_per_target_chunk():
     assert active_ptr == [0, 4, 8, 8] and active.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
+def test_transposed_once_per_neighbour_list(monkeypatch):
+    """Layers sharing a graph's ``nbr`` transpose it once; a new list, an in-place change of it,
+    another chunk size or source count recompute it, and a freed list leaves nothing behind."""
+    import gc
+
+    from e2f.attention.triton import function as F
+
+    calls = []
+    monkeypatch.setattr(F, "_transposed", lambda nbr, m, chunk: calls.append((m, chunk)) or (m, chunk, nbr.sum().item()))
+    nbr = torch.tensor([[1, -1], [0, 1]])
+    assert F._transposed_once(nbr, 2, 1) == F._transposed_once(nbr, 2, 1) == (2, 1, 1)
+    assert calls == [(2, 1)]
+    F._transposed_once(nbr, 2, 2)
+    F._transposed_once(nbr, 3, 2)
+    nbr[0, 1] = 1  # the same tensor, edited in place (a new version)
+    assert F._transposed_once(nbr, 3, 2) == (3, 2, 3)
+    assert F._transposed_once(nbr.clone(), 3, 2) == (3, 2, 3)
+    assert len(calls) == 5
+    key = id(nbr)
+    del nbr
+    gc.collect()
+    assert key not in F._transposed_by_nbr
+
+
+def test_layers_sharing_a_neighbour_list_transpose_it_once(monkeypatch):
+    """Two cores on one ``nbr`` (two layers of a model): one transposition in the backwards,
+    and the second backward's gradients equal a fresh computation's."""
+    from e2f.attention.triton import function as F
+
+    inp = make_inputs(9, 11, 6, seed=4)
+    dout = torch.randn(9, 3, 5, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    fresh = value_and_grads(fused_attention_core, detached_copy(inp).replace(nbr=inp.nbr.clone()), dout)[1]
+    real, calls = F._transposed, []
+    monkeypatch.setattr(F, "_transposed", lambda *a: calls.append(a[1:]) or real(*a))
+    for _ in range(2):
+        grads = value_and_grads(fused_attention_core, detached_copy(inp), dout)[1]
+    assert len(calls) == 1
+    for name in FLOATS:
+        assert torch.equal(grads[name], fresh[name]), name
+
+
 # Several targets per forward program (TB > 1): forced through E2F_TRITON_FWD_CONFIG, since
 # the interpreter's only autotune configuration is TB = 1.
 
