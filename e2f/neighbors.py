@@ -7,8 +7,9 @@ that occur are created, which keeps the per-source tensors (k, v, gate parts, EA
 products) O(N).
 
 vesin runs on the CPU: positions are copied to the host (for CUDA tensors this is a
-device-to-host copy and a synchronisation, O(N) bytes) and the result is moved back to the
-input's device. Molecules share one vesin call (packed apart along x), so their distances
+device-to-host copy and a synchronisation, O(N) bytes). For CUDA tensors its pairs then move
+to the device, which orders them and builds the table (``_table_torch``); on the CPU the
+host does (``_table_numpy``), with the same result bit for bit. Molecules share one vesin call (packed apart along x), so their distances
 are recomputed in float64 from the caller's coordinates: the order (nearest first, ties by
 source slot) does not depend on the packing. Each periodic system has a call of its own and
 keeps vesin's distances.
@@ -119,13 +120,15 @@ def _raw_pairs(pos, batch, cell, pbc, cutoff):
     if not chunks:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros((0, 3), dtype=np.int64), np.zeros(0)
+    if len(chunks) == 1:  # one system: its arrays are the caller's already (no copy)
+        return chunks[0]
     return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
 def _source_codes(j, shift):
     """One int64 per (source atom, lattice shift), increasing in the tuple's lexicographic
     order; None if they would not fit 62 bits."""
-    reach = int(np.abs(shift).max()) if len(shift) else 0
+    reach = int(abs(shift).max()) if len(shift) else 0
     base = 2 * reach + 1
     if (int(j.max()) + 1 if len(j) else 1) * base**3 >= 2**62:
         return None
@@ -135,8 +138,8 @@ def _source_codes(j, shift):
 
 def _tie_keys(j, shift):
     """Sort keys, least significant first, ordering pairs by: the atom itself before its
-    images, then (atom, shift)."""
-    is_image = shift.any(1).astype(np.int64)
+    images, then (atom, shift) (numpy arrays or tensors)."""
+    is_image = shift.any(1) * 1  # as int64, for arrays and tensors alike
     code = _source_codes(j, shift)
     if code is None:
         return shift[:, 2], shift[:, 1], shift[:, 0], j, is_image
@@ -251,6 +254,24 @@ def neighbor_list(
     if (d <= 0.0).any():
         e = int(np.flatnonzero(d <= 0.0)[0])
         raise ValueError(f"atoms {i[e]} and {j[e]} (shift {shift[e].tolist()}) coincide")
+    if pos.device.type in DEVICE_TABLES:
+        nbr, src_atom, src_shift, counts = _table_torch(i, j, shift, d, n, max_neighbors, batch_np, cell_np,
+                                                        pos.device)
+    else:
+        nbr, src_atom, src_shift, counts = (torch.from_numpy(a) for a in
+                                            _table_numpy(i, j, shift, d, n, max_neighbors, batch_np, cell_np))
+    device = pos.device
+    return NeighborList(
+        nbr=nbr.to(device),
+        src_atom=src_atom.to(device),
+        src_shift=src_shift.to(device=device, dtype=pos.dtype),
+        num_neighbors=counts.to(device),
+    )
+
+
+def _table_numpy(i, j, shift, d, n, max_neighbors, batch_np, cell_np):
+    """``(nbr, src_atom, src_shift, counts)`` from the pairs, on the host (``_nearest_first``'s
+    sorts, which avoid a global sort of the pairs)."""
     order, rank, counts = _nearest_first(i, d, j, shift, n, max_neighbors)
     i, j, shift = i[order], j[order], shift[order]
     is_image = shift.any(1)
@@ -267,17 +288,60 @@ def neighbor_list(
             _, first_use, inverse = np.unique(code, return_index=True, return_inverse=True)
         slot[is_image] = n + inverse.reshape(-1)
         img_atom = img_j[first_use]
-        # an image's Cartesian shift, S @ cell of its system
-        img_shift = np.einsum("ea,eab->eb", img_s[first_use].astype(np.float64), cell_np[batch_np[img_atom]])
+        img_shift = _cartesian(img_s[first_use].astype(np.float64), cell_np[batch_np[img_atom]])
     width = max(1, int(counts.max()) if n else 1)
     nbr = np.full((n, width), -1, dtype=np.int64)
     nbr[i, rank] = slot
-    device = pos.device
     src_atom = np.concatenate([np.arange(n), img_atom]).astype(np.int64)
     src_shift = np.concatenate([np.zeros((n, 3)), img_shift])
-    return NeighborList(
-        nbr=torch.from_numpy(nbr).to(device),
-        src_atom=torch.from_numpy(src_atom).to(device),
-        src_shift=torch.from_numpy(src_shift).to(device=device, dtype=pos.dtype),
-        num_neighbors=torch.from_numpy(counts.astype(np.int64)).to(device),
-    )
+    return nbr, src_atom, src_shift, counts.astype(np.int64)
+
+
+def _cartesian(s, cell):
+    """An image's Cartesian shift ``S @ cell`` of its system, summed in a fixed order (numpy
+    arrays or tensors alike, so that both table builders give the same bits)."""
+    return s[:, 0, None] * cell[:, 0] + s[:, 1, None] * cell[:, 1] + s[:, 2, None] * cell[:, 2]
+
+
+#: Device types whose neighbour tables are built by torch on the device (``_table_torch``):
+#: there a global sort of the pairs takes a few launches, where the host's
+#: ``_nearest_first`` took ~40 % of a 10,000-atom neighbour list (perf-notes 37).
+DEVICE_TABLES = {"cuda"}
+
+
+def _table_torch(i, j, shift, d, n, max_neighbors, batch_np, cell_np, device):
+    """``_table_numpy`` on ``device``: the pairs moved there once, ordered by stable sorts on
+    every key (least significant first), image slots numbered by ``torch.unique``."""
+    i, j, shift, d = (torch.from_numpy(a).to(device) for a in (i, j, shift, d))
+    order = torch.arange(len(i), device=device)
+    for key in (*_tie_keys(j, shift), d, i):
+        order = order[torch.sort(key[order], stable=True).indices]
+    counts = torch.bincount(i, minlength=n)
+    rank = torch.arange(len(i), device=device) - (torch.cumsum(counts, 0) - counts)[i[order]]
+    if max_neighbors is not None:
+        counts = counts.clamp(max=max_neighbors)
+        taken = rank < max_neighbors
+        order, rank = order[taken], rank[taken]
+    i, j, shift = i[order], j[order], shift[order]
+    is_image = shift.any(1)
+    slot = j.clone()
+    img_atom = torch.zeros(0, dtype=torch.int64, device=device)
+    img_shift = torch.zeros(0, 3, dtype=torch.float64, device=device)
+    if bool(is_image.any()):
+        img_j, img_s = j[is_image], shift[is_image]
+        code = _source_codes(img_j, img_s)
+        keys = torch.cat([img_j[:, None], img_s], 1) if code is None else code
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        slot[is_image] = n + inverse
+        # any use of an image names it: the pairs that share a key share (atom, shift)
+        use = torch.empty(len(unique), dtype=torch.int64, device=device).scatter_(
+            0, inverse, torch.arange(len(inverse), device=device))
+        img_atom = img_j[use]
+        cell = torch.from_numpy(cell_np).to(device)[torch.from_numpy(batch_np).to(device)[img_atom]]
+        img_shift = _cartesian(img_s[use].double(), cell)
+    width = max(1, int(counts.max()) if n else 1)
+    nbr = torch.full((n, width), -1, dtype=torch.int64, device=device)
+    nbr[i, rank] = slot
+    src_atom = torch.cat([torch.arange(n, device=device), img_atom])
+    src_shift = torch.cat([torch.zeros(n, 3, dtype=torch.float64, device=device), img_shift])
+    return nbr, src_atom, src_shift, counts

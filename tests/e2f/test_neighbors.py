@@ -26,7 +26,7 @@ def _ase_edge_set(atoms, cutoff):
     return {(a, b, tuple(np.round(s, 6))) for a, b, s in zip(i, j, cart)}
 
 
-def test_periodic_matches_ase_and_images_are_slots():
+def test_periodic_matches_ase_and_images_are_slots(table_builder):
     atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 1)
     atoms.rattle(0.05, seed=3)
     pos = torch.tensor(atoms.positions)
@@ -42,7 +42,7 @@ def test_periodic_matches_ase_and_images_are_slots():
     assert len(pairs) == nl.src_atom.shape[0] - n
 
 
-def test_nearest_first_and_cap():
+def test_nearest_first_and_cap(table_builder):
     gen = torch.Generator().manual_seed(0)
     pos = torch.rand(80, 3, generator=gen, dtype=torch.float64) * 8
     full = neighbor_list(pos, 4.0)
@@ -56,7 +56,7 @@ def test_nearest_first_and_cap():
     assert torch.equal(capped.nbr, full.nbr[:, :5])
 
 
-def test_ties_broken_by_source_index():
+def test_ties_broken_by_source_index(table_builder):
     # A square: atom 0 has atoms 1 and 3 at the same distance.
     pos = torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.float64)
     nl = neighbor_list(pos, 1.2, 1)
@@ -76,16 +76,18 @@ def test_batches_are_independent():
     assert torch.equal(torch.where(rows >= 0, rows - len(a), -1)[:, : nb.nbr.shape[1]], nb.nbr)
 
 
-def test_isolated_and_single_atoms():
+def test_isolated_and_single_atoms(table_builder):
     pos = torch.tensor([[0.0, 0, 0], [10, 0, 0], [10.5, 0, 0]])
     nl = neighbor_list(pos, 2.0, batch=torch.tensor([0, 1, 1]))
     assert nl.num_neighbors.tolist() == [0, 1, 1]
     assert nl.nbr.dtype == torch.int64 and nl.nbr.shape == (3, 1)
     one = neighbor_list(torch.zeros(1, 3), 2.0)
     assert one.nbr.tolist() == [[-1]]
+    none = neighbor_list(torch.zeros(0, 3), 2.0)
+    assert none.nbr.shape == (0, 1) and none.src_atom.shape == (0,) and none.num_neighbors.shape == (0,)
 
 
-def test_small_periodic_cell_self_images():
+def test_small_periodic_cell_self_images(table_builder):
     pos = torch.zeros(1, 3, dtype=torch.float64)
     nl = neighbor_list(pos, 3.0, cell=torch.eye(3, dtype=torch.float64) * 2.0, pbc=torch.tensor([True, True, True]))
     # The atom's own images: 6 at 2.0 and 12 at 2.83, each its own source slot.
@@ -158,9 +160,18 @@ def _brute_force(pos, cutoff, max_neighbors, batch, cell, pbc, reach=3):
     return nbr, np.asarray(src_atom), np.asarray(src_shift, dtype=np.float64)
 
 
+@pytest.fixture(params=["host", "torch"])
+def table_builder(request, monkeypatch):
+    """Each test that takes it runs with the host's table builder and with the one CUDA
+    inputs take (``_table_torch``), here on the CPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(neighbors, "DEVICE_TABLES", {"cpu", "cuda"})
+    return request.param
+
+
 @pytest.mark.parametrize("packed_keys", [True, False])
 @pytest.mark.parametrize("rattle", [0.0, 0.3])
-def test_matches_brute_force_with_ties_images_and_molecules(rattle, packed_keys, monkeypatch):
+def test_matches_brute_force_with_ties_images_and_molecules(rattle, packed_keys, table_builder, monkeypatch):
     # A simple-cubic crystal in a cell of side 3 (exact ties among images: every distance is
     # computed exactly when unrattled), a slab periodic in x and y, and a molecule, in one batch.
     gen = np.random.default_rng(0)
@@ -188,3 +199,33 @@ def test_matches_brute_force_with_ties_images_and_molecules(rattle, packed_keys,
 def test_target_order_is_the_stable_argsort(n):
     i = np.random.default_rng(n).integers(0, n, size=50_000)
     assert np.array_equal(neighbors._by_target(i, n), np.argsort(i, kind="stable"))
+
+
+@pytest.mark.parametrize("max_neighbors", [None, 7])
+@pytest.mark.parametrize("packed_keys", [True, False])
+def test_device_table_equals_host_table(max_neighbors, packed_keys, monkeypatch):
+    # a periodic liquid (images), a skewed periodic cell, a slab, two molecules (one of a
+    # single atom) and an isolated pair, in one batch: both builders give the same bits
+    gen = np.random.default_rng(7)
+    liquid = gen.uniform(0, 9.0, size=(80, 3))
+    skewed = gen.uniform(0, 5.0, size=(20, 3))
+    slab = gen.uniform(0, 6.0, size=(25, 3))
+    mols = [gen.uniform(0, 4.0, size=(12, 3)), np.zeros((1, 3)), np.array([[0, 0, 0], [50.0, 0, 0]])]
+    pos = np.concatenate([liquid, skewed, slab, *mols])
+    sizes = [80, 20, 25, 12, 1, 2]
+    batch = torch.tensor(np.repeat(np.arange(len(sizes)), sizes))
+    cell = np.zeros((len(sizes), 3, 3))
+    cell[0], cell[2] = 9.0 * np.eye(3), np.diag([6.0, 6.0, 0.0])
+    cell[1] = [[5.0, 0, 0], [1.7, 4.6, 0], [0.9, 1.1, 4.8]]
+    pbc = torch.tensor([[True] * 3, [True] * 3, [True, True, False]] + [[False] * 3] * 3)
+    if not packed_keys:
+        monkeypatch.setattr(neighbors, "_source_codes", lambda j, shift: None)
+    args = (torch.tensor(pos), 3.1, max_neighbors)
+    kwargs = dict(batch=batch, cell=torch.tensor(cell), pbc=pbc)
+    host = neighbor_list(*args, **kwargs)
+    monkeypatch.setattr(neighbors, "DEVICE_TABLES", {"cpu", "cuda"})
+    dev = neighbor_list(*args, **kwargs)
+    assert (host.nbr >= 0).sum() > 500 and len(host.src_atom) > len(pos)  # images were used
+    for name in ("nbr", "src_atom", "src_shift", "num_neighbors"):
+        a, b = getattr(host, name), getattr(dev, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
