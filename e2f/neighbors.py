@@ -9,10 +9,10 @@ products) O(N).
 vesin runs on the CPU: positions are copied to the host (for CUDA tensors this is a
 device-to-host copy and a synchronisation, O(N) bytes). For CUDA tensors its pairs then move
 to the device, which orders them and builds the table (``_table_torch``); on the CPU the
-host does (``_table_numpy``), with the same result bit for bit. Molecules share one vesin call (packed apart along x), so their distances
-are recomputed in float64 from the caller's coordinates: the order (nearest first, ties by
-source slot) does not depend on the packing. Each periodic system has a call of its own and
-keeps vesin's distances.
+host does (``_table_numpy``), with the same result bit for bit. Molecules share one vesin
+call (packed apart along x), so their distances are recomputed in float64 from the caller's
+coordinates: the order (nearest first, ties by source slot) does not depend on the packing.
+Each periodic system has a call of its own and keeps vesin's distances.
 """
 from __future__ import annotations
 
@@ -260,12 +260,11 @@ def neighbor_list(
     else:
         nbr, src_atom, src_shift, counts = (torch.from_numpy(a) for a in
                                             _table_numpy(i, j, shift, d, n, max_neighbors, batch_np, cell_np))
-    device = pos.device
     return NeighborList(
-        nbr=nbr.to(device),
-        src_atom=src_atom.to(device),
-        src_shift=src_shift.to(device=device, dtype=pos.dtype),
-        num_neighbors=counts.to(device),
+        nbr=nbr.to(pos.device),
+        src_atom=src_atom.to(pos.device),
+        src_shift=src_shift.to(device=pos.device, dtype=pos.dtype),
+        num_neighbors=counts.to(pos.device),
     )
 
 

@@ -7,7 +7,7 @@ inputs (the suites' liquid boxes, periodic, cutoff 5 Å, the 32 nearest), checks
 the same tables bit for bit, and times vesin's own pair search on the CPU and, where its CUDA
 backend loads, on the device (its pairs compared with the CPU's as a set)::
 
-    PYTHONPATH=. python scripts/neighbor_probe.py --out neighbors.jsonl --sizes 1000 10000 100000
+    PYTHONPATH=.:scripts python scripts/neighbor_probe.py --out neighbors.jsonl --sizes 1000 10000 100000
 
 One JSON line per (size, builder): median wall ms of ``--repeats`` calls after a warm-up, each
 ended by a device synchronisation.
@@ -15,8 +15,6 @@ ended by a device synchronisation.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 import vesin
 
+from agg_order_probe import write_record
 from e2f import neighbors
 from suites.workloads import liquid_box
 
@@ -69,14 +68,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-            "git_commit": os.environ.get("E2F_GIT_COMMIT"), "vesin": vesin.__version__}
     with open(args.out, "a") as out_file:
         def write(record):
-            record = {**meta, **record}
-            print(json.dumps(record), flush=True)
-            out_file.write(json.dumps(record) + "\n")
-            out_file.flush()
+            write_record(out_file, {"vesin": vesin.__version__, **record})
 
         for n in args.sizes:
             box = liquid_box(n, device=dev)
